@@ -1,0 +1,72 @@
+"""Every setting of the control plane, in one place.
+
+Values come from environment variables with the ``CP_`` prefix and are validated
+once at start-up; a bad value stops the process with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CP_", extra="ignore")
+
+    # Broker and store
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr(f"sqlite+aiosqlite:///{PROJECT_ROOT / 'var' / 'controlplane.db'}")
+    topology_file: Path = PROJECT_ROOT / "topology.yaml"
+    scenarios_dir: Path = PROJECT_ROOT / "scenarios"
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    protect_reads: bool = False
+    idempotency_retention_s: int = Field(24 * 3600, ge=60)
+    management_url: str = "http://127.0.0.1:15672/"
+
+    # Controllers and runtime
+    docker_url: str = "unix:///var/run/docker.sock"
+    docker_workers: int = Field(8, ge=1, le=64)
+    controller_mode: Literal["inprocess", "container"] = "inprocess"
+    project_image: str = "controlplane:local"
+    # Network the bees' and controllers' containers join. "host" lets them reach a broker
+    # bound to loopback; it is an operator's choice (see allow_host_network), never a caller's.
+    bee_network: str = "bridge"
+    # What launched containers may do. Everything is refused unless an operator allows it.
+    allow_host_network: bool = False
+    allow_privileged: bool = False
+    allowed_mounts: list[str] = Field(default_factory=list)  # host paths, e.g. /var/run/docker.sock
+    # Broker address as seen from inside bee and controller containers.
+    bee_amqp_url: SecretStr | None = None
+    bee_ready_timeout_s: float = Field(60.0, gt=0)
+    status_interval_s: float = Field(5.0, gt=0)
+    instance_id: str = "host"
+
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+
+    def container_amqp_url(self) -> str:
+        return (self.bee_amqp_url or self.amqp_url).get_secret_value()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def load_settings_or_exit() -> Settings:
+    """Validate the environment once; print one line per bad variable and exit."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
+        raise SystemExit("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,147 @@
+"""Routing keys, queue and exchange names: the only module that builds or parses them.
+
+Grammar (see the swarm orchestrator specification):
+  sig.<signal>.<scope>            a command
+  ev.ready.<signal>.<scope>       its success outcome
+  ev.error.<signal>.<scope>       its failure outcome
+  ev.status-full.<role>.<instance> / ev.status-delta.<role>.<instance>
+where <scope> is <swarmId> for swarm-level signals and <role>.<instance> for components.
+Every id that becomes a key segment or a container name must pass ``check_slug`` first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CONTROL_EXCHANGE = "ph.control"
+DEAD_LETTER_EXCHANGE = "ph.control.dlx"
+DEAD_LETTER_QUEUE = "ph.control.dead-letter"
+GATEWAY_QUEUE = "ph.control.gateway"
+HOST_CONTROLLER_QUEUE = "ph.control.host-controller"
+
+CONTROLLER_ROLE = "swarm-controller"
+SWARM_SIGNALS = ("swarm-create", "swarm-start", "swarm-stop", "swarm-remove", "swarm-template")
+COMPONENT_SIGNALS = ("config-update", "status-request")
+
+SLUG_MAX = 32
+_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+
+
+class InvalidKey(ValueError):
+    """A routing key or id that does not follow the grammar."""
+
+
+def slug_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid id segment, or None when it is."""
+    if not value:
+        return "must not be empty"
+    if len(value) > SLUG_MAX:
+        return f"must be at most {SLUG_MAX} characters"
+    if not _SLUG.match(value):
+        return "must use only lowercase letters, digits and '-', starting and ending with a letter or digit"
+    return None
+
+
+def check_slug(value: str, what: str = "id") -> str:
+    problem = slug_problem(value)
+    if problem:
+        raise InvalidKey(f"{what} {value!r} {problem}")
+    return value
+
+
+# --- building ---------------------------------------------------------------------------
+
+
+def swarm_scope(swarm_id: str) -> str:
+    return check_slug(swarm_id, "swarmId")
+
+
+def component_scope(role: str, instance: str) -> str:
+    return f"{check_slug(role, 'role')}.{check_slug(instance, 'instance')}"
+
+
+def signal_key(signal: str, scope: str) -> str:
+    return f"sig.{signal}.{scope}"
+
+
+def ready_key(signal: str, scope: str) -> str:
+    return f"ev.ready.{signal}.{scope}"
+
+
+def error_key(signal: str, scope: str) -> str:
+    return f"ev.error.{signal}.{scope}"
+
+
+def status_key(kind: str, role: str, instance: str) -> str:
+    if kind not in ("status-full", "status-delta"):
+        raise InvalidKey(f"unknown status kind {kind!r}")
+    return f"ev.{kind}.{component_scope(role, instance)}"
+
+
+def controller_handshake_key(instance: str, ok: bool = True) -> str:
+    scope = component_scope(CONTROLLER_ROLE, instance)
+    return ready_key(CONTROLLER_ROLE, scope) if ok else error_key(CONTROLLER_ROLE, scope)
+
+
+def hive_exchange(swarm_id: str) -> str:
+    """The swarm's own topic exchange for work traffic between bees."""
+    return f"ph.{swarm_scope(swarm_id)}.hive"
+
+
+def hive_queue(swarm_id: str, suffix: str) -> str:
+    return f"ph.{swarm_scope(swarm_id)}.{check_slug(suffix, 'queue suffix')}"
+
+
+def component_queue(role: str, instance: str) -> str:
+    """Control queue of one controller or bee: where its signals arrive."""
+    return f"ph.control.{component_scope(role, instance)}"
+
+
+def controller_instance(swarm_id: str) -> str:
+    """A swarm's controller instance id; deterministic so a retried create finds it."""
+    return swarm_scope(swarm_id)
+
+
+def bee_instance(swarm_id: str, bee_name: str) -> str:
+    """Bee instance ids embed the swarm id so they are unique across swarms."""
+    return check_slug(f"{swarm_scope(swarm_id)}-{check_slug(bee_name, 'bee name')}", "bee instance")
+
+
+def container_name(swarm_id: str, part: str) -> str:
+    return f"cp-{swarm_scope(swarm_id)}-{check_slug(part, 'container part')}"
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    kind: str  # "sig", "ready", "error", "status-full", "status-delta"
+    signal: str | None
+    swarm_id: str | None
+    role: str | None
+    instance: str | None
+
+    @property
+    def scope(self) -> str:
+        if self.role:
+            return f"{self.role}.{self.instance}"
+        return self.swarm_id or ""
+
+
+def parse_key(key: str) -> ParsedKey:
+    parts = key.split(".")
+    if parts[0] == "sig" and len(parts) >= 3:
+        kind, signal, rest = "sig", parts[1], parts[2:]
+    elif parts[0] == "ev" and len(parts) >= 4 and parts[1] in ("ready", "error"):
+        kind, signal, rest = parts[1], parts[2], parts[3:]
+    elif parts[0] == "ev" and len(parts) == 4 and parts[1] in ("status-full", "status-delta"):
+        return ParsedKey(parts[1], None, None, parts[2], parts[3])
+    else:
+        raise InvalidKey(f"not a control routing key: {key!r}")
+    if len(rest) == 1:
+        return ParsedKey(kind, signal, rest[0], None, None)
+    if len(rest) == 2:
+        return ParsedKey(kind, signal, None, rest[0], rest[1])
+    raise InvalidKey(f"scope of {key!r} has too many segments")

@@ -1,0 +1,296 @@
+"""Pydantic models of everything that crosses the wire, shared by gateway, controllers and bees.
+
+JSON field names are camelCase as the specification writes them; Python attributes are
+snake_case. Dump with ``to_json`` so the aliases are used everywhere.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from controlplane.contract import keys
+
+WIRE_VERSION = "1"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Wire(BaseModel):
+    """Base of every wire model: camelCase on the wire, unknown fields tolerated."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Strict(Wire):
+    """Input from callers: unknown fields are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+def _slug(value: str, what: str) -> str:
+    problem = keys.slug_problem(value)
+    if problem:
+        raise ValueError(f"{what} {problem}")
+    return value
+
+
+# --- swarm plans and templates ------------------------------------------------------------
+
+
+class WorkIO(Strict):
+    """Queue suffixes a bee reads from and writes to on the swarm's hive exchange."""
+
+    in_: str | None = Field(None, alias="in")
+    out: str | None = None
+
+    @field_validator("in_", "out")
+    @classmethod
+    def _queue_suffix(cls, value: str | None) -> str | None:
+        return None if value is None else _slug(value, "queue suffix")
+
+
+class BeeSpec(Strict):
+    """One bee of a swarm plan. Deliberately has no fields for privileges, mounts or networks:
+    what a caller may ask to run is limited to an image, its env and its config."""
+
+    name: str
+    role: str
+    image: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+    work: WorkIO = Field(default_factory=WorkIO)
+    env: dict[str, str] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    enabled: bool = False
+
+    @field_validator("name", "role")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _slug(value, "id")
+
+
+class SwarmPlan(Strict):
+    bees: list[BeeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_and_acyclic(self) -> SwarmPlan:
+        names = [b.name for b in self.bees]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"bee names must be unique, repeated: {', '.join(dupes)}")
+        unknown = sorted({d for b in self.bees for d in b.depends_on if d not in names})
+        if unknown:
+            raise ValueError(f"dependsOn names unknown bees: {', '.join(unknown)}")
+        self.start_order()  # raises on a cycle
+        return self
+
+    def start_order(self) -> list[BeeSpec]:
+        """Bees ordered so that every bee starts after the ones it depends on.
+
+        A bee depends on what it names in ``dependsOn`` and on every bee that consumes the
+        queue it writes to: consumers come up first so no work is published to nobody.
+        """
+        by_name = {b.name: b for b in self.bees}
+        needs = {b.name: set(b.depends_on) for b in self.bees}
+        for producer in self.bees:
+            for consumer in self.bees:
+                if producer.work.out and consumer is not producer and consumer.work.in_ == producer.work.out:
+                    needs[producer.name].add(consumer.name)
+        ordered: list[BeeSpec] = []
+        done: set[str] = set()
+        while len(ordered) < len(self.bees):
+            ready = [n for n in by_name if n not in done and needs[n] <= done]
+            if not ready:
+                raise ValueError("bees depend on each other in a cycle: " + ", ".join(sorted(set(by_name) - done)))
+            for name in ready:
+                done.add(name)
+                ordered.append(by_name[name])
+        return ordered
+
+
+class Template(Strict):
+    """A scenario file from ``scenarios/``: a named swarm plan."""
+
+    id: str
+    name: str = ""
+    description: str = ""
+    controller_image: str | None = None
+    bees: list[BeeSpec] = Field(min_length=1)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return _slug(value, "template id")
+
+    def plan(self) -> SwarmPlan:
+        return SwarmPlan(bees=self.bees)
+
+
+# --- messages on ph.control -------------------------------------------------------------
+
+
+class CommandTarget(StrEnum):
+    ALL = "all"
+    SWARM = "swarm"
+    ROLE = "role"
+    INSTANCE = "instance"
+
+
+class Signal(Wire):
+    signal: str
+    correlation_id: str
+    idempotency_key: str
+    swarm_id: str | None = None
+    role: str | None = None
+    instance: str | None = None
+    command_target: CommandTarget = CommandTarget.SWARM
+    args: dict[str, Any] = Field(default_factory=dict)
+    ts: datetime = Field(default_factory=utcnow)
+    origin: str = "gateway"
+
+    @property
+    def scope(self) -> str:
+        if self.role and self.instance:
+            return keys.component_scope(self.role, self.instance)
+        return keys.swarm_scope(self.swarm_id or "")
+
+    def routing_key(self) -> str:
+        return keys.signal_key(self.signal, self.scope)
+
+
+class Scope(Wire):
+    swarm_id: str | None = None
+    role: str | None = None
+    instance: str | None = None
+
+
+class SwarmStatus(StrEnum):
+    CREATING = "Creating"
+    READY = "Ready"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    REMOVING = "Removing"
+    REMOVED = "Removed"
+    FAILED = "Failed"
+
+
+class OutcomeState(Wire):
+    status: str | None = None
+    enabled: bool | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Outcome(Wire):
+    """``ev.ready.*`` / ``ev.error.*`` body: what became of one signal."""
+
+    ts: datetime = Field(default_factory=utcnow)
+    correlation_id: str
+    idempotency_key: str
+    signal: str
+    scope: Scope
+    result: Literal["success", "error"]
+    state: OutcomeState = Field(default_factory=OutcomeState)
+    details: dict[str, Any] = Field(default_factory=dict)
+    phase: str | None = None
+    code: str | None = None
+    message: str | None = None
+    retryable: bool | None = None
+
+    def routing_key(self) -> str:
+        if self.scope.role and self.scope.instance:
+            scope = keys.component_scope(self.scope.role, self.scope.instance)
+        else:
+            scope = keys.swarm_scope(self.scope.swarm_id or "")
+        build = keys.ready_key if self.result == "success" else keys.error_key
+        return build(self.signal, scope)
+
+    @classmethod
+    def for_signal(cls, sig: Signal, **fields: Any) -> Outcome:
+        scope = Scope(swarm_id=sig.swarm_id, role=sig.role, instance=sig.instance)
+        return cls(correlation_id=sig.correlation_id, idempotency_key=sig.idempotency_key,
+                   signal=sig.signal, scope=scope, **fields)
+
+
+class BeeState(Wire):
+    """One bee as a controller reports it."""
+
+    name: str
+    role: str
+    instance: str
+    image: str
+    container_id: str | None = None
+    state: str = "unknown"  # container state: created, running, exited, missing
+    enabled: bool = False
+    last_seen: datetime | None = None
+
+
+class Status(Wire):
+    """``ev.status-full`` / ``ev.status-delta`` body."""
+
+    kind: Literal["status-full", "status-delta"]
+    role: str
+    instance: str
+    swarm_id: str | None = None
+    enabled: bool = False
+    state: str = "unknown"
+    totals: dict[str, float] = Field(default_factory=dict)
+    queue_stats: dict[str, dict[str, float]] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    ts: datetime = Field(default_factory=utcnow)
+    version: str = WIRE_VERSION
+
+    def routing_key(self) -> str:
+        return keys.status_key(self.kind, self.role, self.instance)
+
+
+# --- REST: requests and the correlation envelope ------------------------------------------
+
+
+class ActionRequest(Strict):
+    idempotency_key: uuid.UUID
+    notes: str | None = Field(None, max_length=2000)
+
+
+class CreateSwarmRequest(ActionRequest):
+    template_id: str
+
+    @field_validator("template_id")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return _slug(value, "templateId")
+
+
+class TemplateRequest(ActionRequest):
+    swarm_plan: SwarmPlan
+
+
+class Watch(Wire):
+    success_topic: str | None = None
+    error_topic: str | None = None
+    info_topic: str | None = None
+
+
+class Envelope(Wire):
+    correlation_id: str
+    idempotency_key: str
+    watch: Watch
+    timeout_ms: int
