@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from controlplane.contract.topology import DEFAULT_TOPOLOGY
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,7 +24,7 @@ class Settings(BaseSettings):
     # Broker and store
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     database_url: SecretStr = SecretStr(f"sqlite+aiosqlite:///{PROJECT_ROOT / 'var' / 'controlplane.db'}")
-    topology_file: Path = PROJECT_ROOT / "topology.yaml"
+    topology_file: Path = DEFAULT_TOPOLOGY
     scenarios_dir: Path = PROJECT_ROOT / "scenarios"
 
     # Gateway
@@ -32,6 +34,8 @@ class Settings(BaseSettings):
     protect_reads: bool = False
     idempotency_retention_s: int = Field(24 * 3600, ge=60)
     management_url: str = "http://127.0.0.1:15672/"
+    # Per-signal overrides of the specification's timeoutMs, e.g. {"swarm-start": 60000}.
+    operation_timeouts_ms: dict[str, int] = Field(default_factory=dict)
 
     # Controllers and runtime
     docker_url: str = "unix:///var/run/docker.sock"

@@ -80,7 +80,8 @@ def status_key(kind: str, role: str, instance: str) -> str:
 
 
 def controller_handshake_key(instance: str, ok: bool = True) -> str:
-    scope = component_scope(CONTROLLER_ROLE, instance)
+    """``ev.ready.swarm-controller.<instance>``: the instance alone is the scope here."""
+    scope = check_slug(instance, "instance")
     return ready_key(CONTROLLER_ROLE, scope) if ok else error_key(CONTROLLER_ROLE, scope)
 
 

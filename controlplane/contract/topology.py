@@ -63,9 +63,19 @@ class Topology(BaseModel):
         return ExchangeDecl(name=t.name.format(swarm_id=swarm_id), type=t.type, durable=t.durable)
 
 
+# Shipped inside the package so that a bee or controller image, which has only the
+# installed packages and not the source tree, still finds it.
+DEFAULT_TOPOLOGY = Path(__file__).with_name("topology.yaml")
+
+
 def load_topology(path: Path) -> Topology:
     with open(path, encoding="utf-8") as fh:
         return Topology.model_validate(yaml.safe_load(fh))
+
+
+def default_topology() -> Topology:
+    """The topology shipped with the package."""
+    return load_topology(DEFAULT_TOPOLOGY)
 
 
 def definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:

@@ -1,0 +1,15 @@
+# The project image: the controlplane package (with bees/) in a venv at /opt/venv.
+# Build it with scripts/build-images.sh, which first puts wheels for the project and all its
+# dependencies in build/wheels (the build itself needs no network) and builds the local base image.
+FROM controlplane-base:bookworm AS install
+LABEL controlplane.stage=install
+COPY build/wheels /wheels
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -q --no-index --find-links /wheels controlplane
+
+FROM controlplane-base:bookworm
+COPY --from=install /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 \
+    LANG=C.UTF-8
+CMD ["controlplane", "--help"]

@@ -1,0 +1,62 @@
+"""The environment a bee process is started with: every ``CP_*`` variable it reads.
+
+The swarm-controller sets these on the bee's container; they are validated once at
+start-up so a bad value stops the bee with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from controlplane.contract import keys
+
+
+class BeeEnv(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CP_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    swarm_id: str
+    role: str
+    instance: str
+    work_in: str | None = None  # queue suffix this bee consumes: ph.<swarm>.<suffix>
+    work_out: str | None = None  # queue suffix this bee publishes to on the hive exchange
+    bee_config: dict[str, Any] = Field(default_factory=dict)  # JSON object
+    enabled: bool = False
+    status_interval_s: float = Field(5.0, gt=0)
+    topology_file: Path | None = None  # None: the topology shipped with the package
+    log_level: str = "INFO"
+    log_format: Literal["console", "json"] = "console"
+
+    @field_validator("swarm_id", "role", "instance")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        problem = keys.slug_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("work_in", "work_out", mode="before")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        # An empty variable means "not set": containers often get every variable, some blank.
+        if value is None or value == "":
+            return None
+        problem = keys.slug_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def load_env_or_exit() -> BeeEnv:
+    """Validate the environment; print one line per bad variable and exit."""
+    try:
+        return BeeEnv()
+    except ValidationError as exc:
+        lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
+        raise SystemExit("invalid bee environment:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # e.g. CP_BEE_CONFIG that is not JSON
+        raise SystemExit(f"invalid bee environment: {exc}") from None

@@ -1,0 +1,364 @@
+"""The bee runtime: control signals, status reports and work plumbing around a ``Worker``.
+
+A worker only says what one unit of work is (``tick`` for producers, ``handle`` for
+consumers) and which config it accepts. Connecting, obeying ``config-update`` and
+``status-request``, switching work on and off and reporting status are the same for every
+bee, so they live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, Generic, Literal, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel
+
+from controlplane.bus import Bus, Consumer
+from controlplane.contract import keys
+from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
+from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
+from controlplane.logs import configure, get_logger
+from bees.env import BeeEnv, load_env_or_exit
+from bees.patching import ConfigRejected, apply_patch, parse_config
+from bees.stats import Totals, rates
+
+C = TypeVar("C", bound=BaseModel)
+
+# Pause after a failed producer step, so a broker outage does not become a busy loop.
+ERROR_BACKOFF_S = 1.0
+# Outcomes kept for re-emitting when a signal is delivered again.
+REMEMBERED_OUTCOMES = 1024
+
+StatusKind = Literal["status-full", "status-delta"]
+
+
+class Worker(Generic[C]):
+    """What a bee does. Subclasses set ``Config`` and override ``tick`` and/or ``handle``."""
+
+    Config: type[C]
+
+    async def tick(self, ctx: BeeContext[C]) -> float | None:
+        """Producers: do one step of work while enabled.
+
+        Return the seconds until the next step, or None to wait for the next config or
+        enabled change. The runtime calls again early when the config changes.
+        """
+        return None
+
+    async def handle(self, ctx: BeeContext[C], body: dict[str, Any]) -> None:
+        """Consumers: handle one message from the work-in queue; raising counts an error."""
+        raise NotImplementedError(f"{type(self).__name__} does not consume work")
+
+
+class BeeContext(Generic[C]):
+    """What a worker sees: identity, current config, the on/off switch, counters, output."""
+
+    def __init__(self, env: BeeEnv, config: C) -> None:
+        self.env = env
+        self.config = config
+        self.enabled = env.enabled
+        self.totals = Totals()
+        self._bus: Bus | None = None
+        self._out: tuple[str, str] | None = None  # (exchange, routing key)
+
+    @property
+    def swarm_id(self) -> str:
+        return self.env.swarm_id
+
+    @property
+    def state(self) -> str:
+        return "running" if self.enabled else "idle"
+
+    def now(self) -> float:
+        """Monotonic clock, for pacing."""
+        return asyncio.get_running_loop().time()
+
+    async def publish(self, body: dict[str, Any]) -> None:
+        """Publish one work message to this bee's work-out queue (confirmed by the broker)."""
+        if self._bus is None or self._out is None:
+            raise RuntimeError("this bee has no work-out queue (CP_WORK_OUT is not set)")
+        exchange, routing_key = self._out
+        try:
+            await self._bus.publish(routing_key, body, exchange=exchange)
+        except Exception:
+            self.totals.errors += 1
+            raise
+        self.totals.published += 1
+
+
+class Bee(Generic[C]):
+    """One running bee. ``run`` serves until ``stop`` is called."""
+
+    def __init__(self, env: BeeEnv, worker: Worker[C], topology: Topology | None = None) -> None:
+        self.env = env
+        self.worker = worker
+        self.topology = topology or (load_topology(env.topology_file) if env.topology_file else default_topology())
+        # Raises ConfigRejected: a bee must not start on a config its worker refuses.
+        self.ctx: BeeContext[C] = BeeContext(env, parse_config(worker.Config, env.bee_config))
+        self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
+        self._bus: Bus | None = None
+        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._switch = asyncio.Lock()
+        self._work_in: QueueDecl | None = None
+        self._work_consumer: Consumer | None = None
+        self._last_at = 0.0
+        self._last_totals = Totals()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect, declare, announce with ``status-full`` and serve until stopped."""
+        env = self.env
+        bus = await self._connect()
+        if bus is None:
+            return
+        self._bus = bus
+        self.ctx._bus = bus
+        # aio-pika restores channels and consumers itself; the producer, which may be
+        # backing off after failed publishes, is woken so work resumes at once.
+        bus.connection.reconnect_callbacks.add(self._on_reconnect)
+        tasks: list[asyncio.Task[None]] = []
+        control: Consumer | None = None
+        try:
+            await self._declare_work()
+            control = await bus.consume(self.control_queue(), self._on_control, prefetch=1)
+            await self._sync_work_consumer()
+            self._last_at = self.ctx.now()
+            await self._publish_status("status-full")
+            self.log.info("bee started", enabled=self.ctx.enabled, work_in=env.work_in, work_out=env.work_out)
+            tasks = [asyncio.create_task(self._produce()), asyncio.create_task(self._report())]
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for consumer in (control, self._work_consumer):
+                if consumer is not None:
+                    with suppress(Exception):
+                        await consumer.cancel()
+            self._work_consumer = None
+            with suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._publish_status("status-delta", state="stopped")
+            await bus.close()
+            self.log.info("bee stopped")
+
+    async def _connect(self) -> Bus | None:
+        """Connect, waiting for the broker; None when stopped before it answered."""
+        env = self.env
+        bus = Bus(env.amqp_url.get_secret_value(), self.topology, name=env.instance)
+        connecting = asyncio.create_task(bus.connect())
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        with suppress(asyncio.CancelledError):
+            await connecting
+        self.log.info("stopped before the broker answered")
+        return None
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.log.info("reconnected to the broker")
+        self._changed.set()
+
+    # --- declarations ---------------------------------------------------------------
+
+    def control_queue(self) -> QueueDecl:
+        return self.topology.templates.bee_queue.render(role=self.env.role, instance=self.env.instance)
+
+    def work_queue(self, suffix: str) -> QueueDecl:
+        keys.check_slug(suffix, "queue suffix")
+        return self.topology.templates.work_queue.render(swarm_id=self.env.swarm_id, suffix=suffix)
+
+    def work_queue_names(self) -> list[str]:
+        return [self.work_queue(s).name for s in (self.env.work_in, self.env.work_out) if s]
+
+    async def _declare_work(self) -> None:
+        """Declare the hive exchange and the work queues; route work-out by its suffix."""
+        assert self._bus is not None
+        env = self.env
+        if not (env.work_in or env.work_out):
+            return
+        hive = await self._bus.declare_exchange(self.topology.hive_exchange(env.swarm_id))
+        if env.work_out:
+            await self._bus.declare_queue(self.work_queue(env.work_out))
+            # The work_queue template binds the queue to the hive exchange with the suffix as key.
+            self.ctx._out = (hive.name, env.work_out)
+        if env.work_in:
+            self._work_in = self.work_queue(env.work_in)
+            await self._bus.declare_queue(self._work_in)
+
+    async def _sync_work_consumer(self) -> None:
+        """Consume work-in only while enabled: cancelled on disable, started again on enable."""
+        if self._work_in is None or self._bus is None:
+            return
+        async with self._switch:
+            if self.ctx.enabled and self._work_consumer is None:
+                self._work_consumer = await self._bus.consume(self._work_in, self._on_work)
+            elif not self.ctx.enabled and self._work_consumer is not None:
+                consumer, self._work_consumer = self._work_consumer, None
+                await consumer.cancel()  # unacked messages go back to the queue
+
+    # --- work -----------------------------------------------------------------------
+
+    async def _on_work(self, _key: str, body: dict[str, Any], _message: AbstractIncomingMessage) -> None:
+        try:
+            await self.worker.handle(self.ctx, body)
+        except Exception:
+            self.ctx.totals.errors += 1
+            raise
+        self.ctx.totals.processed += 1
+
+    async def _produce(self) -> None:
+        """Call the worker's ``tick`` while enabled, waking early on any change."""
+        while True:
+            if not self.ctx.enabled:
+                await self._changed.wait()
+                self._changed.clear()
+                continue
+            self._changed.clear()
+            try:
+                delay = await self.worker.tick(self.ctx)
+            except Exception as exc:
+                self.log.warning("producer step failed", error=repr(exc))
+                delay = ERROR_BACKOFF_S
+            if delay is None:
+                await self._changed.wait()
+            elif delay > 0:
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._changed.wait()
+            else:
+                await asyncio.sleep(0)
+
+    # --- control signals ------------------------------------------------------------
+
+    async def _on_control(self, routing_key: str, body: dict[str, Any], _message: AbstractIncomingMessage) -> None:
+        env = self.env
+        sig = Signal.model_validate(body)
+        # The binding is exact, so the signal is ours whatever its body says about scope;
+        # filling the scope in keeps the outcome's routing key on this bee.
+        sig = sig.model_copy(update={"swarm_id": sig.swarm_id or env.swarm_id, "role": env.role,
+                                     "instance": env.instance})
+        log = self.log.bind(signal=sig.signal, correlation_id=sig.correlation_id)
+        if sig.signal == "config-update":
+            await self._config_update(sig)
+        elif sig.signal == "status-request":
+            await self._publish_status("status-full", correlation_id=sig.correlation_id)
+        else:
+            log.warning("signal ignored", routing_key=routing_key)
+
+    async def _config_update(self, sig: Signal) -> None:
+        assert self._bus is not None
+        outcome = self._outcomes.get(sig.idempotency_key)
+        if outcome is None:
+            outcome = await self._apply(sig)
+            self._outcomes[sig.idempotency_key] = outcome
+            while len(self._outcomes) > REMEMBERED_OUTCOMES:
+                self._outcomes.popitem(last=False)
+        else:
+            self.log.info("repeated signal, outcome re-emitted", idempotency_key=sig.idempotency_key)
+        await self._bus.publish(outcome.routing_key(), outcome)
+
+    async def _apply(self, sig: Signal) -> Outcome:
+        try:
+            config, enabled = apply_patch(self.worker.Config, self.ctx.config, sig.args.get("patch"))
+        except ConfigRejected as exc:
+            self.log.warning("config rejected", reason=exc.message)
+            return Outcome.for_signal(sig, result="error", code="invalid-config", message=exc.message,
+                                      retryable=False, details={"errors": exc.errors}, state=self._state())
+        self.ctx.config = config
+        if enabled is not None:
+            self.ctx.enabled = enabled
+        await self._sync_work_consumer()
+        self._changed.set()
+        self.log.info("config applied", enabled=self.ctx.enabled)
+        return Outcome.for_signal(sig, result="success", state=self._state())
+
+    def _state(self) -> OutcomeState:
+        return OutcomeState(status=self.ctx.state, enabled=self.ctx.enabled,
+                            details={"config": self._config_json()})
+
+    def _config_json(self) -> dict[str, Any]:
+        return self.ctx.config.model_dump(mode="json", by_alias=True)
+
+    # --- status ---------------------------------------------------------------------
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.env.status_interval_s)
+            try:
+                async with asyncio.timeout(self.env.status_interval_s):
+                    await self._publish_status("status-delta")
+            except Exception as exc:  # the broker may be away; the next interval tries again
+                self.log.warning("status not published", error=repr(exc))
+
+    async def _publish_status(self, kind: StatusKind, correlation_id: str | None = None,
+                              state: str | None = None) -> None:
+        assert self._bus is not None
+        status = await self.status(kind, state)
+        await self._bus.publish(status.routing_key(), status, correlation_id=correlation_id)
+
+    async def status(self, kind: StatusKind, state: str | None = None) -> Status:
+        """Build a status; a delta also starts the next interval the rates are measured over."""
+        now, totals = self.ctx.now(), self.ctx.totals.snapshot()
+        data: dict[str, Any] = {"rates": rates(self._last_totals, totals, now - self._last_at)}
+        if kind == "status-delta":
+            self._last_at, self._last_totals = now, totals
+        else:
+            data |= {"config": self._config_json(), "workIn": self.env.work_in, "workOut": self.env.work_out}
+        return Status(kind=kind, role=self.env.role, instance=self.env.instance, swarm_id=self.env.swarm_id,
+                      enabled=self.ctx.enabled, state=state or self.ctx.state, totals=totals.as_dict(),
+                      queue_stats=await self._queue_stats(), data=data, ts=utcnow())
+
+    async def _queue_stats(self) -> dict[str, dict[str, float]]:
+        """Depth and consumers of the work queues, from a passive declare on a short channel."""
+        assert self._bus is not None
+        stats: dict[str, dict[str, float]] = {}
+        for name in self.work_queue_names():
+            channel = await self._bus.connection.channel()
+            try:
+                # robust=False: a robust channel would cache the queue and report stale counts.
+                queue = await channel.declare_queue(name, passive=True, robust=False)
+                result = queue.declaration_result
+                stats[name] = {"messages": float(result.message_count or 0),
+                               "consumers": float(result.consumer_count or 0)}
+            except Exception as exc:  # deleted under us; report what we can
+                self.log.debug("queue stats unavailable", queue=name, error=repr(exc))
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        return stats
+
+
+# --- process entry point --------------------------------------------------------------
+
+
+def run_bee(worker_factory: Callable[[], Worker[Any]]) -> None:
+    """Run a bee process: read ``CP_*``, serve until SIGTERM or SIGINT, exit 0."""
+    env = load_env_or_exit()
+    configure(env.log_level, env.log_format)
+    try:
+        bee = Bee(env, worker_factory())
+    except ConfigRejected as exc:
+        raise SystemExit(f"CP_BEE_CONFIG: {exc}") from None
+    asyncio.run(_serve(bee))
+
+
+async def _serve(bee: Bee[Any]) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, bee.stop)
+    await bee.run()

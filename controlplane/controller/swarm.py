@@ -1,0 +1,399 @@
+"""The swarm-controller: one per swarm, the only thing that drives that swarm's bees.
+
+It applies the swarm's plan (work exchange, queues, bee containers in dependency order,
+each bee's first status awaited), announces itself with ``ev.ready.swarm-controller.<id>``,
+then obeys ``sig.swarm-*`` signals and answers each with ``ev.ready.*`` or ``ev.error.*``.
+Applying a plan is idempotent, so a controller that restarts next to running bees
+re-adopts them instead of replacing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from controlplane.bus import Bus
+from controlplane.config import Settings
+from controlplane.contract import keys
+from controlplane.contract.models import (
+    BeeSpec, BeeState, Outcome, OutcomeState, Scope, Signal, Status, SwarmPlan, SwarmStatus, new_id, utcnow,
+)
+from controlplane.logs import get_logger
+from controlplane.runtime.docker import (
+    ContainerRuntimeError, ContainerSpec, DockerRuntime, ImageMissing, PolicyViolation,
+)
+from controlplane.runtime.labels import filter_for, managed_labels
+
+log = get_logger("swarm-controller")
+
+BEE_TOGGLE_TIMEOUT_S = 30.0
+REMEMBERED_OUTCOMES = 1000
+
+
+class SwarmFailure(Exception):
+    """A lifecycle step failed; ``code`` is what callers match on."""
+
+    def __init__(self, code: str, message: str, phase: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.phase, self.retryable = code, message, phase, retryable
+
+
+def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: str) -> ContainerSpec:
+    instance = keys.bee_instance(swarm_id, bee.name)
+    env = dict(bee.env)
+    # The control plane's own variables win over a plan's env: a plan cannot redirect a bee.
+    env.update({
+        "CP_AMQP_URL": settings.container_amqp_url(),
+        "CP_SWARM_ID": swarm_id,
+        "CP_ROLE": bee.role,
+        "CP_INSTANCE": instance,
+        "CP_BEE_CONFIG": _json(bee.config),
+        "CP_ENABLED": "false",
+        "CP_STATUS_INTERVAL_S": str(settings.status_interval_s),
+    })
+    if bee.work.in_:
+        env["CP_WORK_IN"] = bee.work.in_
+    if bee.work.out:
+        env["CP_WORK_OUT"] = bee.work.out
+    return ContainerSpec(
+        name=keys.container_name(swarm_id, bee.name),
+        image=bee.image,
+        labels=managed_labels("bee", owner, swarm_id=swarm_id, role=bee.role, instance=instance,
+                              spec_json=bee.model_dump_json(by_alias=True)),
+        env=env,
+        command=["python", "-m", f"bees.{bee.role.replace('-', '_')}"] if bee.image == settings.project_image else None,
+        network=settings.bee_network,
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class SwarmController:
+    def __init__(self, bus: Bus, runtime: DockerRuntime, settings: Settings, swarm_id: str, plan: SwarmPlan,
+                 owner: str, create_signal: Signal | None = None) -> None:
+        self.bus, self.runtime, self.settings = bus, runtime, settings
+        self.swarm_id = swarm_id
+        self.instance = keys.controller_instance(swarm_id)
+        self.plan = plan
+        self.owner = owner
+        self.create_signal = create_signal
+        self.status = SwarmStatus.CREATING
+        self.enabled = True  # the controller's own switch (bulk toggles); bees follow it
+        self.bees: dict[str, BeeState] = {}
+        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._waiters: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._lifecycle = asyncio.Lock()
+        self._removed = asyncio.Event()
+        self._consumer = None
+        self._queue_decl = bus.topology.templates.swarm_controller_queue.render(
+            swarm_id=swarm_id, instance=self.instance)
+
+    # --- life of the controller -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Apply the plan, hand-shake, serve signals until the swarm is removed."""
+        self._consumer = await self.bus.consume(self._queue_decl, self._on_message, prefetch=64)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            try:
+                await self._apply(self.plan)
+            except SwarmFailure as failure:
+                self.status = SwarmStatus.FAILED
+                await self._handshake(failure)
+                await self._teardown()
+                return
+            self.status = self._adopted_status()
+            await self._handshake(None)
+            await self._removed.wait()
+        finally:
+            heartbeat.cancel()
+            if self._consumer is not None:
+                await self._consumer.cancel()
+            if self._removed.is_set():
+                await self.bus.delete_queue(self._queue_decl.name)
+
+    def _adopted_status(self) -> SwarmStatus:
+        if any(b.enabled for b in self.bees.values()):
+            return SwarmStatus.RUNNING
+        return SwarmStatus.READY
+
+    async def _handshake(self, failure: SwarmFailure | None) -> None:
+        sig = self.create_signal
+        outcome = Outcome(
+            correlation_id=sig.correlation_id if sig else new_id(),
+            idempotency_key=sig.idempotency_key if sig else new_id(),
+            signal=keys.CONTROLLER_ROLE,
+            scope=Scope(swarm_id=self.swarm_id, role=keys.CONTROLLER_ROLE, instance=self.instance),
+            result="error" if failure else "success",
+            state=self._state(),
+            details={"adopted": sig is None, "bees": [b.to_dict() for b in self.bees.values()]},
+        )
+        if failure:
+            outcome.phase, outcome.code, outcome.message = failure.phase, failure.code, failure.message
+            outcome.retryable = failure.retryable
+        await self.bus.publish(keys.controller_handshake_key(self.instance, ok=failure is None), outcome)
+        log.info("controller handshake", swarm_id=self.swarm_id, result=outcome.result, code=outcome.code)
+
+    def _state(self) -> OutcomeState:
+        return OutcomeState(status=self.status, enabled=self.enabled,
+                            details={"bees": len(self.bees), "controller": self.instance})
+
+    async def _heartbeat(self) -> None:
+        kind = "status-full"
+        while True:
+            try:
+                await self._refresh_containers()
+                await self.bus.publish(*self._status(kind))
+                kind = "status-delta"
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller status failed", swarm_id=self.swarm_id)
+            await asyncio.sleep(self.settings.status_interval_s)
+
+    def _status(self, kind: str, correlation_id: str | None = None) -> tuple[str, Status]:
+        status = Status(
+            kind=kind, role=keys.CONTROLLER_ROLE, instance=self.instance, swarm_id=self.swarm_id,
+            enabled=self.enabled, state=self.status,
+            totals={"bees": len(self.bees), "running": sum(b.state == "running" for b in self.bees.values())},
+            data={"swarmStatus": self.status, "bees": [b.to_dict() for b in self.bees.values()],
+                  "correlationId": correlation_id},
+        )
+        return status.routing_key(), status
+
+    async def _refresh_containers(self) -> None:
+        """Docker is the truth for container state: a killed bee shows as exited or missing."""
+        found = {i.labels.get("controlplane.instance"): i
+                 for i in await self.runtime.list(filter_for(kind="bee", swarm_id=self.swarm_id))}
+        for instance, bee in self.bees.items():
+            info = found.get(instance)
+            bee.state = info.state if info else "missing"
+            bee.container_id = info.id if info else None
+
+    # --- applying a plan ----------------------------------------------------------------
+
+    async def _apply(self, plan: SwarmPlan) -> None:
+        topology = self.bus.topology
+        await self.bus.declare_exchange(topology.hive_exchange(self.swarm_id))
+        for suffix in sorted({s for b in plan.bees for s in (b.work.in_, b.work.out) if s}):
+            await self.bus.declare_queue(topology.templates.work_queue.render(swarm_id=self.swarm_id, suffix=suffix))
+        for bee in plan.start_order():
+            await self._run_bee(bee)
+
+    async def _run_bee(self, bee: BeeSpec) -> None:
+        spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner)
+        instance = spec.labels["controlplane.instance"]
+        for key in (f"ev.*.{bee.role}.{instance}", f"ev.*.*.{bee.role}.{instance}"):
+            await self.bus.bind(self._queue_decl.name, keys.CONTROL_EXCHANGE, key)
+        state = self.bees.setdefault(instance, BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image))
+        first_status = self._expect(("status-full", instance))
+        try:
+            info = await self.runtime.ensure_running(spec)
+        except ImageMissing:
+            raise SwarmFailure("image-missing", f"image {bee.image!r} of bee {bee.name!r} is not present on the "
+                               "Docker engine (images are built locally, never pulled)", "apply") from None
+        except PolicyViolation as exc:
+            raise SwarmFailure("policy-refused", f"bee {bee.name!r}: {exc}", "apply") from None
+        except ContainerRuntimeError as exc:
+            raise SwarmFailure("runtime-error", f"bee {bee.name!r}: {exc}", "apply", retryable=True) from None
+        state.container_id, state.state = info.id, info.state
+        await self._await_first_status(bee, instance, first_status)
+
+    async def _await_first_status(self, bee: BeeSpec, instance: str, first_status: asyncio.Future[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.bee_ready_timeout_s
+        while not first_status.done():
+            # A bee that was already running (re-adoption) only reports when asked.
+            await self._send_bee_signal(bee.role, instance, "status-request", {}, new_id(), new_id())
+            try:
+                await asyncio.wait_for(asyncio.shield(first_status), timeout=min(2.0, max(deadline - loop.time(), 0.01)))
+                break
+            except asyncio.TimeoutError:
+                pass
+            info = await self.runtime.get(keys.container_name(self.swarm_id, bee.name))
+            if info is None or info.state in ("exited", "dead"):
+                logs = await self.runtime.logs_tail(keys.container_name(self.swarm_id, bee.name), 20) if info else ""
+                code = info.exit_code if info else None
+                raise SwarmFailure("container-exited", f"bee {bee.name!r} exited (code {code}) before reporting "
+                                   f"its status; last log lines: {logs.strip()[-800:]}", "apply")
+            if loop.time() >= deadline:
+                raise SwarmFailure("bee-timeout", f"bee {bee.name!r} did not report its status within "
+                                   f"{self.settings.bee_ready_timeout_s:g}s", "apply", retryable=True)
+        self._waiters.pop(("status-full", instance), None)
+
+    def _expect(self, key: tuple[str, str]) -> asyncio.Future[Any]:
+        future = self._waiters.get(key)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._waiters[key] = future
+        return future
+
+    async def _send_bee_signal(self, role: str, instance: str, signal: str, args: dict[str, Any],
+                               correlation_id: str, idempotency_key: str) -> None:
+        sig = Signal(signal=signal, correlation_id=correlation_id, idempotency_key=idempotency_key,
+                     swarm_id=self.swarm_id, role=role, instance=instance, command_target="instance",
+                     args=args, origin=f"swarm-controller.{self.instance}")
+        await self.bus.publish(sig.routing_key(), sig)
+
+    # --- messages ------------------------------------------------------------------------
+
+    async def _on_message(self, routing_key: str, body: dict[str, Any], _message: Any) -> None:
+        parsed = keys.parse_key(routing_key)
+        if parsed.kind in ("status-full", "status-delta"):
+            self._on_bee_status(Status.model_validate(body))
+        elif parsed.kind in ("ready", "error"):
+            future = self._waiters.pop((body.get("correlationId", ""), parsed.instance or ""), None)
+            if future is not None and not future.done():
+                future.set_result(Outcome.model_validate(body))
+        elif parsed.kind == "sig":
+            await self._on_signal(Signal.model_validate(body))
+
+    def _on_bee_status(self, status: Status) -> None:
+        bee = self.bees.get(status.instance)
+        if bee is not None:
+            bee.enabled, bee.last_seen = status.enabled, utcnow()
+        if status.kind == "status-full":
+            future = self._waiters.get(("status-full", status.instance))
+            if future is not None and not future.done():
+                future.set_result(status)
+
+    async def _on_signal(self, sig: Signal) -> None:
+        handlers: dict[str, Callable[[Signal], Awaitable[OutcomeState]]] = {
+            "swarm-start": self._start, "swarm-stop": self._stop, "swarm-remove": self._remove,
+            "swarm-template": self._template, "config-update": self._config_update,
+        }
+        if sig.signal == "status-request":
+            key, status = self._status("status-full", sig.correlation_id)
+            await self.bus.publish(key, status, correlation_id=sig.correlation_id)
+            return
+        handler = handlers.get(sig.signal)
+        if handler is None:
+            log.warning("signal not handled by swarm-controller", signal=sig.signal, swarm_id=self.swarm_id)
+            return
+        remembered = self._outcomes.get(sig.idempotency_key)
+        if remembered is not None:
+            # A retried or redelivered signal: say again what happened, do nothing again.
+            await self.bus.publish(remembered.routing_key(), remembered)
+            return
+        async with self._lifecycle:
+            try:
+                state = await handler(sig)
+                outcome = Outcome.for_signal(sig, result="success", state=state)
+            except SwarmFailure as failure:
+                outcome = Outcome.for_signal(sig, result="error", state=self._state(), phase=failure.phase,
+                                             code=failure.code, message=failure.message, retryable=failure.retryable)
+        self._remember(sig.idempotency_key, outcome)
+        await self.bus.publish(outcome.routing_key(), outcome)
+        log.info("signal handled", signal=sig.signal, swarm_id=self.swarm_id, result=outcome.result,
+                 correlation_id=sig.correlation_id)
+        if sig.signal == "swarm-remove" and outcome.result == "success":
+            self._removed.set()
+
+    def _remember(self, key: str, outcome: Outcome) -> None:
+        self._outcomes[key] = outcome
+        while len(self._outcomes) > REMEMBERED_OUTCOMES:
+            self._outcomes.popitem(last=False)
+
+    # --- lifecycle steps -------------------------------------------------------------------
+
+    async def _start(self, sig: Signal) -> OutcomeState:
+        await self._set_bees_enabled(True, sig)
+        self.status = SwarmStatus.RUNNING
+        return self._state()
+
+    async def _stop(self, sig: Signal) -> OutcomeState:
+        await self._set_bees_enabled(False, sig)
+        self.status = SwarmStatus.STOPPED
+        return self._state()
+
+    async def _config_update(self, sig: Signal) -> OutcomeState:
+        enabled = sig.args.get("patch", {}).get("enabled")
+        if isinstance(enabled, bool):
+            self.enabled = enabled
+            if self.status == SwarmStatus.RUNNING or not enabled:
+                await self._set_bees_enabled(enabled and self.status == SwarmStatus.RUNNING, sig)
+        return self._state()
+
+    async def _set_bees_enabled(self, enabled: bool, sig: Signal) -> None:
+        order = self.plan.start_order()
+        if not enabled:
+            order.reverse()  # producers go quiet before their consumers
+        for bee in order:
+            instance = keys.bee_instance(self.swarm_id, bee.name)
+            key = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{sig.idempotency_key}/{instance}"))
+            reply = self._expect((sig.correlation_id, instance))
+            await self._send_bee_signal(bee.role, instance, "config-update", {"patch": {"enabled": enabled}},
+                                        sig.correlation_id, key)
+            try:
+                outcome: Outcome = await asyncio.wait_for(reply, BEE_TOGGLE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise SwarmFailure("bee-timeout", f"bee {bee.name!r} did not confirm enabled={enabled} within "
+                                   f"{BEE_TOGGLE_TIMEOUT_S:g}s", sig.signal, retryable=True) from None
+            if outcome.result != "success":
+                raise SwarmFailure(outcome.code or "bee-error", f"bee {bee.name!r}: {outcome.message}", sig.signal)
+            self.bees[instance].enabled = enabled
+
+    async def _template(self, sig: Signal) -> OutcomeState:
+        plan = SwarmPlan.model_validate(sig.args.get("swarmPlan", {}))
+        wanted = {keys.bee_instance(self.swarm_id, b.name) for b in plan.bees}
+        for instance in [i for i in self.bees if i not in wanted]:
+            bee = self.bees.pop(instance)
+            await self.runtime.remove(keys.container_name(self.swarm_id, bee.name))
+            await self.bus.delete_queue(keys.component_queue(bee.role, instance))
+        for bee in plan.bees:
+            # A changed spec means a new container; an unchanged one is left running.
+            info = await self.runtime.get(keys.container_name(self.swarm_id, bee.name))
+            if info and info.labels.get("controlplane.spec") != bee.model_dump_json(by_alias=True):
+                await self.runtime.remove(info.id)
+        self.plan = plan
+        await self._apply(plan)
+        if self.status == SwarmStatus.CREATING:
+            self.status = SwarmStatus.READY
+        return self._state()
+
+    async def _remove(self, sig: Signal) -> OutcomeState:
+        self.status = SwarmStatus.REMOVING
+        await self._teardown()
+        self.status = SwarmStatus.REMOVED
+        return self._state()
+
+    async def _teardown(self) -> None:
+        await teardown_swarm(self.bus, self.runtime, self.swarm_id, self.plan)
+        self.bees.clear()
+
+
+async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: SwarmPlan | None = None) -> None:
+    """Remove everything a swarm owns in Docker and RabbitMQ; parts already gone are fine.
+
+    What to remove is read from the bees' labels as well as the plan, so this also cleans
+    up after a controller that died half-way.
+    """
+    suffixes = {s for b in (plan.bees if plan else []) for s in (b.work.in_, b.work.out) if s}
+    for info in await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)):
+        spec = info.labels.get("controlplane.spec")
+        if spec:
+            bee = BeeSpec.model_validate_json(spec)
+            suffixes.update(s for s in (bee.work.in_, bee.work.out) if s)
+        await runtime.remove(info.id)
+        role, instance = info.labels.get("controlplane.role"), info.labels.get("controlplane.instance")
+        if role and instance:
+            await bus.delete_queue(keys.component_queue(role, instance))
+    for suffix in suffixes:
+        await bus.delete_queue(keys.hive_queue(swarm_id, suffix))
+    await bus.delete_exchange(keys.hive_exchange(swarm_id))
+
+
+async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
+    """Rebuild a running swarm's plan from its bees' labels (for re-adoption)."""
+    bees = []
+    for info in await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)):
+        spec = info.labels.get("controlplane.spec")
+        if spec:
+            bees.append(BeeSpec.model_validate_json(spec))
+    return SwarmPlan(bees=bees) if bees else None

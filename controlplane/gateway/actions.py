@@ -1,0 +1,159 @@
+"""Idempotent actions: from a validated request to a published signal and an envelope.
+
+Every surface goes through ``submit``. The order matters:
+1. a known idempotency key is answered from its record (same body: the same envelope;
+   another body: 422) before anything else is checked, so a retry never sees a 409 caused
+   by its own first attempt;
+2. the surface's precondition (the swarm exists, its state allows the action);
+3. the record and the operation are stored in one transaction, which is where concurrent
+   duplicates and a second lifecycle operation on the same swarm are refused;
+4. only then is the signal published, and a failed publish removes the record again so
+   the caller's retry starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.bus import Bus
+from controlplane.config import Settings
+from controlplane.contract import keys
+from controlplane.contract.models import ActionRequest, Envelope, Signal, Watch, new_id, utcnow
+from controlplane.gateway import metrics
+from controlplane.gateway.middleware import ApiError
+from controlplane.logs import get_logger
+from controlplane.store import Busy, NewAction, Replayed, Started, Store, SwarmExists, SwarmRow
+
+log = get_logger("gateway.actions")
+
+# timeoutMs of each signal, as the specification gives them.
+SPEC_TIMEOUTS_MS = {
+    "swarm-create": 120_000,
+    "swarm-start": 180_000,
+    "swarm-stop": 90_000,
+    "swarm-remove": 180_000,
+    "swarm-template": 180_000,
+    "config-update": 60_000,
+    "status-request": 10_000,
+}
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a surface asks ``submit`` to do."""
+
+    signal: str
+    request: ActionRequest
+    swarm_id: str | None = None
+    role: str | None = None
+    instance: str | None = None
+    args: dict[str, Any] | None = None
+    lifecycle: bool = False
+    create_swarm: SwarmRow | None = None
+    info_only: bool = False  # the answer is a status event, not ev.ready / ev.error
+
+    @property
+    def scope(self) -> str:
+        if self.role and self.instance:
+            return keys.component_scope(self.role, self.instance)
+        return keys.swarm_scope(self.swarm_id or "")
+
+    def watch(self) -> Watch:
+        if self.info_only:
+            return Watch(info_topic=keys.status_key("status-full", self.role or "", self.instance or ""))
+        return Watch(success_topic=keys.ready_key(self.signal, self.scope),
+                     error_topic=keys.error_key(self.signal, self.scope))
+
+
+def request_hash(action: Action) -> str:
+    canonical = json.dumps({"signal": action.signal, "scope": action.scope,
+                            "body": action.request.model_dump(mode="json", by_alias=True)}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def timeout_ms(settings: Settings, signal: str) -> int:
+    return settings.operation_timeouts_ms.get(signal, SPEC_TIMEOUTS_MS[signal])
+
+
+def _replay(result: Replayed, action: Action) -> web.Response:
+    if not result.same_request:
+        raise ApiError(422, "idempotency-key-reused",
+                       "idempotencyKey was already used for this action with a different request body; "
+                       "use a new key for a new request", [{"field": "idempotencyKey", "reason": "reused with another body"}])
+    metrics.IDEMPOTENT_REPLAYS.labels(action.signal).inc()
+    return web.json_response(result.envelope, status=202, headers={"Idempotent-Replayed": "true"})
+
+
+async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
+                 precondition: Callable[[], Awaitable[None]] | None = None) -> web.Response:
+    key = str(action.request.idempotency_key)
+    digest = request_hash(action)
+    known = await store.find_action(action.signal, action.scope, key, digest)
+    if known is not None:
+        return _replay(known, action)
+    if precondition is not None:
+        await precondition()
+
+    correlation_id = new_id()
+    envelope = Envelope(correlation_id=correlation_id, idempotency_key=key, watch=action.watch(),
+                        timeout_ms=timeout_ms(settings, action.signal))
+    result = await store.begin_action(
+        NewAction(action=action.signal, target=action.scope, idempotency_key=key, request_hash=digest,
+                  correlation_id=correlation_id, envelope=envelope.to_dict(), signal=action.signal,
+                  swarm_id=action.swarm_id, lifecycle=action.lifecycle, timeout_ms=envelope.timeout_ms,
+                  created_at=utcnow(), retention_s=settings.idempotency_retention_s),
+        create_swarm=action.create_swarm,
+    )
+    if isinstance(result, Replayed):
+        return _replay(result, action)
+    if isinstance(result, Busy):
+        raise ApiError(409, "operation-in-progress",
+                       f"swarm {action.swarm_id!r} has an operation in progress ({result.active.signal}, "
+                       f"correlationId {result.active.correlation_id}); retry when it has finished",
+                       activeOperation=operation_view(result.active))
+    if isinstance(result, SwarmExists):
+        raise ApiError(409, "swarm-exists", f"swarm {action.swarm_id!r} already exists (status {result.swarm.status})",
+                       currentState=result.swarm.status)
+    assert isinstance(result, Started)
+
+    signal = Signal(signal=action.signal, correlation_id=correlation_id, idempotency_key=key,
+                    swarm_id=action.swarm_id, role=action.role, instance=action.instance,
+                    command_target="instance" if action.instance else "swarm",
+                    args={**(action.args or {}), "timeoutMs": envelope.timeout_ms,
+                          **({"notes": action.request.notes} if action.request.notes else {})})
+    try:
+        await bus.publish(signal.routing_key(), signal)
+    except Exception as exc:
+        await store.forget_action(correlation_id)
+        log.error("signal publish failed", signal=action.signal, error=str(exc), correlation_id=correlation_id)
+        raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal; retry with the "
+                       "same idempotencyKey") from None
+    await store.set_operation_status(correlation_id, "dispatched")
+    metrics.SIGNALS_PUBLISHED.labels(action.signal).inc()
+    log.info("signal published", signal=action.signal, scope=action.scope, correlation_id=correlation_id,
+             idempotency_key=key)
+    return web.json_response(envelope.to_dict(), status=202)
+
+
+def operation_view(op: Any) -> dict[str, Any]:
+    """An operation as ``GET /api/operations/{correlationId}`` shows it."""
+    return {
+        "correlationId": op.correlation_id,
+        "idempotencyKey": op.idempotency_key,
+        "signal": op.signal,
+        "target": op.target,
+        "swarmId": op.swarm_id,
+        "status": op.status,
+        "watch": op.envelope.get("watch"),
+        "timeoutMs": op.timeout_ms,
+        "deadline": op.deadline.isoformat(),
+        "createdAt": op.created_at.isoformat(),
+        "updatedAt": op.updated_at.isoformat(),
+        "outcome": op.outcome,
+    }

@@ -1,0 +1,14 @@
+"""Prometheus metrics of the gateway, served at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HTTP_REQUESTS = Counter("cp_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
+HTTP_LATENCY = Histogram("cp_http_request_seconds", "HTTP request latency", ["method", "route"])
+SIGNALS_PUBLISHED = Counter("cp_signals_published_total", "Signals published to ph.control", ["signal"])
+IDEMPOTENT_REPLAYS = Counter("cp_idempotent_replays_total", "Requests answered from an idempotency record", ["action"])
+OPERATIONS_FINISHED = Counter("cp_operations_finished_total", "Operations that reached a final state",
+                              ["signal", "status"])
+OPERATION_SECONDS = Histogram("cp_operation_seconds", "Time from acceptance to outcome", ["signal"],
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

@@ -1,0 +1,114 @@
+"""Gateway middlewares: request ids and log context, bearer-key auth, errors as JSON.
+
+Every error leaves the gateway as a JSON body with a code and a message that names the
+field at fault; nothing a caller sends can produce a traceback or a bare 500 page.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from controlplane.gateway import metrics
+from controlplane.logs import get_logger
+
+log = get_logger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": code, "message": ..., "fields": [...]}``."""
+
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields, self.extra = status, code, message, fields or [], extra
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.fields:
+            body["fields"] = self.fields
+        body.update(self.extra)
+        return web.json_response(body, status=self.status)
+
+
+def validation_error(exc: ValidationError, status: int = 400) -> ApiError:
+    fields = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "reason": e["msg"]} for e in exc.errors()]
+    message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
+    return ApiError(status, "invalid-request", message, fields)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "invalid-request", "request body must be a JSON object", [{"field": "(body)", "reason": "empty"}])
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed-json", f"request body is not valid JSON: {exc}",
+                       [{"field": "(body)", "reason": "not valid JSON"}]) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid-request", "request body must be a JSON object",
+                       [{"field": "(body)", "reason": f"got {type(body).__name__}"}])
+    return body
+
+
+def make_middlewares(api_key: str | None, protect_reads: bool) -> list[Callable[..., Any]]:
+    expected = api_key.encode() if api_key else None
+
+    @web.middleware
+    async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id, method=request.method, path=request.path)
+        started = time.perf_counter()
+        response = await handler(request)
+        response.headers["X-Request-Id"] = request_id
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+        metrics.HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except ValidationError as exc:
+            return validation_error(exc).response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return ApiError(exc.status, exc.reason.lower().replace(" ", "-"), exc.reason).response()
+        except Exception:
+            log.exception("unhandled error")
+            return ApiError(500, "internal", "internal error; see the gateway log for the request id").response()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guarded = request.method in MUTATING or (protect_reads and request.path not in OPEN_PATHS)
+        if expected is None or not guarded:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "missing bearer key: send 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(403, "forbidden", "bearer key is not valid")
+        return await handler(request)
+
+    # Order: context outermost so every answer (even an auth refusal) is counted and tagged.
+    return [context, errors, auth]

@@ -1,0 +1,167 @@
+"""Swarm orchestrator surface (``/api``): swarm lifecycle, templates, operations.
+
+A thin translation layer: it validates requests, checks that the swarm's state allows the
+action, and hands the rest to ``actions.submit``. Timeouts, topics and envelopes follow the
+swarm orchestrator specification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.contract import keys
+from controlplane.contract.models import ActionRequest, CreateSwarmRequest, SwarmStatus, TemplateRequest, utcnow
+from controlplane.gateway.actions import Action, operation_view, submit
+from controlplane.gateway.context import CTX, GatewayContext
+from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.store import SwarmRow
+
+S = SwarmStatus
+# Which swarm states each action may start from.
+ALLOWED_FROM: dict[str, set[str]] = {
+    "swarm-start": {S.READY, S.STOPPED},
+    "swarm-stop": {S.RUNNING},
+    "swarm-remove": {S.READY, S.RUNNING, S.STOPPED, S.FAILED},
+    "swarm-template": {S.READY, S.STOPPED},
+}
+# Health from the controller's heartbeat age, in status intervals.
+STALE_AFTER, FAILED_AFTER = 3, 6
+
+
+def _swarm_id(request: web.Request) -> str:
+    swarm_id = request.match_info["swarmId"]
+    problem = keys.slug_problem(swarm_id)
+    if problem:
+        raise ApiError(400, "invalid-swarm-id", f"swarmId {swarm_id!r} {problem}",
+                       [{"field": "swarmId", "reason": problem}])
+    return swarm_id
+
+
+async def create_swarm(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    swarm_id = _swarm_id(request)
+    body = CreateSwarmRequest.model_validate(await read_json(request))
+    template = ctx.catalog.get(body.template_id)
+
+    async def precondition() -> None:
+        if template is None:
+            raise ApiError(422, "unknown-template", f"templateId {body.template_id!r} names no known template; "
+                           f"known: {', '.join(sorted(ctx.catalog.templates)) or 'none'}",
+                           [{"field": "templateId", "reason": "unknown template"}])
+        existing = await ctx.store.get_swarm(swarm_id)
+        if existing is not None and existing.status not in (S.REMOVED, S.FAILED):
+            raise ApiError(409, "swarm-exists", f"swarm {swarm_id!r} already exists (status {existing.status})",
+                           currentState=existing.status)
+
+    now = utcnow()
+    row = SwarmRow(id=swarm_id, template_id=body.template_id, status=S.CREATING, controller_instance=None,
+                   health="unknown", enabled=False, bees=[], last_heartbeat=None, last_error=None,
+                   created_at=now, updated_at=now)
+    plan = template.plan().model_dump(mode="json", by_alias=True) if template else {}
+    action = Action(signal="swarm-create", request=body, swarm_id=swarm_id, lifecycle=True, create_swarm=row,
+                    args={"templateId": body.template_id, "swarmPlan": plan})
+    return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
+
+
+def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        ctx = request.app[CTX]
+        swarm_id = _swarm_id(request)
+        body = model.model_validate(await read_json(request))
+        args = {"swarmPlan": body.swarm_plan.model_dump(mode="json", by_alias=True)} if isinstance(body, TemplateRequest) else {}
+
+        async def precondition() -> None:
+            swarm = await ctx.store.get_swarm(swarm_id)
+            if swarm is None:
+                raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
+            if swarm.status not in ALLOWED_FROM[signal]:
+                raise ApiError(409, "invalid-state", f"swarm {swarm_id!r} is {swarm.status}; {signal} is allowed "
+                               f"from {', '.join(sorted(ALLOWED_FROM[signal]))}", currentState=swarm.status)
+
+        action = Action(signal=signal, request=body, swarm_id=swarm_id, lifecycle=True, args=args)
+        return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
+
+    return handler
+
+
+def health(swarm: SwarmRow, interval_s: float) -> str:
+    if swarm.last_heartbeat is None:
+        return "unknown"
+    age = utcnow() - swarm.last_heartbeat
+    if age > timedelta(seconds=FAILED_AFTER * interval_s):
+        return "failed"
+    if age > timedelta(seconds=STALE_AFTER * interval_s):
+        return "stale"
+    return "healthy"
+
+
+def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: Any | None) -> dict[str, Any]:
+    return {
+        "swarmId": swarm.id,
+        "status": swarm.status,
+        "health": health(swarm, ctx.settings.status_interval_s),
+        "templateId": swarm.template_id,
+        "controller": {"role": keys.CONTROLLER_ROLE, "instance": swarm.controller_instance} if swarm.controller_instance else None,
+        "enabled": swarm.enabled,
+        "bees": [{k: b.get(k) for k in ("role", "image", "instance", "state", "enabled", "lastSeen")} for b in swarm.bees],
+        "lastHeartbeat": swarm.last_heartbeat.isoformat() if swarm.last_heartbeat else None,
+        "activeOperation": operation_view(active) if active else None,
+        "lastError": swarm.last_error,
+        "createdAt": swarm.created_at.isoformat(),
+        "updatedAt": swarm.updated_at.isoformat(),
+    }
+
+
+async def list_swarms(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    active = {op.swarm_id: op for op in await ctx.store.open_operations() if op.lifecycle}
+    swarms = await ctx.store.list_swarms()
+    return web.json_response([swarm_view(ctx, s, active.get(s.id)) for s in swarms])
+
+
+async def get_swarm(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    swarm_id = _swarm_id(request)
+    swarm = await ctx.store.get_swarm(swarm_id)
+    if swarm is None:
+        raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
+    active = next((op for op in await ctx.store.open_operations() if op.lifecycle and op.swarm_id == swarm_id), None)
+    return web.json_response(swarm_view(ctx, swarm, active))
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.json_response({
+        "templates": [
+            {"id": t.id, "name": t.name, "description": t.description,
+             "bees": [{"name": b.name, "role": b.role, "image": b.image} for b in t.bees]}
+            for t in ctx.catalog.templates.values()
+        ],
+        "invalid": [{"file": name, "problem": why} for name, why in sorted(ctx.catalog.problems.items())],
+    })
+
+
+async def get_operation(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    op = await ctx.store.get_operation(request.match_info["correlationId"])
+    if op is None:
+        raise ApiError(404, "unknown-operation", f"no operation with correlationId {request.match_info['correlationId']!r}")
+    return web.json_response(operation_view(op))
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/api/swarms/{swarmId}/create", create_swarm),
+        web.post("/api/swarms/{swarmId}/start", _lifecycle("swarm-start", ActionRequest)),
+        web.post("/api/swarms/{swarmId}/stop", _lifecycle("swarm-stop", ActionRequest)),
+        web.post("/api/swarms/{swarmId}/remove", _lifecycle("swarm-remove", ActionRequest)),
+        web.post("/api/swarms/{swarmId}/template", _lifecycle("swarm-template", TemplateRequest)),
+        web.get("/api/swarms", list_swarms),
+        web.get("/api/swarms/{swarmId}", get_swarm),
+        web.get("/api/templates", list_templates),
+        web.get("/api/operations/{correlationId}", get_operation),
+    ]

@@ -1,0 +1,46 @@
+"""Runs the alembic migrations from code, so opening the store brings its schema to head.
+
+The alembic configuration is built here rather than read from a cwd-relative alembic.ini.
+Concurrent upgrades are serialised: on PostgreSQL by a transaction-scoped advisory lock,
+on SQLite by the write lock that ``BEGIN IMMEDIATE`` takes (see ``engine``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Arbitrary but fixed: every process that migrates this database must use the same key.
+PG_MIGRATION_LOCK_KEY = 0x63705F73746F7265  # "cp_store"
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+async def lock_for_migration(conn: AsyncConnection) -> None:
+    """Wait until no other process is migrating; released when the transaction ends."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
+
+
+def _upgrade(sync_conn: Connection, revision: str) -> None:
+    config = alembic_config()
+    # env.py migrates over this connection instead of opening its own.
+    config.attributes["connection"] = sync_conn
+    command.upgrade(config, revision)
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` in one transaction; a no-op when already there."""
+    async with engine.begin() as conn:
+        await lock_for_migration(conn)
+        await conn.run_sync(_upgrade, revision)

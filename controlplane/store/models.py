@@ -1,0 +1,156 @@
+"""Plain values the store takes and returns, so callers never see SQLAlchemy rows.
+
+Every timestamp is a timezone-aware UTC ``datetime``; JSON columns come back as
+``dict``/``list``. The begin results form a small closed union (``BeginResult``) that
+callers match on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from typing import Any
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class OperationStatus(StrEnum):
+    """Life of an operation: accepted → dispatched → one final status (or straight to final)."""
+
+    ACCEPTED = "accepted"
+    DISPATCHED = "dispatched"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+OPEN_STATUSES: tuple[str, ...] = (OperationStatus.ACCEPTED, OperationStatus.DISPATCHED)
+FINAL_STATUSES: tuple[str, ...] = (
+    OperationStatus.SUCCEEDED,
+    OperationStatus.FAILED,
+    OperationStatus.TIMED_OUT,
+)
+
+# A swarm row in one of these states may be replaced by a new swarm with the same id.
+REPLACEABLE_SWARM_STATUSES: tuple[str, ...] = ("Removed", "Failed")
+
+
+def _require_aware(name: str, value: datetime | None) -> None:
+    if value is not None and value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewAction:
+    """One accepted request: becomes an idempotency row plus an operation row."""
+
+    action: str
+    target: str
+    idempotency_key: str
+    request_hash: str
+    correlation_id: str
+    envelope: dict[str, Any]
+    signal: str
+    swarm_id: str | None
+    lifecycle: bool
+    timeout_ms: int
+    created_at: datetime
+    retention_s: int
+
+    def __post_init__(self) -> None:
+        _require_aware("created_at", self.created_at)
+        if self.lifecycle and not self.swarm_id:
+            # The one-open-lifecycle-operation rule is keyed on swarm_id; without it nothing holds.
+            raise ValueError("a lifecycle action needs a swarm_id")
+        if self.timeout_ms <= 0 or self.retention_s <= 0:
+            raise ValueError("timeout_ms and retention_s must be positive")
+
+    @property
+    def deadline(self) -> datetime:
+        return self.created_at + timedelta(milliseconds=self.timeout_ms)
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.created_at + timedelta(seconds=self.retention_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperationRow:
+    """One row of ``operations``: what was asked, and where it stands."""
+
+    correlation_id: str
+    idempotency_key: str
+    action: str
+    target: str
+    signal: str
+    swarm_id: str | None
+    lifecycle: bool
+    status: str
+    envelope: dict[str, Any]
+    timeout_ms: int
+    deadline: datetime
+    created_at: datetime
+    updated_at: datetime
+    outcome: dict[str, Any] | None = None
+    creates_swarm: bool = False  # its begin inserted the swarm row
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmRow:
+    """One row of ``swarms``, the gateway's read model of a swarm."""
+
+    id: str
+    template_id: str
+    status: str
+    controller_instance: str | None = None
+    health: str = "unknown"
+    enabled: bool = True
+    bees: list[Any] = field(default_factory=list)
+    last_heartbeat: datetime | None = None
+    last_error: dict[str, Any] | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        for name in ("last_heartbeat", "created_at", "updated_at"):
+            _require_aware(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Started:
+    """The action was recorded; the caller now publishes its signal."""
+
+    operation: OperationRow
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The (action, target, key) was seen before; answer with the stored envelope."""
+
+    envelope: dict[str, Any]
+    correlation_id: str
+    same_request: bool
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another lifecycle operation on the same swarm is still open."""
+
+    active: OperationRow
+
+
+@dataclass(frozen=True)
+class SwarmExists:
+    """A swarm with that id exists and is neither Removed nor Failed."""
+
+    swarm: SwarmRow
+
+
+BeginResult = Started | Replayed | Busy | SwarmExists

@@ -1,0 +1,349 @@
+"""The store: every read and write of idempotency records, operations and swarms.
+
+``begin_action`` is the heart of it. Accepting a request means, atomically: remember the
+idempotency key, open the operation and (for a create) claim the swarm id. The database's
+unique constraints are the final word, so two gateways racing on the same key or the same
+swarm cannot both win; the loser reads back what beat it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from controlplane.store.engine import READ_ONLY, make_engine
+from controlplane.store.migrate import upgrade
+from controlplane.store.models import (
+    OPEN_STATUSES,
+    REPLACEABLE_SWARM_STATUSES,
+    BeginResult,
+    Busy,
+    NewAction,
+    OperationRow,
+    OperationStatus,
+    Replayed,
+    Started,
+    SwarmExists,
+    SwarmRow,
+    utcnow,
+)
+from controlplane.store.schema import idempotency, operations, swarms
+
+# A conflict whose winner then rolled back leaves nothing to report; try again this often.
+BEGIN_ATTEMPTS = 3
+
+_SWARM_UPDATABLE = frozenset(f.name for f in dataclasses.fields(SwarmRow)) - {"id"}
+
+
+async def open_store(url: str) -> Store:
+    """Connect to ``url`` and migrate its schema to head; safe to call from several processes."""
+    engine = make_engine(url)
+    try:
+        await upgrade(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return Store(engine)
+
+
+class Store:
+    """One database, shared by every task of the process; each method is its own transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._reader = engine.execution_options(**{READ_ONLY: True})
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # --- actions and operations ---------------------------------------------------------
+
+    async def begin_action(self, action: NewAction, create_swarm: SwarmRow | None = None) -> BeginResult:
+        """Record ``action`` (and claim ``create_swarm``) in one transaction, or say why not."""
+        if create_swarm is not None and action.swarm_id != create_swarm.id:
+            raise ValueError("create_swarm.id must equal action.swarm_id")
+        conflict: IntegrityError | None = None
+        for _ in range(BEGIN_ATTEMPTS):
+            try:
+                async with self._engine.begin() as conn:
+                    return await _begin(conn, action, create_swarm)
+            except IntegrityError as exc:
+                conflict = exc
+            # Another transaction won a unique constraint; its rows are committed, read them.
+            async with self._reader.begin() as conn:
+                found = await _find_conflict(conn, action, create_swarm)
+            if found is not None:
+                return found
+        assert conflict is not None
+        raise conflict
+
+    async def forget_action(self, correlation_id: str) -> None:
+        """Undo a begin whose signal could not be published, so a retry starts fresh.
+
+        Deletes the operation and its idempotency record, and the swarm row if that begin
+        inserted it (otherwise a retried create would meet its own leftover: SwarmExists).
+        """
+        async with self._engine.begin() as conn:
+            op = (
+                await conn.execute(
+                    sa.delete(operations)
+                    .where(operations.c.correlation_id == correlation_id)
+                    .returning(operations.c.swarm_id, operations.c.creates_swarm)
+                )
+            ).first()
+            await conn.execute(sa.delete(idempotency).where(idempotency.c.correlation_id == correlation_id))
+            if op is not None and op.creates_swarm and op.swarm_id is not None:
+                await conn.execute(sa.delete(swarms).where(swarms.c.id == op.swarm_id))
+
+    async def find_action(
+        self, action: str, target: str, idempotency_key: str, request_hash: str, now: datetime | None = None
+    ) -> Replayed | None:
+        """The replay for a key seen before (and not expired at ``now``), without writing anything.
+
+        Lets a caller answer a retry before running its own preconditions; ``begin_action``
+        still has the final word.
+        """
+        stmt = sa.select(idempotency).where(
+            _key(action, target, idempotency_key), idempotency.c.expires_at >= (now or utcnow())
+        )
+        async with self._reader.begin() as conn:
+            record = (await conn.execute(stmt)).first()
+        return _replayed(record, request_hash) if record is not None else None
+
+    async def set_operation_status(
+        self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None
+    ) -> OperationRow | None:
+        """Move an open operation on; None when it was already final (or absent, or no move).
+
+        Allowed: accepted → dispatched, and accepted|dispatched → a final status. The check
+        and the write are one UPDATE, so a late outcome cannot overwrite a timeout.
+        """
+        target = OperationStatus(status)
+        if target == OperationStatus.ACCEPTED:
+            return None
+        from_ = (OperationStatus.ACCEPTED,) if target == OperationStatus.DISPATCHED else OPEN_STATUSES
+        values: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
+        if outcome is not None:
+            values["outcome"] = outcome
+        stmt = (
+            sa.update(operations)
+            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_))
+            .values(values)
+            .returning(*operations.c)
+        )
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(stmt)).first()
+        return _operation(row) if row is not None else None
+
+    async def get_operation(self, correlation_id: str) -> OperationRow | None:
+        async with self._reader.begin() as conn:
+            return await _get_operation(conn, correlation_id)
+
+    async def due_operations(self, now: datetime) -> list[OperationRow]:
+        """Open operations whose deadline has passed, oldest deadline first."""
+        stmt = (
+            sa.select(operations)
+            .where(operations.c.status.in_(OPEN_STATUSES), operations.c.deadline <= now)
+            .order_by(operations.c.deadline, operations.c.correlation_id)
+        )
+        return await self._operations(stmt)
+
+    async def open_operations(self) -> list[OperationRow]:
+        stmt = (
+            sa.select(operations)
+            .where(operations.c.status.in_(OPEN_STATUSES))
+            .order_by(operations.c.created_at, operations.c.correlation_id)
+        )
+        return await self._operations(stmt)
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete idempotency records past their retention; returns how many."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(sa.delete(idempotency).where(idempotency.c.expires_at < now))
+        return result.rowcount
+
+    async def _operations(self, stmt: sa.Select[Any]) -> list[OperationRow]:
+        async with self._reader.begin() as conn:
+            return [_operation(row) for row in await conn.execute(stmt)]
+
+    # --- swarms ---------------------------------------------------------------------------
+
+    async def get_swarm(self, swarm_id: str) -> SwarmRow | None:
+        async with self._reader.begin() as conn:
+            return await _get_swarm(conn, swarm_id)
+
+    async def list_swarms(self) -> list[SwarmRow]:
+        async with self._reader.begin() as conn:
+            return [_swarm(row) for row in await conn.execute(sa.select(swarms).order_by(swarms.c.id))]
+
+    async def upsert_swarm(self, row: SwarmRow) -> None:
+        """Insert or overwrite the swarm; an existing row keeps its original created_at."""
+        values = _swarm_values(row)
+        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(swarms).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[swarms.c.id],
+            set_={name: stmt.excluded[name] for name in values if name not in ("id", "created_at")},
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def update_swarm(self, swarm_id: str, **fields: Any) -> SwarmRow | None:
+        """Change some columns; updated_at is set to now unless given. None if no such swarm."""
+        unknown = set(fields) - _SWARM_UPDATABLE
+        if unknown:
+            raise TypeError(f"unknown swarm fields: {', '.join(sorted(unknown))}")
+        fields.setdefault("updated_at", utcnow())
+        stmt = sa.update(swarms).where(swarms.c.id == swarm_id).values(fields).returning(*swarms.c)
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(stmt)).first()
+        return _swarm(row) if row is not None else None
+
+    async def delete_swarm(self, swarm_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(sa.delete(swarms).where(swarms.c.id == swarm_id))
+
+
+# --- begin_action, inside its transaction -------------------------------------------------
+
+
+async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
+    # A record past its retention is as good as absent; clear it so the key can be reused.
+    await conn.execute(sa.delete(idempotency).where(_key_of(action), idempotency.c.expires_at < action.created_at))
+    found = await _find_conflict(conn, action, create_swarm)
+    if found is not None:
+        return found
+    if create_swarm is not None:
+        await conn.execute(
+            sa.delete(swarms).where(
+                swarms.c.id == create_swarm.id, swarms.c.status.in_(REPLACEABLE_SWARM_STATUSES)
+            )
+        )
+        await conn.execute(sa.insert(swarms).values(_swarm_values(create_swarm)))
+    await conn.execute(
+        sa.insert(idempotency).values(
+            action=action.action,
+            target=action.target,
+            idempotency_key=action.idempotency_key,
+            request_hash=action.request_hash,
+            correlation_id=action.correlation_id,
+            envelope=action.envelope,
+            created_at=action.created_at,
+            expires_at=action.expires_at,
+        )
+    )
+    row = (
+        await conn.execute(
+            sa.insert(operations)
+            .values(
+                correlation_id=action.correlation_id,
+                idempotency_key=action.idempotency_key,
+                action=action.action,
+                target=action.target,
+                signal=action.signal,
+                swarm_id=action.swarm_id,
+                lifecycle=action.lifecycle,
+                status=OperationStatus.ACCEPTED.value,
+                envelope=action.envelope,
+                timeout_ms=action.timeout_ms,
+                deadline=action.deadline,
+                created_at=action.created_at,
+                updated_at=action.created_at,
+                outcome=None,
+                creates_swarm=create_swarm is not None,
+            )
+            .returning(*operations.c)
+        )
+    ).one()
+    return Started(_operation(row))
+
+
+async def _find_conflict(
+    conn: AsyncConnection, action: NewAction, create_swarm: SwarmRow | None
+) -> Replayed | Busy | SwarmExists | None:
+    """What stands in the way of ``action``, checked in the order callers should hear it."""
+    record = (
+        await conn.execute(
+            sa.select(idempotency).where(_key_of(action), idempotency.c.expires_at >= action.created_at)
+        )
+    ).first()
+    if record is not None:
+        return _replayed(record, action.request_hash)
+    if action.lifecycle:
+        active = (
+            await conn.execute(
+                sa.select(operations).where(
+                    operations.c.swarm_id == action.swarm_id,
+                    operations.c.lifecycle.is_(sa.true()),
+                    operations.c.status.in_(OPEN_STATUSES),
+                )
+            )
+        ).first()
+        if active is not None:
+            return Busy(_operation(active))
+    if create_swarm is not None:
+        swarm = await _get_swarm(conn, create_swarm.id)
+        if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
+            return SwarmExists(swarm)
+    return None
+
+
+def _key_of(action: NewAction) -> sa.ColumnElement[bool]:
+    return _key(action.action, action.target, action.idempotency_key)
+
+
+def _key(action: str, target: str, idempotency_key: str) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        idempotency.c.action == action,
+        idempotency.c.target == target,
+        idempotency.c.idempotency_key == idempotency_key,
+    )
+
+
+# --- rows ---------------------------------------------------------------------------------
+
+
+async def _get_operation(conn: AsyncConnection, correlation_id: str) -> OperationRow | None:
+    row = (await conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id))).first()
+    return _operation(row) if row is not None else None
+
+
+async def _get_swarm(conn: AsyncConnection, swarm_id: str) -> SwarmRow | None:
+    row = (await conn.execute(sa.select(swarms).where(swarms.c.id == swarm_id))).first()
+    return _swarm(row) if row is not None else None
+
+
+def _replayed(record: sa.Row[Any], request_hash: str) -> Replayed:
+    return Replayed(
+        envelope=record.envelope,
+        correlation_id=record.correlation_id,
+        same_request=record.request_hash == request_hash,
+    )
+
+
+def _operation(row: sa.Row[Any]) -> OperationRow:
+    return OperationRow(**row._mapping)
+
+
+def _swarm(row: sa.Row[Any]) -> SwarmRow:
+    return SwarmRow(**row._mapping)
+
+
+def _swarm_values(row: SwarmRow) -> dict[str, Any]:
+    return {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}

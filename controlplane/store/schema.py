@@ -1,0 +1,116 @@
+"""Table definitions used by the queries (SQLAlchemy Core).
+
+The migrations in ``migrations/versions`` create these tables; this module must describe
+the same shape. ``UTCDateTime`` keeps timestamps timezone-aware UTC on every backend.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+# Partial-index condition: at most one open lifecycle operation per swarm.
+OPEN_LIFECYCLE_WHERE = "lifecycle AND status IN ('accepted', 'dispatched')"
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that refuses naive values and always returns aware UTC.
+
+    SQLite has no timezone type: values are stored as naive UTC text (so that text order
+    is time order) and tagged UTC again when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware values")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _json() -> sa.JSON:
+    # none_as_null: Python None becomes SQL NULL, not the JSON literal 'null'.
+    return sa.JSON(none_as_null=True)
+
+
+metadata = sa.MetaData()
+
+idempotency = sa.Table(
+    "idempotency",
+    metadata,
+    sa.Column("action", sa.String(), nullable=False),
+    sa.Column("target", sa.String(), nullable=False),
+    sa.Column("idempotency_key", sa.String(), nullable=False),
+    sa.Column("request_hash", sa.String(), nullable=False),
+    sa.Column("correlation_id", sa.String(), nullable=False),
+    sa.Column("envelope", _json(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("action", "target", "idempotency_key", name="pk_idempotency"),
+    sa.Index("ix_idempotency_expires_at", "expires_at"),
+    sa.Index("ix_idempotency_correlation_id", "correlation_id"),
+)
+
+operations = sa.Table(
+    "operations",
+    metadata,
+    sa.Column("correlation_id", sa.String(), nullable=False),
+    sa.Column("idempotency_key", sa.String(), nullable=False),
+    sa.Column("action", sa.String(), nullable=False),
+    sa.Column("target", sa.String(), nullable=False),
+    sa.Column("signal", sa.String(), nullable=False),
+    sa.Column("swarm_id", sa.String(), nullable=True),
+    sa.Column("lifecycle", sa.Boolean(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("envelope", _json(), nullable=False),
+    sa.Column("timeout_ms", sa.Integer(), nullable=False),
+    sa.Column("deadline", UTCDateTime(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("outcome", _json(), nullable=True),
+    # Set when this operation's begin inserted the swarm row, so forgetting it removes that row.
+    sa.Column("creates_swarm", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.PrimaryKeyConstraint("correlation_id", name="pk_operations"),
+    sa.CheckConstraint(
+        "status IN ('accepted', 'dispatched', 'succeeded', 'failed', 'timed_out')",
+        name="ck_operations_status",
+    ),
+    sa.Index(
+        "uq_operations_open_lifecycle",
+        "swarm_id",
+        unique=True,
+        sqlite_where=sa.text(OPEN_LIFECYCLE_WHERE),
+        postgresql_where=sa.text(OPEN_LIFECYCLE_WHERE),
+    ),
+    sa.Index("ix_operations_status_deadline", "status", "deadline"),
+)
+
+swarms = sa.Table(
+    "swarms",
+    metadata,
+    sa.Column("id", sa.String(), nullable=False),
+    sa.Column("template_id", sa.String(), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("controller_instance", sa.String(), nullable=True),
+    sa.Column("health", sa.String(32), nullable=False, server_default="unknown"),
+    sa.Column("enabled", sa.Boolean(), nullable=False, server_default=sa.true()),
+    sa.Column("bees", _json(), nullable=False),
+    sa.Column("last_heartbeat", UTCDateTime(), nullable=True),
+    sa.Column("last_error", _json(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("id", name="pk_swarms"),
+)
+

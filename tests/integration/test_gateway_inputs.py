@@ -1,0 +1,84 @@
+"""Bad input and auth at the real gateway: always a 4xx naming the field, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack, new_key, new_swarm_id, running_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def gateway(settings_factory: Any, runtime: Any) -> Any:
+    async with running_stack(settings_factory(), runtime, with_host=False) as stack:
+        yield stack
+
+
+@pytest.mark.parametrize("raw, field", [
+    ("{not json", "(body)"),
+    ("[1, 2]", "(body)"),
+    ("", "(body)"),
+    ('{"templateId": "generator-demo"}', "idempotencyKey"),
+    ('{"templateId": "generator-demo", "idempotencyKey": "not-a-uuid"}', "idempotencyKey"),
+    ('{"idempotencyKey": "6f1c1b38-8d1b-4c8a-9d0e-2f8a1f0e9b11"}', "templateId"),
+    ('{"idempotencyKey": "6f1c1b38-8d1b-4c8a-9d0e-2f8a1f0e9b11", "templateId": "generator-demo", "colour": 1}',
+     "colour"),
+])
+async def test_malformed_bodies_name_the_field(gateway: Stack, raw: str, field: str) -> None:
+    status, body = await gateway.post(f"/api/swarms/{new_swarm_id()}/create", raw)
+    assert status == 400, body
+    assert field == "(body)" or field in body["message"]
+    assert any(f["field"] == field for f in body["fields"])
+
+
+@pytest.mark.parametrize("swarm_id", ["has.dots", "UpperCase", "x" * 33, "-leading", "under_score"])
+async def test_bad_swarm_ids_are_refused(gateway: Stack, swarm_id: str) -> None:
+    status, body = await gateway.post(f"/api/swarms/{swarm_id}/create",
+                                      {"idempotencyKey": new_key(), "templateId": "generator-demo"})
+    assert status == 400 and body["fields"][0]["field"] == "swarmId", body
+
+
+async def test_unknown_template_and_unknown_swarm(gateway: Stack) -> None:
+    status, body = await gateway.post(f"/api/swarms/{new_swarm_id()}/create",
+                                      {"idempotencyKey": new_key(), "templateId": "no-such-template"})
+    assert status == 422 and body["fields"][0]["field"] == "templateId"
+    for action in ("start", "stop", "remove"):
+        status, body = await gateway.post(f"/api/swarms/{new_swarm_id()}/{action}", {"idempotencyKey": new_key()})
+        assert status == 404 and body["error"] == "unknown-swarm"
+    status, body = await gateway.get("/api/operations/no-such-operation")
+    assert status == 404
+
+
+async def test_swarm_plan_cannot_ask_for_privileges(gateway: Stack) -> None:
+    plan = {"bees": [{"name": "x", "role": "generator", "image": "controlplane:local", "privileged": True}]}
+    status, body = await gateway.post(f"/api/swarms/{new_swarm_id()}/template",
+                                      {"idempotencyKey": new_key(), "swarmPlan": plan})
+    assert status == 400 and "privileged" in body["message"]
+
+
+async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
+    status, body = await gateway.get("/api/templates")
+    assert status == 200
+    demo = next(t for t in body["templates"] if t["id"] == "generator-demo")
+    assert demo["bees"] == [{"name": "generator", "role": "generator", "image": "controlplane:local"}]
+    assert (await gateway.get("/healthz"))[0] == 200
+    status, ready = await gateway.get("/readyz")
+    assert status == 200 and ready["checks"] == {"broker": "ok", "store": "ok"}
+    resp = await gateway.client.get("/metrics")
+    assert resp.status == 200 and "cp_http_requests_total" in await resp.text()
+
+
+async def test_bearer_key_guards_mutations(settings_factory: Any, runtime: Any) -> None:
+    async with running_stack(settings_factory(api_key="s3cret-key"), runtime, with_host=False) as gateway:
+        path = f"/api/swarms/{new_swarm_id()}/start"
+        status, body = await gateway.post(path, {"idempotencyKey": new_key()})
+        assert status == 401
+        status, body = await gateway.post(path, {"idempotencyKey": new_key()}, headers={"Authorization": "Bearer nope"})
+        assert status == 403
+        status, body = await gateway.post(path, {"idempotencyKey": new_key()},
+                                          headers={"Authorization": "Bearer s3cret-key"})
+        assert status == 404, "past auth, the swarm is unknown"
+        assert (await gateway.get("/api/swarms"))[0] == 200, "reads stay open"

@@ -1,0 +1,72 @@
+"""The wire contract: routing keys, slugs, plans and envelopes."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from controlplane.contract import keys
+from controlplane.contract.models import CreateSwarmRequest, Envelope, Outcome, Scope, Signal, SwarmPlan, Watch
+
+
+def test_keys_follow_the_specification() -> None:
+    assert keys.signal_key("swarm-start", keys.swarm_scope("alpha")) == "sig.swarm-start.alpha"
+    assert keys.ready_key("swarm-create", "alpha") == "ev.ready.swarm-create.alpha"
+    assert keys.error_key("config-update", keys.component_scope("generator", "a-gen")) == \
+        "ev.error.config-update.generator.a-gen"
+    assert keys.status_key("status-full", "generator", "a-gen") == "ev.status-full.generator.a-gen"
+    assert keys.controller_handshake_key("alpha") == "ev.ready.swarm-controller.alpha"
+    assert keys.hive_exchange("alpha") == "ph.alpha.hive"
+    assert keys.hive_queue("alpha", "generated") == "ph.alpha.generated"
+
+
+@pytest.mark.parametrize("key", [
+    "sig.swarm-start.alpha", "ev.ready.swarm-create.alpha", "ev.error.config-update.generator.a-gen",
+    "ev.status-delta.swarm-controller.alpha",
+])
+def test_parse_inverts_build(key: str) -> None:
+    parsed = keys.parse_key(key)
+    rebuilt = {
+        "sig": lambda: keys.signal_key(parsed.signal, parsed.scope),
+        "ready": lambda: keys.ready_key(parsed.signal, parsed.scope),
+        "error": lambda: keys.error_key(parsed.signal, parsed.scope),
+    }.get(parsed.kind, lambda: keys.status_key(parsed.kind, parsed.role, parsed.instance))()
+    assert rebuilt == key
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "Upper", "x" * 33, "-a", "a-", "a_b", "a b"])
+def test_bad_slugs_never_become_keys(bad: str) -> None:
+    assert keys.slug_problem(bad)
+    with pytest.raises(keys.InvalidKey):
+        keys.swarm_scope(bad)
+
+
+def test_plan_orders_consumers_before_producers_and_refuses_cycles() -> None:
+    plan = SwarmPlan.model_validate({"bees": [
+        {"name": "gen", "role": "generator", "image": "i", "work": {"out": "a"}},
+        {"name": "mod", "role": "moderator", "image": "i", "work": {"in": "a", "out": "b"}},
+        {"name": "proc", "role": "processor", "image": "i", "work": {"in": "b"}},
+    ]})
+    assert [b.name for b in plan.start_order()] == ["proc", "mod", "gen"]
+    with pytest.raises(ValidationError, match="cycle"):
+        SwarmPlan.model_validate({"bees": [
+            {"name": "a", "role": "x", "image": "i", "dependsOn": ["b"]},
+            {"name": "b", "role": "x", "image": "i", "dependsOn": ["a"]},
+        ]})
+    with pytest.raises(ValidationError, match="privileged"):
+        SwarmPlan.model_validate({"bees": [{"name": "a", "role": "x", "image": "i", "privileged": True}]})
+
+
+def test_wire_models_speak_camel_case() -> None:
+    request = CreateSwarmRequest.model_validate({"idempotencyKey": "6f1c1b38-8d1b-4c8a-9d0e-2f8a1f0e9b11",
+                                                 "templateId": "demo"})
+    assert request.template_id == "demo"
+    env = Envelope(correlation_id="c", idempotency_key="k", timeout_ms=5,
+                   watch=Watch(success_topic="ev.ready.x.y", error_topic="ev.error.x.y"))
+    assert env.to_dict() == {"correlationId": "c", "idempotencyKey": "k", "timeoutMs": 5,
+                             "watch": {"successTopic": "ev.ready.x.y", "errorTopic": "ev.error.x.y"}}
+    sig = Signal(signal="swarm-start", correlation_id="c", idempotency_key="k", swarm_id="alpha")
+    assert sig.routing_key() == "sig.swarm-start.alpha"
+    outcome = Outcome.for_signal(sig, result="error", code="timeout")
+    assert outcome.routing_key() == "ev.error.swarm-start.alpha"
+    assert outcome.scope == Scope(swarm_id="alpha")

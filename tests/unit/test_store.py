@@ -1,0 +1,477 @@
+"""Tests of the persistence layer, run against a temporary SQLite file and a real PostgreSQL.
+
+Each test gets a fresh database: a new SQLite file, or a ``cp_test_<random>`` PostgreSQL
+database created through ``CP_TEST_POSTGRES_URL`` (default: postgres@127.0.0.1:5432/test)
+and dropped afterwards. PostgreSQL being unreachable is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from controlplane.store import (
+    Busy,
+    NewAction,
+    OperationRow,
+    Replayed,
+    Started,
+    Store,
+    SwarmExists,
+    SwarmRow,
+    open_store,
+)
+from controlplane.store import repo
+from controlplane.store.schema import operations
+
+PG_ADMIN_URL = make_url(os.environ.get("CP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+T0 = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+async def _pg_admin() -> asyncpg.Connection:
+    dsn = PG_ADMIN_URL.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        problem = repr(exc)
+    pytest.fail(
+        f"PostgreSQL is not reachable at {PG_ADMIN_URL.render_as_string()} ({problem}); "
+        "start it or point CP_TEST_POSTGRES_URL at a server where we may create databases",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """URL of a fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'store.db'}"
+        return
+    name = f"cp_test_{uuid.uuid4().hex[:12]}"
+    admin = await _pg_admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield PG_ADMIN_URL.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def action(**overrides: Any) -> NewAction:
+    values: dict[str, Any] = dict(
+        action="swarm-start",
+        target="sw1",
+        idempotency_key="key-1",
+        request_hash="hash-1",
+        correlation_id=str(uuid.uuid4()),
+        envelope={"accepted": True, "nested": {"list": [1, 2]}},
+        signal="swarm-start",
+        swarm_id="sw1",
+        lifecycle=True,
+        timeout_ms=30_000,
+        created_at=T0,
+        retention_s=3600,
+    )
+    values.update(overrides)
+    if values["correlation_id"] is None:
+        values["correlation_id"] = str(uuid.uuid4())
+    return NewAction(**values)
+
+
+def swarm(swarm_id: str = "sw1", status: str = "Ready", **overrides: Any) -> SwarmRow:
+    values: dict[str, Any] = dict(template_id="tpl", created_at=T0, updated_at=T0)
+    values.update(overrides)
+    return SwarmRow(id=swarm_id, status=status, **values)
+
+
+def assert_utc(value: datetime) -> None:
+    assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+
+
+async def started(store: Store, new: NewAction, create_swarm: SwarmRow | None = None) -> OperationRow:
+    result = await store.begin_action(new, create_swarm)
+    assert isinstance(result, Started), result
+    return result.operation
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+async def test_migrations_run_twice(db_url: str) -> None:
+    for _ in range(2):
+        opened = await open_store(db_url)
+        try:
+            async with opened.engine.connect() as conn:
+                version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
+                tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+        finally:
+            await opened.close()
+        assert version == ["0001"]
+        assert {"idempotency", "operations", "swarms"} <= tables
+
+
+async def test_concurrent_first_open(db_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(db_url) for _ in range(4)))
+    try:
+        await started(stores[0], action())
+        replay = await stores[3].begin_action(action())
+        assert isinstance(replay, Replayed)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+_PROCESS_SCRIPT = """
+import asyncio, sys
+from datetime import datetime, timezone
+from controlplane.store import NewAction, open_store
+
+async def main(url: str, n: str) -> None:
+    store = await open_store(url)
+    try:
+        result = await store.begin_action(NewAction(
+            action="swarm-start", target="sw1", idempotency_key="shared", request_hash="h",
+            correlation_id=f"process-{n}", envelope={}, signal="swarm-start", swarm_id="sw1",
+            lifecycle=True, timeout_ms=1000, created_at=datetime.now(timezone.utc), retention_s=60))
+        print(type(result).__name__)
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_processes_open_and_begin_at_once(db_url: str) -> None:
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROCESS_SCRIPT, db_url, str(n),
+            cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        for n in range(4)
+    ]
+    outputs = [await proc.communicate() for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()
+    assert sorted(out.decode().strip() for out, _ in outputs) == ["Replayed", "Replayed", "Replayed", "Started"]
+
+
+def test_alembic_cli_upgrade_and_check(db_url: str) -> None:
+    def alembic(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", "controlplane/store/alembic.ini", "-x", f"url={db_url}", *args],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    alembic("upgrade", "head")
+    assert "0001 (head)" in alembic("current")
+    # The migrations and schema.py describe the same tables.
+    alembic("check")
+
+
+async def test_partial_unique_index_is_enforced_by_the_database(store: Store) -> None:
+    row = dict(
+        idempotency_key="k",
+        action="swarm-start",
+        target="sw1",
+        signal="swarm-start",
+        swarm_id="sw1",
+        lifecycle=True,
+        envelope={},
+        timeout_ms=1,
+        deadline=T0,
+        created_at=T0,
+        updated_at=T0,
+    )
+    async with store.engine.begin() as conn:
+        # Closed or non-lifecycle operations do not count.
+        await conn.execute(sa.insert(operations).values(correlation_id="a", status="succeeded", **row))
+        not_lifecycle = {**row, "lifecycle": False}
+        await conn.execute(sa.insert(operations).values(correlation_id="b", status="accepted", **not_lifecycle))
+        await conn.execute(sa.insert(operations).values(correlation_id="c", status="dispatched", **row))
+    with pytest.raises(IntegrityError):
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.insert(operations).values(correlation_id="d", status="accepted", **row))
+
+
+# --- begin_action -------------------------------------------------------------------------
+
+
+async def test_start_then_replay(store: Store) -> None:
+    first = action()
+    op = await started(store, first)
+    assert op.correlation_id == first.correlation_id
+    assert op.status == "accepted"
+    assert op.envelope == first.envelope and op.outcome is None
+    assert op.deadline == T0 + timedelta(seconds=30)
+    assert await store.get_operation(first.correlation_id) == op
+
+    same = await store.begin_action(action())
+    assert same == Replayed(envelope=first.envelope, correlation_id=first.correlation_id, same_request=True)
+
+    other = await store.begin_action(action(request_hash="hash-2"))
+    assert other == Replayed(envelope=first.envelope, correlation_id=first.correlation_id, same_request=False)
+
+    # The key is scoped by action and target.
+    await started(store, action(action="swarm-stop", signal="swarm-stop", lifecycle=False))
+    await started(store, action(target="sw2", swarm_id="sw2"))
+    assert len(await store.open_operations()) == 3
+
+
+async def test_concurrent_same_key_starts_once(store: Store) -> None:
+    results = await asyncio.gather(*(store.begin_action(action()) for _ in range(20)))
+    winners = [r for r in results if isinstance(r, Started)]
+    assert len(winners) == 1
+    winner = winners[0].operation.correlation_id
+    losers = [r for r in results if r is not winners[0]]
+    assert all(isinstance(r, Replayed) and r.correlation_id == winner and r.same_request for r in losers)
+    assert [op.correlation_id for op in await store.open_operations()] == [winner]
+
+
+async def test_lifecycle_busy_until_first_finishes(store: Store) -> None:
+    a, b = action(idempotency_key="a"), action(idempotency_key="b", signal="swarm-stop", action="swarm-stop")
+    results = await asyncio.gather(store.begin_action(a), store.begin_action(b))
+    (won,) = [r for r in results if isinstance(r, Started)]
+    (busy,) = [r for r in results if isinstance(r, Busy)]
+    assert busy.active == won.operation
+    loser = b if won.operation.correlation_id == a.correlation_id else a
+
+    # A non-lifecycle action on the same swarm is not blocked.
+    await started(store, action(idempotency_key="c", action="config-update", signal="config-update", lifecycle=False))
+    # Still busy while the winner is merely dispatched.
+    assert await store.set_operation_status(won.operation.correlation_id, "dispatched") is not None
+    assert isinstance(await store.begin_action(loser), Busy)
+
+    await store.set_operation_status(won.operation.correlation_id, "succeeded", {"ok": True})
+    again = await started(store, loser)
+    assert again.correlation_id == loser.correlation_id
+
+
+async def test_conflict_whose_winner_rolled_back_is_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_begin, calls = repo._begin, []
+
+    async def flaky_begin(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT", {}, Exception("lost a race to a transaction that rolled back"))
+        return await real_begin(*args)
+
+    monkeypatch.setattr(repo, "_begin", flaky_begin)
+    await started(store, action())
+    assert len(calls) == 2
+
+
+async def test_create_swarm(store: Store) -> None:
+    created = await started(store, action(action="swarm-create", signal="swarm-create"), swarm(status="Creating"))
+    assert (await store.get_swarm("sw1")).status == "Creating"  # type: ignore[union-attr]
+    await store.set_operation_status(created.correlation_id, "succeeded")
+    await store.update_swarm("sw1", status="Ready")
+
+    create_again = action(action="swarm-create", signal="swarm-create", idempotency_key="key-2")
+    exists = await store.begin_action(create_again, swarm(status="Creating", template_id="other"))
+    assert isinstance(exists, SwarmExists) and exists.swarm.status == "Ready"
+    # Nothing was recorded: no operation, no idempotency record.
+    assert await store.get_operation(create_again.correlation_id) is None
+    assert isinstance(await store.begin_action(create_again, swarm(status="Creating")), SwarmExists)
+
+    for dead in ("Failed", "Removed"):
+        await store.update_swarm("sw1", status=dead)
+        retry = action(action="swarm-create", signal="swarm-create", idempotency_key=f"retry-{dead}")
+        op = await started(store, retry, swarm(status="Creating", template_id=f"tpl-{dead}", bees=[{"role": "gen"}]))
+        replaced = await store.get_swarm("sw1")
+        assert replaced is not None
+        assert (replaced.status, replaced.template_id, replaced.bees) == ("Creating", f"tpl-{dead}", [{"role": "gen"}])
+        await store.set_operation_status(op.correlation_id, "failed", {"error": "boom"})
+
+    with pytest.raises(ValueError):
+        await store.begin_action(action(swarm_id="sw1"), swarm("sw9"))
+
+
+async def test_forget_action(store: Store) -> None:
+    create = action(action="swarm-create", signal="swarm-create")
+    op = await started(store, create, swarm(status="Creating"))
+    assert op.creates_swarm
+    await store.forget_action(op.correlation_id)
+    # The swarm row this begin inserted goes too, so the retry is not refused as SwarmExists.
+    assert await store.get_operation(op.correlation_id) is None
+    assert await store.get_swarm("sw1") is None
+    retry = await started(store, action(action="swarm-create", signal="swarm-create"), swarm(status="Creating"))
+    await store.set_operation_status(retry.correlation_id, "succeeded")
+
+    start = await started(store, action(idempotency_key="start"))
+    assert not start.creates_swarm
+    await store.forget_action(start.correlation_id)
+    assert await store.get_swarm("sw1") is not None  # not created by that begin: kept
+    await started(store, action(idempotency_key="start"))
+    await store.forget_action("no-such-operation")
+
+
+async def test_find_action(store: Store) -> None:
+    first = action(created_at=datetime.now(timezone.utc))
+    assert await store.find_action("swarm-start", "sw1", "key-1", "hash-1") is None
+    await started(store, first)
+    found = await store.find_action("swarm-start", "sw1", "key-1", "hash-1")
+    assert found == Replayed(envelope=first.envelope, correlation_id=first.correlation_id, same_request=True)
+    other = await store.find_action("swarm-start", "sw1", "key-1", "hash-2")
+    assert other is not None and not other.same_request
+    assert await store.find_action("swarm-stop", "sw1", "key-1", "hash-1") is None
+    expired = first.expires_at + timedelta(seconds=1)
+    assert await store.find_action("swarm-start", "sw1", "key-1", "hash-1", now=expired) is None
+
+
+# --- operations ---------------------------------------------------------------------------
+
+
+async def test_final_status_is_sticky(store: Store) -> None:
+    op = await started(store, action())
+    cid = op.correlation_id
+    dispatched = await store.set_operation_status(cid, "dispatched")
+    assert dispatched is not None and dispatched.status == "dispatched"
+    assert dispatched.updated_at > op.updated_at
+    assert await store.set_operation_status(cid, "dispatched") is None
+    assert await store.set_operation_status(cid, "accepted") is None
+
+    done = await store.set_operation_status(cid, "timed_out", {"reason": "deadline"})
+    assert done is not None and (done.status, done.outcome) == ("timed_out", {"reason": "deadline"})
+    for late in ("succeeded", "failed", "timed_out", "dispatched"):
+        assert await store.set_operation_status(cid, late, {"late": True}) is None
+    assert await store.get_operation(cid) == done
+
+    # accepted may go straight to a final status.
+    other = await started(store, action(idempotency_key="k2", swarm_id="sw2", target="sw2"))
+    failed = await store.set_operation_status(other.correlation_id, "failed")
+    assert failed is not None and failed.status == "failed"
+
+    assert await store.set_operation_status("missing", "succeeded") is None
+    with pytest.raises(ValueError):
+        await store.set_operation_status(cid, "finished")
+
+
+async def test_due_and_open_operations(store: Store) -> None:
+    short = await started(store, action(idempotency_key="short", swarm_id="s1", target="s1", timeout_ms=1000))
+    long = await started(store, action(idempotency_key="long", swarm_id="s2", target="s2", timeout_ms=60_000))
+    dispatched = await started(store, action(idempotency_key="disp", swarm_id="s3", target="s3", timeout_ms=2000))
+    await store.set_operation_status(dispatched.correlation_id, "dispatched")
+
+    assert await store.due_operations(T0) == []
+    due = await store.due_operations(T0 + timedelta(seconds=5))
+    assert [o.correlation_id for o in due] == [short.correlation_id, dispatched.correlation_id]
+    # The boundary is inclusive, and any timezone works for ``now``.
+    plus2 = timezone(timedelta(hours=2))
+    due = await store.due_operations((T0 + timedelta(seconds=1)).astimezone(plus2))
+    assert [o.correlation_id for o in due] == [short.correlation_id]
+
+    await store.set_operation_status(short.correlation_id, "timed_out")
+    due = await store.due_operations(T0 + timedelta(minutes=5))
+    assert [o.correlation_id for o in due] == [dispatched.correlation_id, long.correlation_id]
+    assert {o.correlation_id for o in await store.open_operations()} == {long.correlation_id, dispatched.correlation_id}
+
+
+async def test_expired_keys(store: Store) -> None:
+    old = await started(store, action(idempotency_key="old", lifecycle=False, retention_s=60))
+    keep = await started(store, action(idempotency_key="keep", lifecycle=False, retention_s=3600))
+
+    # Past its retention a key is absent even before it is purged.
+    later = T0 + timedelta(seconds=61)
+    fresh = await started(store, action(idempotency_key="old", lifecycle=False, created_at=later, retention_s=60))
+    assert fresh.correlation_id != old.correlation_id
+
+    assert await store.purge_expired(T0 + timedelta(seconds=30)) == 0
+    assert await store.purge_expired(later + timedelta(seconds=61)) == 1
+    assert await store.purge_expired(later + timedelta(seconds=61)) == 0
+    # Operations outlive their idempotency records.
+    assert await store.get_operation(old.correlation_id) is not None
+    replay = await store.begin_action(action(idempotency_key="keep", lifecycle=False))
+    assert isinstance(replay, Replayed) and replay.correlation_id == keep.correlation_id
+
+
+# --- swarms -------------------------------------------------------------------------------
+
+
+async def test_swarm_crud(store: Store) -> None:
+    await store.upsert_swarm(swarm("b", status="Creating"))
+    await store.upsert_swarm(swarm("a", enabled=False, bees=[{"role": "gen", "instance": "g1"}]))
+    assert [s.id for s in await store.list_swarms()] == ["a", "b"]
+    a = await store.get_swarm("a")
+    assert a is not None and (a.enabled, a.health) == (False, "unknown")
+    assert a.bees == [{"role": "gen", "instance": "g1"}]
+
+    # Upsert overwrites everything but created_at.
+    later = T0 + timedelta(minutes=1)
+    await store.upsert_swarm(SwarmRow(id="b", template_id="t2", status="Ready", created_at=later, updated_at=later))
+    b = await store.get_swarm("b")
+    assert b is not None and (b.status, b.template_id, b.created_at, b.updated_at) == ("Ready", "t2", T0, later)
+
+    beat = datetime(2024, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    updated = await store.update_swarm(
+        "b", health="healthy", controller_instance="host", last_heartbeat=beat, last_error={"code": "x"}
+    )
+    assert updated is not None
+    assert (updated.health, updated.controller_instance, updated.last_error) == ("healthy", "host", {"code": "x"})
+    assert updated.last_heartbeat == beat and updated.updated_at > later
+    class Phase(StrEnum):
+        STOPPED = "Stopped"
+
+    stopped = await store.update_swarm("b", status=Phase.STOPPED)
+    assert stopped is not None and stopped.status == "Stopped"
+    cleared = await store.update_swarm("b", last_error=None)
+    assert cleared is not None and cleared.last_error is None
+    assert await store.get_swarm("b") == cleared
+
+    assert await store.update_swarm("nope", status="Ready") is None
+    with pytest.raises(TypeError):
+        await store.update_swarm("b", colour="red")
+
+    await store.delete_swarm("a")
+    await store.delete_swarm("a")
+    assert [s.id for s in await store.list_swarms()] == ["b"]
+    assert await store.get_swarm("a") is None
+
+
+async def test_timestamps_are_aware_utc(store: Store) -> None:
+    plus2 = timezone(timedelta(hours=2))
+    op = await started(store, action(created_at=T0.astimezone(plus2)))
+    read = await store.get_operation(op.correlation_id)
+    assert read is not None
+    for value in (read.created_at, read.updated_at, read.deadline):
+        assert_utc(value)
+    assert read.created_at == T0
+
+    await store.upsert_swarm(swarm(last_heartbeat=T0.astimezone(plus2)))
+    sw = await store.get_swarm("sw1")
+    assert sw is not None
+    for value in (sw.created_at, sw.updated_at, sw.last_heartbeat):
+        assert value is not None
+        assert_utc(value)
+
+    with pytest.raises(ValueError):
+        action(created_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError):
+        SwarmRow(id="x", template_id="t", status="Ready", created_at=datetime(2030, 1, 1))
