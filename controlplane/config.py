@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     protect_reads: bool = False
     idempotency_retention_s: int = Field(24 * 3600, ge=60)
     management_url: str = "http://127.0.0.1:15672/"
+    # A request that collides with an operation whose outcome is already on its way waits this
+    # long for the read model to catch up before it is answered 409.
+    conflict_settle_ms: int = Field(3000, ge=0, le=60_000)
     # Per-signal overrides of the specification's timeoutMs, e.g. {"swarm-start": 60000}.
     operation_timeouts_ms: dict[str, int] = Field(default_factory=dict)
 

@@ -95,6 +95,25 @@ async def runtime(owner: str) -> AsyncIterator[DockerRuntime]:
     await rt.close()
 
 
+async def drop_connections(connection_name: str, timeout: float = 20) -> int:
+    """Force-close a client's broker connections through the management API, as a broker
+    restart or a network cut would; returns how many were closed."""
+    async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
+        async with asyncio.timeout(timeout):
+            while True:  # the management API lists a new connection a few seconds late
+                async with http.get("/api/connections") as resp:
+                    connections = await resp.json()
+                names = [c["name"] for c in connections
+                         if c.get("client_properties", {}).get("connection_name") == connection_name]
+                if names:
+                    break
+                await asyncio.sleep(1)
+        for name in names:
+            async with http.delete(f"/api/connections/{quote(name, safe='')}", headers={"X-Reason": "test"}) as resp:
+                assert resp.status in (200, 204)
+    return len(names)
+
+
 class Watcher:
     """An exclusive queue on ph.control that collects events, for asserting on them."""
 

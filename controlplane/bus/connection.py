@@ -51,9 +51,13 @@ class Bus:
         return self
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            await connection.close()
+        except Exception as exc:  # closing mid-reconnect: the connection is going away anyway
+            log.warning("bus close was not clean", error=repr(exc))
 
     async def __aenter__(self) -> Bus:
         return await self.connect()
@@ -173,6 +177,10 @@ class Consumer:
         self.channel, self.queue, self.tag = channel, queue, tag
 
     async def cancel(self) -> None:
-        if not self.channel.is_closed:
+        if self.channel.is_closed:
+            return
+        try:
             await self.queue.cancel(self.tag)
             await self.channel.close()
+        except Exception as exc:  # the broker is gone; there is nothing left to cancel
+            log.warning("consumer cancel was not clean", queue=self.queue.name, error=repr(exc))

@@ -5,6 +5,8 @@ Every surface goes through ``submit``. The order matters:
    another body: 422) before anything else is checked, so a retry never sees a 409 caused
    by its own first attempt;
 2. the surface's precondition (the swarm exists, its state allows the action);
+   a conflict with an operation still open waits briefly for that operation to close, because
+   a caller reacting to an outcome event may arrive before the gateway has projected it;
 3. the record and the operation are stored in one transaction, which is where concurrent
    duplicates and a second lifecycle operation on the same swarm are refused;
 4. only then is the signal published, and a failed publish removes the record again so
@@ -13,6 +15,7 @@ Every surface goes through ``submit``. The order matters:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
@@ -31,6 +34,8 @@ from controlplane.logs import get_logger
 from controlplane.store import Busy, NewAction, Replayed, Started, Store, SwarmExists, SwarmRow
 
 log = get_logger("gateway.actions")
+
+SETTLE_POLL_S = 0.05
 
 # timeoutMs of each signal, as the specification gives them.
 SPEC_TIMEOUTS_MS = {
@@ -98,18 +103,25 @@ async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
     if known is not None:
         return _replay(known, action)
     if precondition is not None:
-        await precondition()
+        try:
+            await precondition()
+        except ApiError as exc:
+            if exc.status != 409 or not await _settled(store, settings, action.swarm_id):
+                raise
+            await precondition()
 
     correlation_id = new_id()
     envelope = Envelope(correlation_id=correlation_id, idempotency_key=key, watch=action.watch(),
                         timeout_ms=timeout_ms(settings, action.signal))
-    result = await store.begin_action(
-        NewAction(action=action.signal, target=action.scope, idempotency_key=key, request_hash=digest,
-                  correlation_id=correlation_id, envelope=envelope.to_dict(), signal=action.signal,
-                  swarm_id=action.swarm_id, lifecycle=action.lifecycle, timeout_ms=envelope.timeout_ms,
-                  created_at=utcnow(), retention_s=settings.idempotency_retention_s),
-        create_swarm=action.create_swarm,
-    )
+    new = NewAction(action=action.signal, target=action.scope, idempotency_key=key, request_hash=digest,
+                    correlation_id=correlation_id, envelope=envelope.to_dict(), signal=action.signal,
+                    swarm_id=action.swarm_id, lifecycle=action.lifecycle, timeout_ms=envelope.timeout_ms,
+                    created_at=utcnow(), retention_s=settings.idempotency_retention_s)
+    result = await store.begin_action(new, create_swarm=action.create_swarm)
+    if isinstance(result, Busy) and await _settled(store, settings, action.swarm_id):
+        if precondition is not None:
+            await precondition()
+        result = await store.begin_action(new, create_swarm=action.create_swarm)
     if isinstance(result, Replayed):
         return _replay(result, action)
     if isinstance(result, Busy):
@@ -139,6 +151,23 @@ async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
     log.info("signal published", signal=action.signal, scope=action.scope, correlation_id=correlation_id,
              idempotency_key=key)
     return web.json_response(envelope.to_dict(), status=202)
+
+
+async def _settled(store: Store, settings: Settings, swarm_id: str | None) -> bool:
+    """Wait (bounded) until ``swarm_id`` has no open lifecycle operation.
+
+    True means a re-check is worth it: what the caller collided with may have just closed
+    (its outcome projected between the first check and now).
+    """
+    if not swarm_id:
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.conflict_settle_ms / 1000
+    while await store.open_lifecycle_operation(swarm_id) is not None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(SETTLE_POLL_S)
+    return True
 
 
 def operation_view(op: Any) -> dict[str, Any]:

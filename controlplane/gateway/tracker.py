@@ -54,14 +54,15 @@ class Tracker:
             await self._on_outcome(Outcome.model_validate(body))
 
     async def _on_outcome(self, outcome: Outcome) -> None:
+        # The read model moves first, so once an operation reads as closed its swarm shows the
+        # result; it follows what really happened, even when the outcome came after a timeout.
+        if outcome.signal.startswith("swarm-") and outcome.scope.swarm_id:
+            await self._project_swarm(outcome)
         status = "succeeded" if outcome.result == "success" else "failed"
         op = await self.store.set_operation_status(outcome.correlation_id, status, outcome.to_dict())
         if op is not None:
             metrics.OPERATIONS_FINISHED.labels(op.signal, status).inc()
             metrics.OPERATION_SECONDS.labels(op.signal).observe((utcnow() - op.created_at).total_seconds())
-        # The read model follows what really happened, even when the outcome came after a timeout.
-        if outcome.signal.startswith("swarm-") and outcome.scope.swarm_id:
-            await self._project_swarm(outcome)
 
     async def _project_swarm(self, outcome: Outcome) -> None:
         swarm_id = outcome.scope.swarm_id or ""

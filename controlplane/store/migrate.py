@@ -1,12 +1,16 @@
 """Runs the alembic migrations from code, so opening the store brings its schema to head.
 
 The alembic configuration is built here rather than read from a cwd-relative alembic.ini.
-Concurrent upgrades are serialised: on PostgreSQL by a transaction-scoped advisory lock,
-on SQLite by the write lock that ``BEGIN IMMEDIATE`` takes (see ``engine``).
+Concurrent upgrades are serialised: across processes on PostgreSQL by a transaction-scoped
+advisory lock, on SQLite by the write lock that ``BEGIN IMMEDIATE`` takes (see ``engine``);
+within a process by an asyncio lock, because alembic keeps the running migration context
+in module globals and two interleaved upgrades would trample each other's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Arbitrary but fixed: every process that migrates this database must use the same key.
 PG_MIGRATION_LOCK_KEY = 0x63705F73746F7265  # "cp_store"
+
+_process_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def alembic_config() -> Config:
@@ -39,8 +45,16 @@ def _upgrade(sync_conn: Connection, revision: str) -> None:
     command.upgrade(config, revision)
 
 
+def _process_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _process_locks.get(loop)
+    if lock is None:
+        lock = _process_locks[loop] = asyncio.Lock()
+    return lock
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema to ``revision`` in one transaction; a no-op when already there."""
-    async with engine.begin() as conn:
+    async with _process_lock(), engine.begin() as conn:
         await lock_for_migration(conn)
         await conn.run_sync(_upgrade, revision)

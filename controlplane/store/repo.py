@@ -172,6 +172,16 @@ class Store:
         )
         return await self._operations(stmt)
 
+    async def open_lifecycle_operation(self, swarm_id: str) -> OperationRow | None:
+        """The swarm's open lifecycle operation, if any (the partial unique index allows one)."""
+        stmt = sa.select(operations).where(
+            operations.c.swarm_id == swarm_id,
+            operations.c.lifecycle.is_(True),
+            operations.c.status.in_(OPEN_STATUSES),
+        )
+        found = await self._operations(stmt)
+        return found[0] if found else None
+
     async def purge_expired(self, now: datetime) -> int:
         """Delete idempotency records past their retention; returns how many."""
         async with self._engine.begin() as conn:

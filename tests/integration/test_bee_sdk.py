@@ -7,7 +7,6 @@ module share it and run in file order, each one picking up the state the previou
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -28,6 +26,7 @@ from bees.env import BeeEnv
 from bees.generator import Generator
 from bees.sdk import Bee, BeeContext, Worker
 from controlplane.bus import Bus
+from tests.conftest import drop_connections
 from controlplane.contract import keys
 from controlplane.contract.models import Signal, Strict, new_id
 from controlplane.contract.topology import default_topology
@@ -35,7 +34,6 @@ from controlplane.contract.topology import default_topology
 pytestmark = pytest.mark.integration
 
 AMQP_URL = os.environ.get("CP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-MANAGEMENT_URL = os.environ.get("CP_MANAGEMENT_URL", "http://127.0.0.1:15672/")
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = "generator"
 OUT = "out"
@@ -233,20 +231,7 @@ async def test_status_delta_reports_rates_every_interval(harness: Harness) -> No
 
 
 async def test_bee_keeps_going_when_its_connection_drops(harness: Harness) -> None:
-    auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
-    async with aiohttp.ClientSession(MANAGEMENT_URL, headers=auth) as http:
-        async with asyncio.timeout(20):
-            while True:  # the management API lists a connection a few seconds late
-                async with http.get("/api/connections") as resp:
-                    connections = await resp.json()
-                names = [c["name"] for c in connections
-                         if c.get("client_properties", {}).get("connection_name") == harness.instance]
-                if names:
-                    break
-                await asyncio.sleep(1)
-        for name in names:
-            async with http.delete(f"/api/connections/{name}", headers={"X-Reason": "test"}) as resp:
-                assert resp.status in (200, 204)
+    assert await drop_connections(harness.instance) >= 1
     sig = await harness.send("status-request")
     event = await harness.observer.expect(lambda e: e.correlation_id == sig.correlation_id, timeout=30)
     assert event.body["enabled"] is True

@@ -108,8 +108,8 @@ async def test_full_lifecycle(stack: Stack, watch: Any, runtime: Any, vhost: str
     assert await queue_depth(vhost, work_queue) is None, "the swarm's work queue is deleted"
     assert await eventually(lambda: _is_gone(stack, swarm_id)), "a removed swarm leaves the read model"
 
-    status, op = await stack.get(f"/api/operations/{envelope['correlationId']}")
-    assert status == 200 and op["status"] == "succeeded" and op["outcome"]["state"]["status"] == "Removed"
+    op = await eventually(lambda: _operation_if(stack, envelope["correlationId"], "succeeded"))
+    assert op and op["outcome"]["state"]["status"] == "Removed"
 
 
 async def test_idempotent_replay_mismatch_and_concurrent_duplicates(stack: Stack, watch: Any) -> None:
@@ -158,8 +158,7 @@ async def test_timeout_is_published_on_the_watched_error_topic(settings_factory:
         envelope, event = await act(stack, watcher, swarm_id, "start", expect="error", timeout=10)
         assert envelope["timeoutMs"] == 2500
         assert event["code"] == "timeout" and event["result"] == "error"
-        status, op = await stack.get(f"/api/operations/{envelope['correlationId']}")
-        assert op["status"] == "timed_out"
+        assert await eventually(lambda: _operation_if(stack, envelope["correlationId"], "timed_out"))
         # With its controller gone, remove is done by the host controller.
         _, removed = await act(stack, watcher, swarm_id, "remove")
         assert removed["details"]["removedBy"] == "host-controller"
@@ -184,12 +183,7 @@ async def test_gateway_restart_keeps_idempotency_and_operations(settings_factory
     # The signal waited in its durable queue; a host controller coming up now serves it.
     async with running_stack(settings, runtime) as stack:
         await watcher.wait_for(f"ev.ready.swarm-create.{swarm_id}", 90)
-        for _ in range(50):
-            status, op = await stack.get(f"/api/operations/{first['correlationId']}")
-            if op["status"] != "dispatched":
-                break
-            await asyncio.sleep(0.1)
-        assert op["status"] == "succeeded"
+        assert await eventually(lambda: _operation_if(stack, first["correlationId"], "succeeded"))
         await act(stack, watcher, swarm_id, "remove")
 
 
@@ -265,3 +259,8 @@ async def _view_if(stack: Stack, swarm_id: str, status: str) -> dict[str, Any] |
 
 async def _is_gone(stack: Stack, swarm_id: str) -> bool:
     return (await stack.get(f"/api/swarms/{swarm_id}"))[0] == 404
+
+
+async def _operation_if(stack: Stack, correlation_id: str, status: str) -> dict[str, Any] | None:
+    code, op = await stack.get(f"/api/operations/{correlation_id}")
+    return op if code == 200 and op["status"] == status else None

@@ -129,7 +129,7 @@ async def get_swarm(request: web.Request) -> web.Response:
     swarm = await ctx.store.get_swarm(swarm_id)
     if swarm is None:
         raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
-    active = next((op for op in await ctx.store.open_operations() if op.lifecycle and op.swarm_id == swarm_id), None)
+    active = await ctx.store.open_lifecycle_operation(swarm_id)
     return web.json_response(swarm_view(ctx, swarm, active))
 
 
