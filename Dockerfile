@@ -9,7 +9,9 @@ RUN python3 -m venv /opt/venv \
 
 FROM controlplane-base:bookworm
 COPY --from=install /opt/venv /opt/venv
+COPY scenarios /opt/controlplane/scenarios
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
-    LANG=C.UTF-8
+    LANG=C.UTF-8 \
+    CP_SCENARIOS_DIR=/opt/controlplane/scenarios
 CMD ["controlplane", "--help"]

@@ -34,9 +34,8 @@ run test: export CP_BEE_NETWORK ?= host
 run test: export CP_ALLOW_HOST_NETWORK ?= true
 run test: export CP_ALLOWED_MOUNTS ?= ["/var/run/docker.sock"]
 
+# `controlplane up` prints the API and management UI addresses once it is listening.
 run: venv infra
-	@echo "API:           http://127.0.0.1:8080/api"
-	@echo "Management UI: http://127.0.0.1:15672/ (guest/guest)"
 	exec $(VENV)/bin/controlplane up
 
 # Any non-zero pytest status fails the target, including 5 (no tests collected).

@@ -96,7 +96,7 @@ inputs=$(
   {
     docker image inspect -f '{{.Id}}' "$BASE"
     sha256sum Dockerfile pyproject.toml
-    find controlplane bees -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
+    find controlplane bees scenarios -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
       | LC_ALL=C sort -z | xargs -0 -r sha256sum
   } | sha256sum | cut -d' ' -f1
 )

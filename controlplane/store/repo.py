@@ -287,14 +287,18 @@ async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRo
 async def _find_conflict(
     conn: AsyncConnection, action: NewAction, create_swarm: SwarmRow | None
 ) -> Replayed | Busy | SwarmExists | None:
-    """What stands in the way of ``action``, checked in the order callers should hear it."""
-    record = (
-        await conn.execute(
-            sa.select(idempotency).where(_key_of(action), idempotency.c.expires_at >= action.created_at)
-        )
-    ).first()
-    if record is not None:
-        return _replayed(record, action.request_hash)
+    """What stands in the way of ``action``: a replay first, then Busy, then SwarmExists.
+
+    The idempotency record is read last on purpose. Under READ COMMITTED each statement
+    sees what had committed when it began, and a winner commits its record together with
+    its operation and swarm; so if an earlier read saw those, the last read sees the record,
+    and a racing duplicate of the same request is answered as a replay, never as Busy.
+    """
+    blocker: Busy | SwarmExists | None = None
+    if create_swarm is not None:
+        swarm = await _get_swarm(conn, create_swarm.id)
+        if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
+            blocker = SwarmExists(swarm)
     if action.lifecycle:
         active = (
             await conn.execute(
@@ -306,12 +310,15 @@ async def _find_conflict(
             )
         ).first()
         if active is not None:
-            return Busy(_operation(active))
-    if create_swarm is not None:
-        swarm = await _get_swarm(conn, create_swarm.id)
-        if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
-            return SwarmExists(swarm)
-    return None
+            blocker = Busy(_operation(active))
+    record = (
+        await conn.execute(
+            sa.select(idempotency).where(_key_of(action), idempotency.c.expires_at >= action.created_at)
+        )
+    ).first()
+    if record is not None:
+        return _replayed(record, action.request_hash)
+    return blocker
 
 
 def _key_of(action: NewAction) -> sa.ColumnElement[bool]:
