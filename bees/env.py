@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from controlplane.config import settings_or_exit
 from controlplane.contract import keys
 
 
@@ -53,10 +54,4 @@ class BeeEnv(BaseSettings):
 
 def load_env_or_exit() -> BeeEnv:
     """Validate the environment; print one line per bad variable and exit."""
-    try:
-        return BeeEnv()
-    except ValidationError as exc:
-        lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
-        raise SystemExit("invalid bee environment:\n  " + "\n  ".join(lines)) from None
-    except SettingsError as exc:  # e.g. CP_BEE_CONFIG that is not JSON
-        raise SystemExit(f"invalid bee environment: {exc}") from None
+    return settings_or_exit(BeeEnv, "bee environment")

@@ -41,9 +41,10 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
     remaining = n
     latencies: list[float] = []
     errors: list[str] = []
+    ok_count = 0
 
     async def worker() -> None:
-        nonlocal remaining
+        nonlocal remaining, ok_count
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
@@ -52,6 +53,7 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
                     await resp.read()
                     ok = resp.status == expect_status and (
                         expect_header is None or resp.headers.get(expect_header[0]) == expect_header[1])
+                    ok_count += ok
                     if not ok:
                         errors.append(f"{resp.status} {resp.headers.get(expect_header[0]) if expect_header else ''}")
             except Exception as exc:  # counted, not fatal: the figure says how many failed
@@ -63,7 +65,7 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     return {
-        "name": job["name"], "n": n, "ok": len(latencies) - len(errors), "errors": len(errors),
+        "name": job["name"], "n": n, "ok": ok_count, "errors": len(errors),
         "first_errors": errors[:3], "elapsed_s": elapsed, "rps": n / elapsed,
         "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                        "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)},

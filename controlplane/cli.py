@@ -28,6 +28,10 @@ from controlplane.config import Settings, load_settings_or_exit
 from controlplane.contract import keys
 from controlplane.contract.models import Signal, SwarmPlan
 from controlplane.contract.topology import definitions, load_topology
+from controlplane.controller.host import HostController
+from controlplane.controller.swarm import SwarmController, plan_from_labels
+from controlplane.gateway.app import open_gateway
+from controlplane.runtime.docker import DockerRuntime
 
 log = logs.get_logger("cli")
 
@@ -51,11 +55,26 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
-async def _connect(settings: Settings, name: str) -> Bus:
-    return await Bus(settings.amqp_url.get_secret_value(), load_topology(settings.topology_file), name).connect()
+async def _open_bus(stack: AsyncExitStack, settings: Settings, name: str) -> Bus:
+    bus = await Bus(settings.amqp_url.get_secret_value(), load_topology(settings.topology_file), name).connect()
+    stack.push_async_callback(bus.close)
+    return bus
 
 
-async def _serve(stack: AsyncExitStack, app: web.Application, settings: Settings) -> None:
+async def _open_runtime(stack: AsyncExitStack, settings: Settings) -> DockerRuntime:
+    runtime = DockerRuntime.from_settings(settings)
+    stack.push_async_callback(runtime.close)
+    await runtime.ping()
+    return runtime
+
+
+async def _start_host(stack: AsyncExitStack, settings: Settings, bus: Bus) -> None:
+    host = await HostController(bus, await _open_runtime(stack, settings), settings).start()
+    stack.push_async_callback(host.stop)
+
+
+async def _serve_gateway(stack: AsyncExitStack, settings: Settings, bus: Bus) -> None:
+    app = await stack.enter_async_context(open_gateway(settings, bus))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
@@ -73,20 +92,10 @@ def up() -> None:
     settings = _settings()
 
     async def run(stop: asyncio.Event) -> None:
-        from controlplane.controller.host import HostController
-        from controlplane.gateway.app import open_gateway
-        from controlplane.runtime.docker import DockerRuntime
-
         async with AsyncExitStack() as stack:
-            bus = await _connect(settings, f"controlplane-up.{settings.instance_id}")
-            stack.push_async_callback(bus.close)
-            runtime = DockerRuntime.from_settings(settings)
-            stack.push_async_callback(runtime.close)
-            await runtime.ping()
-            app = await stack.enter_async_context(open_gateway(settings, bus))
-            host = await HostController(bus, runtime, settings).start()
-            stack.push_async_callback(host.stop)
-            await _serve(stack, app, settings)
+            bus = await _open_bus(stack, settings, f"controlplane-up.{settings.instance_id}")
+            await _serve_gateway(stack, settings, bus)
+            await _start_host(stack, settings, bus)
             base = f"http://{settings.host}:{settings.port}"
             click.echo(f"controlplane is up\n  API:           {base}/api\n  health:        {base}/readyz\n"
                        f"  management UI: {settings.management_url} (guest/guest from this machine)", err=True)
@@ -101,13 +110,8 @@ def gateway() -> None:
     settings = _settings()
 
     async def run(stop: asyncio.Event) -> None:
-        from controlplane.gateway.app import open_gateway
-
         async with AsyncExitStack() as stack:
-            bus = await _connect(settings, f"gateway.{settings.instance_id}")
-            stack.push_async_callback(bus.close)
-            app = await stack.enter_async_context(open_gateway(settings, bus))
-            await _serve(stack, app, settings)
+            await _serve_gateway(stack, settings, await _open_bus(stack, settings, f"gateway.{settings.instance_id}"))
             log.info("gateway listening", host=settings.host, port=settings.port)
             await stop.wait()
 
@@ -120,16 +124,8 @@ def host_controller() -> None:
     settings = _settings()
 
     async def run(stop: asyncio.Event) -> None:
-        from controlplane.controller.host import HostController
-        from controlplane.runtime.docker import DockerRuntime
-
         async with AsyncExitStack() as stack:
-            bus = await _connect(settings, f"host-controller.{settings.instance_id}")
-            stack.push_async_callback(bus.close)
-            runtime = DockerRuntime.from_settings(settings)
-            stack.push_async_callback(runtime.close)
-            host = await HostController(bus, runtime, settings).start()
-            stack.push_async_callback(host.stop)
+            await _start_host(stack, settings, await _open_bus(stack, settings, f"host-controller.{settings.instance_id}"))
             log.info("host controller running", mode=settings.controller_mode)
             await stop.wait()
 
@@ -143,14 +139,9 @@ def swarm_controller(swarm_id: str) -> None:
     settings = _settings()
 
     async def run(stop: asyncio.Event) -> None:
-        from controlplane.controller.swarm import SwarmController, plan_from_labels
-        from controlplane.runtime.docker import DockerRuntime
-
         async with AsyncExitStack() as stack:
-            bus = await _connect(settings, f"swarm-controller.{swarm_id}")
-            stack.push_async_callback(bus.close)
-            runtime = DockerRuntime.from_settings(settings)
-            stack.push_async_callback(runtime.close)
+            bus = await _open_bus(stack, settings, f"swarm-controller.{swarm_id}")
+            runtime = await _open_runtime(stack, settings)
             # Bees already running win over the launch plan: a template applied later changed them.
             plan = await plan_from_labels(runtime, swarm_id)
             if plan is None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from controlplane.contract.topology import DEFAULT_TOPOLOGY
+
+T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,10 +73,16 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def load_settings_or_exit() -> Settings:
-    """Validate the environment once; print one line per bad variable and exit."""
+def settings_or_exit(factory: Callable[[], T], what: str = "configuration") -> T:
+    """Build settings from the environment; on bad values print one line per variable and exit."""
     try:
-        return get_settings()
+        return factory()
     except ValidationError as exc:
         lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
-        raise SystemExit("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise SystemExit(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # a JSON-valued variable that is not JSON
+        raise SystemExit(f"invalid {what}: {exc}") from None
+
+
+def load_settings_or_exit() -> Settings:
+    return settings_or_exit(get_settings)

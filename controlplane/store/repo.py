@@ -174,12 +174,7 @@ class Store:
 
     async def open_lifecycle_operation(self, swarm_id: str) -> OperationRow | None:
         """The swarm's open lifecycle operation, if any (the partial unique index allows one)."""
-        stmt = sa.select(operations).where(
-            operations.c.swarm_id == swarm_id,
-            operations.c.lifecycle.is_(True),
-            operations.c.status.in_(OPEN_STATUSES),
-        )
-        found = await self._operations(stmt)
+        found = await self._operations(_open_lifecycle(swarm_id))
         return found[0] if found else None
 
     async def purge_expired(self, now: datetime) -> int:
@@ -300,15 +295,7 @@ async def _find_conflict(
         if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
             blocker = SwarmExists(swarm)
     if action.lifecycle:
-        active = (
-            await conn.execute(
-                sa.select(operations).where(
-                    operations.c.swarm_id == action.swarm_id,
-                    operations.c.lifecycle.is_(sa.true()),
-                    operations.c.status.in_(OPEN_STATUSES),
-                )
-            )
-        ).first()
+        active = (await conn.execute(_open_lifecycle(action.swarm_id))).first()
         if active is not None:
             blocker = Busy(_operation(active))
     record = (
@@ -319,6 +306,14 @@ async def _find_conflict(
     if record is not None:
         return _replayed(record, action.request_hash)
     return blocker
+
+
+def _open_lifecycle(swarm_id: str | None) -> sa.Select[Any]:
+    return sa.select(operations).where(
+        operations.c.swarm_id == swarm_id,
+        operations.c.lifecycle.is_(sa.true()),
+        operations.c.status.in_(OPEN_STATUSES),
+    )
 
 
 def _key_of(action: NewAction) -> sa.ColumnElement[bool]:
