@@ -107,6 +107,7 @@ class SwarmController:
                 self.status = SwarmStatus.FAILED
                 await self._handshake(failure)
                 await self._teardown()
+                self._removed.set()  # nothing is left to serve: the queue goes too
                 return
             self.status = self._adopted_status()
             await self._handshake(None)
@@ -191,7 +192,7 @@ class SwarmController:
         instance = spec.labels["controlplane.instance"]
         for key in (f"ev.*.{bee.role}.{instance}", f"ev.*.*.{bee.role}.{instance}"):
             await self.bus.bind(self._queue_decl.name, keys.CONTROL_EXCHANGE, key)
-        state = self.bees.setdefault(instance, BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image))
+        state = self.bees[instance] = BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image)
         first_status = self._expect(("status-full", instance))
         try:
             info = await self.runtime.ensure_running(spec)
@@ -288,6 +289,11 @@ class SwarmController:
             except SwarmFailure as failure:
                 outcome = Outcome.for_signal(sig, result="error", state=self._state(), phase=failure.phase,
                                              code=failure.code, message=failure.message, retryable=failure.retryable)
+            except Exception as exc:  # never leave a caller waiting for a timeout on a bug
+                log.exception("signal failed", signal=sig.signal, swarm_id=self.swarm_id)
+                outcome = Outcome.for_signal(sig, result="error", state=self._state(), phase=sig.signal,
+                                             code="internal-error", message=f"{type(exc).__name__}: {exc}",
+                                             retryable=False)
         self._remember(sig.idempotency_key, outcome)
         await self.bus.publish(outcome.routing_key(), outcome)
         log.info("signal handled", signal=sig.signal, swarm_id=self.swarm_id, result=outcome.result,

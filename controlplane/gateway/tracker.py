@@ -10,6 +10,7 @@ the store, so with several gateways exactly one publishes the timeout.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from controlplane.bus import Bus, Consumer
@@ -26,8 +27,8 @@ PURGE_INTERVAL_S = 600
 
 
 class Tracker:
-    def __init__(self, store: Store, bus: Bus) -> None:
-        self.store, self.bus = store, bus
+    def __init__(self, store: Store, bus: Bus, retention_s: int) -> None:
+        self.store, self.bus, self.retention_s = store, bus, retention_s
         self._consumer: Consumer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -98,7 +99,8 @@ class Tracker:
             try:
                 await self.sweep()
                 if loop.time() - last_purge > PURGE_INTERVAL_S:
-                    await self.store.purge_expired(utcnow())
+                    now = utcnow()
+                    await self.store.purge_expired(now, finished_before=now - timedelta(seconds=self.retention_s))
                     last_purge = loop.time()
             except asyncio.CancelledError:
                 raise

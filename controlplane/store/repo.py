@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from controlplane.store.engine import READ_ONLY, make_engine
 from controlplane.store.migrate import upgrade
 from controlplane.store.models import (
+    FINAL_STATUSES,
     OPEN_STATUSES,
     REPLACEABLE_SWARM_STATUSES,
     BeginResult,
@@ -177,9 +178,16 @@ class Store:
         found = await self._operations(_open_lifecycle(swarm_id))
         return found[0] if found else None
 
-    async def purge_expired(self, now: datetime) -> int:
-        """Delete idempotency records past their retention; returns how many."""
+    async def purge_expired(self, now: datetime, finished_before: datetime | None = None) -> int:
+        """Delete idempotency records past their retention; returns how many.
+
+        With ``finished_before``, also delete operations that closed before then, so the
+        operations table keeps a bounded history; open operations always stay.
+        """
         async with self._engine.begin() as conn:
+            if finished_before is not None:
+                await conn.execute(sa.delete(operations).where(
+                    operations.c.status.in_(FINAL_STATUSES), operations.c.updated_at < finished_before))
             result = await conn.execute(sa.delete(idempotency).where(idempotency.c.expires_at < now))
         return result.rowcount
 

@@ -264,3 +264,37 @@ async def _is_gone(stack: Stack, swarm_id: str) -> bool:
 async def _operation_if(stack: Stack, correlation_id: str, status: str) -> dict[str, Any] | None:
     code, op = await stack.get(f"/api/operations/{correlation_id}")
     return op if code == 200 and op["status"] == status else None
+
+
+async def test_template_reapplies_a_plan(stack: Stack, watch: Any, runtime: Any) -> None:
+    swarm_id = new_swarm_id()
+    watcher = await watch("ev.#")
+    await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
+    first = await runtime.get(keys.container_name(swarm_id, "generator"))
+    plan = {"bees": [
+        {"name": "generator", "role": "generator", "image": "controlplane:local", "work": {"out": "generated"},
+         "config": {"ratePerSec": 5, "message": {"kind": "demo"}}},
+        {"name": "second", "role": "generator", "image": "controlplane:local", "work": {"out": "other"},
+         "config": {"ratePerSec": 1}},
+    ]}
+    envelope, applied = await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
+    assert envelope["timeoutMs"] == 180000 and applied["state"]["status"] == "Ready"
+    second = await runtime.get(keys.container_name(swarm_id, "second"))
+    assert second is not None and second.state == "running"
+    unchanged = await runtime.get(keys.container_name(swarm_id, "generator"))
+    assert unchanged is not None and unchanged.id == first.id, "an unchanged bee keeps its container"
+    view = await eventually(lambda: _bees_are(stack, swarm_id, 2), 10)
+    assert view, "the read model shows both bees"
+
+    plan["bees"] = plan["bees"][1:]
+    await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
+    assert await runtime.get(keys.container_name(swarm_id, "generator")) is None, "a bee left out is removed"
+    _, started = await act(stack, watcher, swarm_id, "start")
+    assert started["state"]["status"] == "Running"
+    await act(stack, watcher, swarm_id, "remove")
+    assert await runtime.get(keys.container_name(swarm_id, "second")) is None
+
+
+async def _bees_are(stack: Stack, swarm_id: str, count: int) -> dict[str, Any] | None:
+    code, view = await stack.get(f"/api/swarms/{swarm_id}")
+    return view if code == 200 and len(view["bees"]) == count else None

@@ -410,8 +410,14 @@ async def test_expired_keys(store: Store) -> None:
     assert await store.purge_expired(T0 + timedelta(seconds=30)) == 0
     assert await store.purge_expired(later + timedelta(seconds=61)) == 1
     assert await store.purge_expired(later + timedelta(seconds=61)) == 0
-    # Operations outlive their idempotency records.
+    # Operations outlive their idempotency records, until their own history is purged.
     assert await store.get_operation(old.correlation_id) is not None
+    await store.set_operation_status(old.correlation_id, "succeeded")
+    await store.purge_expired(later, finished_before=datetime.now(timezone.utc) - timedelta(hours=1))
+    assert await store.get_operation(old.correlation_id) is not None
+    await store.purge_expired(later, finished_before=datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert await store.get_operation(old.correlation_id) is None
+    assert await store.get_operation(fresh.correlation_id) is not None, "open operations always stay"
     replay = await store.begin_action(action(idempotency_key="keep", lifecycle=False))
     assert isinstance(replay, Replayed) and replay.correlation_id == keep.correlation_id
 
