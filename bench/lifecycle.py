@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import platform
@@ -111,11 +112,11 @@ async def fresh_vhost() -> AsyncIterator[str]:
 
 async def broker_version() -> str:
     try:
-        async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
-            async with http.get("/api/overview") as resp:
-                overview = await resp.json()
+        async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http, \
+                http.get("/api/overview") as resp:
+            overview = await resp.json()
         return f"RabbitMQ {overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})"
-    except Exception as exc:  # informative only
+    except Exception as exc:  # noqa: BLE001 - informative only
         return f"RabbitMQ (version unknown: {exc!r})"
 
 
@@ -186,7 +187,7 @@ class Watcher:
                 raise BenchError(f"no matching event within {timeout:g}s")
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def outcome(self, envelope: dict[str, Any], timeout: float, since: int = 0) -> float:
@@ -230,7 +231,7 @@ async def watching(amqp_url: str, *patterns: str) -> AsyncIterator[Watcher]:
             proc.stdin.close()
             try:
                 await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
 
@@ -279,6 +280,8 @@ class RoundTrips:
     event_before_202: int = 0
     # POSTs sent right after the previous outcome event that were refused 409 invalid-state.
     conflicts: int = 0
+    # Measured operations whose stored outcome (GET /api/operations) is not the swarm's own.
+    foreign_outcomes: int = 0
 
 
 async def wait_status(api: Api, swarm_id: str, wanted: set[str], timeout: float = 10) -> None:
@@ -301,6 +304,7 @@ async def control_plane_round_trips(api: Api, watcher: Watcher, swarm_id: str, n
     accepted one.
     """
     result = RoundTrips()
+    operations: list[tuple[str, str]] = []
     bee = keys.bee_instance(swarm_id, BEE_NAME)
     for i in range(RT_WARMUP + n):
         action = "start" if i % 2 == 0 else "stop"
@@ -320,17 +324,23 @@ async def control_plane_round_trips(api: Api, watcher: Watcher, swarm_id: str, n
             continue
         cid = envelope["correlationId"]
 
-        async def seen(key: str) -> float:
-            return (await watcher.wait_for(lambda k, b: k == key and b.get("correlationId") == cid, 5, since))[0]
+        async def seen(key: str, cid: str = cid, since: int = since) -> float:
+            found = await watcher.wait_for(lambda k, body: k == key and body.get("correlationId") == cid, 5, since)
+            return found[0]
 
         marks = [sent, await seen(f"sig.swarm-{action}.{swarm_id}"), await seen(f"sig.config-update.generator.{bee}"),
                  await seen(f"ev.ready.config-update.generator.{bee}"), arrived]
-        for hop, (a, b) in zip(HOPS, zip(marks, marks[1:])):
-            result.hops[hop].append(b - a)
+        for hop, (start, end) in zip(HOPS, itertools.pairwise(marks), strict=True):
+            result.hops[hop].append(end - start)
         result.total.append(arrived - sent)
         result.accepted.append(answered - sent)
         result.by_action[action].append(arrived - sent)
         result.event_before_202 += arrived < answered
+        operations.append((envelope["correlationId"], f"swarm-{action}"))
+    for cid, signal in operations:  # after the timed loop, so the reads cost it nothing
+        async with api.http.get(f"{api.base}/api/operations/{cid}") as resp:
+            op = await resp.json()
+        result.foreign_outcomes += (op.get("outcome") or {}).get("signal") != signal
     return result
 
 
@@ -532,7 +542,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             since = watcher.mark()
                             _, _, envelope = await api.act(swarm_id, "remove")
                             await watcher.outcome(envelope, 60, since)
-                        except Exception as exc:  # containers are removed by label below anyway
+                        except Exception as exc:  # noqa: BLE001 - containers are removed by label below anyway
                             print(f"warning: remove {swarm_id}: {exc}", file=sys.stderr)
                     live.clear()
 
@@ -553,7 +563,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "control_plane": summary(rt.total), "post_to_202": summary(rt.accepted),
                     "start": summary(rt.by_action["start"]), "stop": summary(rt.by_action["stop"]),
                     "hops": {hop: summary(v) for hop, v in rt.hops.items()},
-                    "event_before_202": rt.event_before_202, "conflicts": rt.conflicts, "bare": summary(bare),
+                    "event_before_202": rt.event_before_202, "conflicts": rt.conflicts,
+                    "foreign_outcomes": rt.foreign_outcomes, "bare": summary(bare),
                 }
                 results["round_trip"]["ratio_p50"] = results["round_trip"]["control_plane"]["p50"] / results["round_trip"]["bare"]["p50"]
 
@@ -625,8 +636,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     env = results["environment"]
     lines = [
         f"controlplane lifecycle benchmark, {env['date']}",
-        f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, {env['docker']}, "
-        f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}",
+        (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, {env['docker']}, "
+         f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
         "",
     ]
 
@@ -644,8 +655,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         *(row(f"  {hop}", rt["hops"][hop]) for hop in HOPS),
         row("  POST -> 202 Accepted (in parallel with the hops)", rt["post_to_202"]),
         row("bare aio-pika request/reply (confirms)", rt["bare"]),
-        f"  outcome event seen before the 202 answer: {rt['event_before_202']} of {rt['control_plane']['n']}; "
-        f"POSTs refused 409 invalid-state right after the previous outcome event: {rt['conflicts']}",
+        (f"  outcome event seen before the 202 answer: {rt['event_before_202']} of {rt['control_plane']['n']}; "
+         f"refused 409 invalid-state right after the previous outcome event: {rt['conflicts']}"),
+        (f"  operations whose recorded outcome is not the swarm's own ev.ready.swarm-*: "
+         f"{rt['foreign_outcomes']} of {rt['control_plane']['n']}"),
         f"  ratio p50 control plane / bare: {rt['ratio_p50']:.1f}x",
         "",
     ]
@@ -673,8 +686,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         return (f"  {label:<34} {median(rps):>8.0f} {min(rps):>8.0f} {max(rps):>8.0f} {p50:>9.1f} {p95:>9.1f}")
 
     lines += [
-        f"3. Gateway throughput over TCP: {args.http_n} requests per round, concurrency {args.http_c}, "
-        f"{args.rounds} rounds, client in its own process",
+        (f"3. Gateway throughput over TCP: {args.http_n} requests per round, concurrency {args.http_c}, "
+         f"{args.rounds} rounds, client in its own process"),
         f"  {'':<34} {'req/s':>8} {'min':>8} {'max':>8} {'p50 ms':>9} {'p95 ms':>9}",
         rps_row("POST start, idempotent replay", tp["replay"]),
         rps_row("GET /healthz", tp["healthz"]),

@@ -213,13 +213,32 @@ async def test_host_controller_restart_readopts_running_swarm(settings_factory: 
         await act(stack, watcher, swarm_id, "remove")
 
 
-async def test_missing_image_fails_create_with_its_code(settings_factory: Any, runtime: Any, watch: Any,
-                                                        tmp_path: Any) -> None:
+@pytest.fixture
+def broken_scenarios(tmp_path: Any) -> Any:
     scenarios = tmp_path / "scenarios"
     scenarios.mkdir()
-    (scenarios / "broken.yaml").write_text(
+    (scenarios / "no-image.yaml").write_text(
         "id: no-image\nbees:\n  - {name: ghost, role: generator, image: 'controlplane-missing:none'}\n")
-    settings = settings_factory(scenarios_dir=scenarios)
+    # The project image has no bee for this role: its container exits at once.
+    (scenarios / "crashing.yaml").write_text(
+        "id: crashing\nbees:\n  - {name: crash, role: no-such-role, image: 'controlplane:local'}\n")
+    return scenarios
+
+
+async def test_bee_that_exits_fails_create_with_its_logs(settings_factory: Any, runtime: Any, watch: Any,
+                                                         broken_scenarios: Any) -> None:
+    async with running_stack(settings_factory(scenarios_dir=broken_scenarios), runtime) as stack:
+        swarm_id = new_swarm_id()
+        watcher = await watch("ev.#")
+        _, event = await act(stack, watcher, swarm_id, "create", {"templateId": "crashing"}, expect="error")
+        assert event["code"] == "container-exited"
+        assert "No module named bees.no_such_role" in event["message"], "the bee's last log lines explain the crash"
+        assert await runtime.get(keys.container_name(swarm_id, "crash")) is None, "a failed create cleans up"
+
+
+async def test_missing_image_fails_create_with_its_code(settings_factory: Any, runtime: Any, watch: Any,
+                                                        broken_scenarios: Any) -> None:
+    settings = settings_factory(scenarios_dir=broken_scenarios)
     async with running_stack(settings, runtime) as stack:
         swarm_id = new_swarm_id()
         watcher = await watch("ev.#")
