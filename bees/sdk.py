@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Generic, Literal, TypeVar
@@ -20,6 +19,7 @@ from pydantic import BaseModel
 
 from controlplane.bus import Bus, Consumer
 from controlplane.contract import keys
+from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
 from controlplane.logs import configure, get_logger
@@ -31,8 +31,6 @@ C = TypeVar("C", bound=BaseModel)
 
 # Pause after a failed producer step, so a broker outage does not become a busy loop.
 ERROR_BACKOFF_S = 1.0
-# Outcomes kept for re-emitting when a signal is delivered again.
-REMEMBERED_OUTCOMES = 1024
 
 StatusKind = Literal["status-full", "status-delta"]
 
@@ -102,7 +100,7 @@ class Bee(Generic[C]):
         self.ctx: BeeContext[C] = BeeContext(env, parse_config(worker.Config, env.bee_config))
         self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
         self._bus: Bus | None = None
-        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._outcomes = OutcomeMemory()
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._switch = asyncio.Lock()
@@ -265,9 +263,7 @@ class Bee(Generic[C]):
         outcome = self._outcomes.get(sig.idempotency_key)
         if outcome is None:
             outcome = await self._apply(sig)
-            self._outcomes[sig.idempotency_key] = outcome
-            while len(self._outcomes) > REMEMBERED_OUTCOMES:
-                self._outcomes.popitem(last=False)
+            self._outcomes.remember(sig.idempotency_key, outcome)
         else:
             self.log.info("repeated signal, outcome re-emitted", idempotency_key=sig.idempotency_key)
         await self._bus.publish(outcome.routing_key(), outcome)

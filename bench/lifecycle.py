@@ -521,6 +521,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"image {IMAGE} is missing: run `bash scripts/build-images.sh`")
         results["environment"] = {
             "date": date.today().isoformat(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_1m": os.getloadavg()[0],
             "os": _os_name(), "broker": await broker_version(),
             "docker": f"Docker {docker_client.version().get('Version')}",
             "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__,
@@ -635,7 +636,7 @@ def _progress(text: str) -> None:
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     env = results["environment"]
     lines = [
-        f"controlplane lifecycle benchmark, {env['date']}",
+        f"controlplane lifecycle benchmark, {env['date']} (1-minute load average at start: {env['loadavg_1m']:.2f})",
         (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, {env['docker']}, "
          f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
         "",

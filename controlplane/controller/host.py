@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlparse
 
 from controlplane.bus import Bus, Consumer
 from controlplane.config import Settings
 from controlplane.contract import keys
+from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
 from controlplane.controller.swarm import SwarmController, plan_from_labels, teardown_swarm
 from controlplane.logs import get_logger
@@ -36,7 +36,7 @@ class HostController:
         self.owner = settings.instance_id
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._handshakes: dict[str, asyncio.Future[Outcome]] = {}
-        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._outcomes = OutcomeMemory()
         self._consumer: Consumer | None = None
 
     async def start(self) -> HostController:
@@ -130,9 +130,7 @@ class HostController:
         if outcome.result == "error":
             await self._retire(swarm_id)
             await teardown_swarm(self.bus, self.runtime, swarm_id)
-        self._outcomes[sig.idempotency_key] = outcome
-        while len(self._outcomes) > 1000:
-            self._outcomes.popitem(last=False)
+        self._outcomes.remember(sig.idempotency_key, outcome)
         await self.bus.publish(outcome.routing_key(), outcome)
         log.info("swarm create finished", swarm_id=swarm_id, result=outcome.result, code=outcome.code,
                  correlation_id=sig.correlation_id)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.contract import keys
+from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import (
     BeeSpec, BeeState, Outcome, OutcomeState, Scope, Signal, Status, SwarmPlan, SwarmStatus, new_id, utcnow,
 )
@@ -31,7 +31,6 @@ from controlplane.runtime.labels import filter_for, managed_labels
 log = get_logger("swarm-controller")
 
 BEE_TOGGLE_TIMEOUT_S = 30.0
-REMEMBERED_OUTCOMES = 1000
 
 
 class SwarmFailure(Exception):
@@ -86,7 +85,7 @@ class SwarmController:
         self.status = SwarmStatus.CREATING
         self.enabled = True  # the controller's own switch (bulk toggles); bees follow it
         self.bees: dict[str, BeeState] = {}
-        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._outcomes = OutcomeMemory()
         self._waiters: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._lifecycle = asyncio.Lock()
         self._removed = asyncio.Event()
@@ -294,17 +293,12 @@ class SwarmController:
                 outcome = Outcome.for_signal(sig, result="error", state=self._state(), phase=sig.signal,
                                              code="internal-error", message=f"{type(exc).__name__}: {exc}",
                                              retryable=False)
-        self._remember(sig.idempotency_key, outcome)
+        self._outcomes.remember(sig.idempotency_key, outcome)
         await self.bus.publish(outcome.routing_key(), outcome)
         log.info("signal handled", signal=sig.signal, swarm_id=self.swarm_id, result=outcome.result,
                  correlation_id=sig.correlation_id)
         if sig.signal == "swarm-remove" and outcome.result == "success":
             self._removed.set()
-
-    def _remember(self, key: str, outcome: Outcome) -> None:
-        self._outcomes[key] = outcome
-        while len(self._outcomes) > REMEMBERED_OUTCOMES:
-            self._outcomes.popitem(last=False)
 
     # --- lifecycle steps -------------------------------------------------------------------
 
