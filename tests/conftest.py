@@ -20,8 +20,10 @@ from urllib.parse import quote
 
 import aio_pika
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy.engine import make_url
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
@@ -34,6 +36,27 @@ from controlplane.runtime.policy import RuntimePolicy
 BROKER = os.environ.get("CP_TEST_BROKER", "127.0.0.1:5672")
 MANAGEMENT = os.environ.get("CP_TEST_MANAGEMENT", "http://127.0.0.1:15672")
 MANAGEMENT_AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+
+
+PG_ADMIN_URL = make_url(os.environ.get("CP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+
+
+@asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database (dropped afterwards); unreachable is a failure, not a skip."""
+    dsn = PG_ADMIN_URL.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        admin = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL.render_as_string()} ({exc!r}); start it or "
+                    "point CP_TEST_POSTGRES_URL at a server where we may create databases", pytrace=False)
+    name = f"cp_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield PG_ADMIN_URL.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def new_key() -> str:

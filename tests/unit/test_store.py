@@ -8,7 +8,6 @@ and dropped afterwards. PostgreSQL being unreachable is a failure, not a skip.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import uuid
@@ -18,10 +17,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from controlplane.store import (
@@ -37,23 +34,10 @@ from controlplane.store import (
 )
 from controlplane.store import repo
 from controlplane.store.schema import operations
+from tests.conftest import fresh_postgres_database
 
-PG_ADMIN_URL = make_url(os.environ.get("CP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
-
-
-async def _pg_admin() -> asyncpg.Connection:
-    dsn = PG_ADMIN_URL.set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        return await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
-        problem = repr(exc)
-    pytest.fail(
-        f"PostgreSQL is not reachable at {PG_ADMIN_URL.render_as_string()} ({problem}); "
-        "start it or point CP_TEST_POSTGRES_URL at a server where we may create databases",
-        pytrace=False,
-    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,14 +46,8 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'store.db'}"
         return
-    name = f"cp_test_{uuid.uuid4().hex[:12]}"
-    admin = await _pg_admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield PG_ADMIN_URL.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
