@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -521,7 +522,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"image {IMAGE} is missing: run `bash scripts/build-images.sh`")
         results["environment"] = {
             "date": date.today().isoformat(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0],
+            "loadavg_1m": os.getloadavg()[0], "code": _code_version(),
             "os": _os_name(), "broker": await broker_version(),
             "docker": f"Docker {docker_client.version().get('Version')}",
             "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__,
@@ -616,6 +617,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _code_version() -> str:
+    """The commit measured, and whether the code (not bench/ or docs/) differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench", ":!docs"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{' + local changes' if dirty else ''}"
+
+
 def _os_name() -> str:
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
@@ -636,7 +649,8 @@ def _progress(text: str) -> None:
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     env = results["environment"]
     lines = [
-        f"controlplane lifecycle benchmark, {env['date']} (1-minute load average at start: {env['loadavg_1m']:.2f})",
+        (f"controlplane lifecycle benchmark, {env['date']}, code {env['code']} "
+         f"(1-minute load average at start: {env['loadavg_1m']:.2f})"),
         (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, {env['docker']}, "
          f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
         "",

@@ -67,18 +67,28 @@ def new_swarm_id(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(scope="session")
-async def vhost() -> AsyncIterator[str]:
+@asynccontextmanager
+async def fresh_vhost() -> AsyncIterator[str]:
+    """A RabbitMQ vhost of its own, deleted with everything in it afterwards."""
     name = f"cp-test-{uuid.uuid4().hex[:8]}"
-    async with aiohttp.ClientSession(headers=MANAGEMENT_AUTH) as http:
-        async with http.put(f"{MANAGEMENT}/api/vhosts/{quote(name, safe='')}") as resp:
+    path = quote(name, safe="")
+    async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
+        async with http.put(f"/api/vhosts/{path}") as resp:
             assert resp.status in (201, 204), await resp.text()
-        async with http.put(f"{MANAGEMENT}/api/permissions/{quote(name, safe='')}/guest",
+        async with http.put(f"/api/permissions/{path}/guest",
                             json={"configure": ".*", "write": ".*", "read": ".*"}) as resp:
             assert resp.status in (201, 204), await resp.text()
+        try:
+            yield name
+        finally:
+            async with http.delete(f"/api/vhosts/{path}"):
+                pass
+
+
+@pytest.fixture(scope="session")
+async def vhost() -> AsyncIterator[str]:
+    async with fresh_vhost() as name:
         yield name
-        async with http.delete(f"{MANAGEMENT}/api/vhosts/{quote(name, safe='')}"):
-            pass
 
 
 @pytest.fixture(scope="session")

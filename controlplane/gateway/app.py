@@ -16,6 +16,7 @@ from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.gateway.context import CTX, GatewayContext
 from controlplane.gateway.middleware import make_middlewares
+from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.surfaces import swarms
 from controlplane.gateway.tracker import Tracker
 from controlplane.scenarios import load_catalog
@@ -43,12 +44,24 @@ async def metrics_view(_: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+BASE_OPERATIONS = [
+    Op("GET", "/healthz", "Liveness", tags=("health",)),
+    Op("GET", "/readyz", "Readiness: broker and store", statuses=(200, 503), tags=("health",)),
+]
+
+
 def build_app(ctx: GatewayContext) -> web.Application:
     api_key = ctx.settings.api_key.get_secret_value() if ctx.settings.api_key else None
     app = web.Application(middlewares=make_middlewares(api_key, ctx.settings.protect_reads), client_max_size=1 << 20)
     app[CTX] = ctx
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view)])
     app.add_routes(swarms.routes())
+    spec = document(BASE_OPERATIONS + swarms.OPERATIONS)
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.json_response(spec)
+
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 

@@ -24,7 +24,7 @@ log = get_logger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 
 
 class ApiError(Exception):

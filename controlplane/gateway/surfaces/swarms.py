@@ -14,10 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.contract import keys
-from controlplane.contract.models import ActionRequest, CreateSwarmRequest, SwarmStatus, TemplateRequest, utcnow
+from controlplane.contract.models import (
+    ActionRequest, CreateSwarmRequest, Envelope, SwarmStatus, TemplateRequest, utcnow,
+)
 from controlplane.gateway.actions import Action, operation_view, submit
 from controlplane.gateway.context import CTX, GatewayContext
 from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.gateway.openapi import Op
 from controlplane.store import SwarmRow
 
 S = SwarmStatus
@@ -151,6 +154,26 @@ async def get_operation(request: web.Request) -> web.Response:
     if op is None:
         raise ApiError(404, "unknown-operation", f"no operation with correlationId {request.match_info['correlationId']!r}")
     return web.json_response(operation_view(op))
+
+
+ACTION_STATUSES = (202, 400, 401, 403, 404, 409, 422, 503)
+OPERATIONS = [
+    Op("POST", "/api/swarms/{swarmId}/create", "Create a swarm from a template", CreateSwarmRequest,
+       ACTION_STATUSES, Envelope, True, ("swarms",)),
+    Op("POST", "/api/swarms/{swarmId}/start", "Start a swarm (sig.swarm-start)", ActionRequest,
+       ACTION_STATUSES, Envelope, True, ("swarms",)),
+    Op("POST", "/api/swarms/{swarmId}/stop", "Stop a swarm, keeping its containers (sig.swarm-stop)", ActionRequest,
+       ACTION_STATUSES, Envelope, True, ("swarms",)),
+    Op("POST", "/api/swarms/{swarmId}/remove", "Remove a swarm (sig.swarm-remove)", ActionRequest,
+       ACTION_STATUSES, Envelope, True, ("swarms",)),
+    Op("POST", "/api/swarms/{swarmId}/template", "Apply a swarm plan (sig.swarm-template)", TemplateRequest,
+       ACTION_STATUSES, Envelope, True, ("swarms",)),
+    Op("GET", "/api/swarms", "List swarms", tags=("swarms",)),
+    Op("GET", "/api/swarms/{swarmId}", "One swarm: status, health, bees", statuses=(200, 400, 404), tags=("swarms",)),
+    Op("GET", "/api/templates", "Scenario templates and invalid scenario files", tags=("swarms",)),
+    Op("GET", "/api/operations/{correlationId}", "One operation and its outcome", statuses=(200, 404),
+       tags=("operations",)),
+]
 
 
 def routes() -> list[web.RouteDef]:

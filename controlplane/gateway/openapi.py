@@ -1,0 +1,85 @@
+"""The gateway's OpenAPI description, served at ``/openapi.json``.
+
+Request and envelope schemas come from the same pydantic models the handlers validate
+with, so the description cannot drift from what the gateway accepts. Each surface lists its
+operations as ``Op`` values next to its routes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from controlplane.contract.models import Envelope
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string"},
+        "message": {"type": "string"},
+        "fields": {"type": "array", "items": {"type": "object", "properties": {
+            "field": {"type": "string"}, "reason": {"type": "string"}}}},
+    },
+}
+REASONS = {200: "OK", 202: "Accepted: the correlation envelope", 400: "Invalid request", 401: "Missing bearer key",
+           403: "Wrong bearer key", 404: "Not found", 409: "Conflict with the current state or an open operation",
+           422: "Unprocessable: reused idempotencyKey or unknown reference", 503: "Broker or store unavailable"}
+
+
+@dataclass(frozen=True)
+class Op:
+    method: str
+    path: str
+    summary: str
+    body: type[BaseModel] | None = None
+    statuses: tuple[int, ...] = (200,)
+    response: type[BaseModel] | None = None  # schema of the success body; None: a JSON object
+    mutating: bool = False
+    tags: tuple[str, ...] = field(default=())
+
+
+def document(ops: list[Op], title: str = "controlplane") -> dict[str, Any]:
+    models = {m for op in ops for m in (op.body, op.response) if m is not None} | {Envelope}
+    _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+                                 ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        operation: dict[str, Any] = {"summary": op.summary, "operationId": _operation_id(op), "responses": {}}
+        if op.tags:
+            operation["tags"] = list(op.tags)
+        params = re.findall(r"{(\w+)}", op.path)
+        if params:
+            operation["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                                       for p in params]
+        if op.body is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
+        if op.mutating:
+            operation["security"] = [{"bearer": []}]
+        for status in op.statuses:
+            if status < 400:
+                schema = {"$ref": f"#/components/schemas/{op.response.__name__}"} if op.response else {"type": "object"}
+            else:
+                schema = {"$ref": "#/components/schemas/Error"}
+            operation["responses"][str(status)] = {"description": REASONS.get(status, ""),
+                                                   "content": {"application/json": {"schema": schema}}}
+        paths.setdefault(op.path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": {**defs.get("$defs", {}), "Error": ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation_id(op: Op) -> str:
+    words = re.sub(r"[{}]", "", op.path).strip("/").replace("/", "-")
+    return f"{op.method.lower()}-{words}"
