@@ -60,7 +60,8 @@ class Tracker:
         if outcome.signal.startswith("swarm-") and outcome.scope.swarm_id:
             await self._project_swarm(outcome)
         status = "succeeded" if outcome.result == "success" else "failed"
-        op = await self.store.set_operation_status(outcome.correlation_id, status, outcome.to_dict())
+        op = await self.store.set_operation_status(outcome.correlation_id, status, outcome.to_dict(),
+                                                   signal=outcome.signal, target=outcome_target(outcome))
         if op is not None:
             metrics.OPERATIONS_FINISHED.labels(op.signal, status).inc()
             metrics.OPERATION_SECONDS.labels(op.signal).observe((utcnow() - op.created_at).total_seconds())
@@ -121,6 +122,13 @@ class Tracker:
                 await self.store.update_swarm(op.swarm_id, status=SwarmStatus.FAILED, last_error={
                     "signal": op.signal, "code": "timeout", "message": outcome.message,
                     "correlationId": op.correlation_id})
+
+
+def outcome_target(outcome: Outcome) -> str:
+    """The target an outcome answers for, as operations record it (see ``actions.Action.scope``)."""
+    if outcome.scope.role and outcome.scope.instance:
+        return keys.component_scope(outcome.scope.role, outcome.scope.instance)
+    return keys.swarm_scope(outcome.scope.swarm_id or "")
 
 
 def timeout_outcome(op: OperationRow) -> Outcome:

@@ -128,23 +128,28 @@ class Store:
         return _replayed(record, request_hash) if record is not None else None
 
     async def set_operation_status(
-        self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None
+        self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None, *,
+        signal: str | None = None, target: str | None = None,
     ) -> OperationRow | None:
         """Move an open operation on; None when it was already final (or absent, or no move).
 
         Allowed: accepted → dispatched, and accepted|dispatched → a final status. The check
-        and the write are one UPDATE, so a late outcome cannot overwrite a timeout.
+        and the write are one UPDATE, so a late outcome cannot overwrite a timeout. With
+        ``signal``/``target`` only the operation of that signal on that target moves: signals a
+        controller fans out under the same correlation id do not close the caller's operation.
         """
-        target = OperationStatus(status)
-        if target == OperationStatus.ACCEPTED:
+        new_status = OperationStatus(status)
+        if new_status == OperationStatus.ACCEPTED:
             return None
-        from_ = (OperationStatus.ACCEPTED,) if target == OperationStatus.DISPATCHED else OPEN_STATUSES
-        values: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
+        from_ = (OperationStatus.ACCEPTED,) if new_status == OperationStatus.DISPATCHED else OPEN_STATUSES
+        values: dict[str, Any] = {"status": new_status.value, "updated_at": utcnow()}
         if outcome is not None:
             values["outcome"] = outcome
         stmt = (
             sa.update(operations)
-            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_))
+            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_),
+                   *([operations.c.signal == signal] if signal is not None else []),
+                   *([operations.c.target == target] if target is not None else []))
             .values(values)
             .returning(*operations.c)
         )

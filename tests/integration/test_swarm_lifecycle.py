@@ -92,6 +92,9 @@ async def test_full_lifecycle(stack: Stack, watch: Any, runtime: Any, vhost: str
 
     envelope, started = await act(stack, watcher, swarm_id, "start")
     assert envelope["timeoutMs"] == 180000 and started["state"]["status"] == "Running"
+    # The bee confirms under the same correlation id; only the swarm's own outcome closes the operation.
+    op = await eventually(lambda: _operation_if(stack, envelope["correlationId"], "succeeded"))
+    assert op and op["outcome"]["signal"] == "swarm-start" and op["outcome"]["state"]["status"] == "Running"
     work_queue = keys.hive_queue(swarm_id, "generated")
     assert await wait_depth_above(vhost, work_queue, 0) > 0, "a running generator publishes work"
     view = await eventually(lambda: _view_if(stack, swarm_id, "Running"))

@@ -463,3 +463,13 @@ async def test_timestamps_are_aware_utc(store: Store) -> None:
         action(created_at=datetime(2030, 1, 1))
     with pytest.raises(ValueError):
         SwarmRow(id="x", template_id="t", status="Ready", created_at=datetime(2030, 1, 1))
+
+
+async def test_only_the_operations_own_signal_closes_it(store: Store) -> None:
+    op = await started(store, action(idempotency_key="own"))
+    # A bee's config-update under the same correlation id leaves the swarm's operation open.
+    assert await store.set_operation_status(op.correlation_id, "succeeded", {"signal": "config-update"},
+                                            signal="config-update", target=op.target) is None
+    closed = await store.set_operation_status(op.correlation_id, "succeeded", {"signal": op.signal},
+                                              signal=op.signal, target=op.target)
+    assert closed is not None and closed.outcome == {"signal": op.signal}
