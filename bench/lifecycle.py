@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import itertools
 import json
 import os
@@ -50,6 +49,7 @@ from aiohttp import web
 from bench.httpload import percentile
 from controlplane import logs
 from controlplane.bus import Bus
+from controlplane.bus.management import Management
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.topology import load_topology
@@ -59,7 +59,6 @@ from controlplane.runtime.policy import RuntimePolicy
 
 BROKER = os.environ.get("CP_BENCH_BROKER", "127.0.0.1:5672")
 MANAGEMENT = os.environ.get("CP_BENCH_MANAGEMENT", "http://127.0.0.1:15672")
-MANAGEMENT_AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 DOCKER_URL = "unix:///var/run/docker.sock"
 IMAGE = "controlplane:local"
 TEMPLATE = "generator-demo"
@@ -91,31 +90,10 @@ def summary(values: list[float]) -> dict[str, float]:
 # --- infrastructure ------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def fresh_vhost() -> AsyncIterator[str]:
-    """A RabbitMQ vhost of this run's own (guest may do everything), deleted afterwards."""
-    name = f"cp-bench-{uuid.uuid4().hex[:8]}"
-    path = quote(name, safe="")
-    async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
-        async with http.put(f"/api/vhosts/{path}") as resp:
-            if resp.status not in (201, 204):
-                raise BenchError(f"cannot create vhost {name}: {resp.status} {await resp.text()}")
-        try:
-            async with http.put(f"/api/permissions/{path}/guest",
-                                json={"configure": ".*", "write": ".*", "read": ".*"}) as resp:
-                if resp.status not in (201, 204):
-                    raise BenchError(f"cannot grant guest on {name}: {resp.status} {await resp.text()}")
-            yield name
-        finally:
-            async with http.delete(f"/api/vhosts/{path}"):
-                pass
-
-
 async def broker_version() -> str:
     try:
-        async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http, \
-                http.get("/api/overview") as resp:
-            overview = await resp.json()
+        async with Management(MANAGEMENT) as management:
+            overview = await management.overview()
         return f"RabbitMQ {overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})"
     except Exception as exc:  # noqa: BLE001 - informative only
         return f"RabbitMQ (version unknown: {exc!r})"
@@ -527,7 +505,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "docker": f"Docker {docker_client.version().get('Version')}",
             "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__,
         }
-        async with fresh_vhost() as vhost:
+        async with Management(MANAGEMENT) as management, management.scratch_vhost("cp-bench") as vhost:
             settings = bench_settings(vhost, owner, tmp)
             amqp_url = settings.amqp_url.get_secret_value()
             async with AsyncExitStack() as stack:

@@ -8,7 +8,6 @@ containers it created itself.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import uuid
@@ -19,13 +18,13 @@ from typing import Any
 from urllib.parse import quote
 
 import aio_pika
-import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy.engine import make_url
 
 from controlplane.bus import Bus
+from controlplane.bus.management import Management
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.topology import load_topology
@@ -35,7 +34,6 @@ from controlplane.runtime.policy import RuntimePolicy
 
 BROKER = os.environ.get("CP_TEST_BROKER", "127.0.0.1:5672")
 MANAGEMENT = os.environ.get("CP_TEST_MANAGEMENT", "http://127.0.0.1:15672")
-MANAGEMENT_AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 
 
 PG_ADMIN_URL = make_url(os.environ.get("CP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
@@ -70,19 +68,8 @@ def new_swarm_id(prefix: str = "t") -> str:
 @asynccontextmanager
 async def fresh_vhost() -> AsyncIterator[str]:
     """A RabbitMQ vhost of its own, deleted with everything in it afterwards."""
-    name = f"cp-test-{uuid.uuid4().hex[:8]}"
-    path = quote(name, safe="")
-    async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
-        async with http.put(f"/api/vhosts/{path}") as resp:
-            assert resp.status in (201, 204), await resp.text()
-        async with http.put(f"/api/permissions/{path}/guest",
-                            json={"configure": ".*", "write": ".*", "read": ".*"}) as resp:
-            assert resp.status in (201, 204), await resp.text()
-        try:
-            yield name
-        finally:
-            async with http.delete(f"/api/vhosts/{path}"):
-                pass
+    async with Management(MANAGEMENT) as management, management.scratch_vhost("cp-test") as name:
+        yield name
 
 
 @pytest.fixture(scope="session")
@@ -129,21 +116,15 @@ async def runtime(owner: str) -> AsyncIterator[DockerRuntime]:
 
 
 async def drop_connections(connection_name: str, timeout: float = 20) -> int:
-    """Force-close a client's broker connections through the management API, as a broker
-    restart or a network cut would; returns how many were closed."""
-    async with aiohttp.ClientSession(MANAGEMENT, headers=MANAGEMENT_AUTH) as http:
+    """Force-close a client's broker connections, as a broker restart or a network cut would;
+    returns how many were closed."""
+    async with Management(MANAGEMENT) as management:
         async with asyncio.timeout(timeout):
-            while True:  # the management API lists a new connection a few seconds late
-                async with http.get("/api/connections") as resp:
-                    connections = await resp.json()
-                names = [c["name"] for c in connections
-                         if c.get("client_properties", {}).get("connection_name") == connection_name]
-                if names:
-                    break
+            # The management API lists a new connection a few seconds late.
+            while not (names := await management.connections_named(connection_name)):
                 await asyncio.sleep(1)
         for name in names:
-            async with http.delete(f"/api/connections/{quote(name, safe='')}", headers={"X-Reason": "test"}) as resp:
-                assert resp.status in (200, 204)
+            await management.close_connection(name, "test")
     return len(names)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import pytest
 
 from controlplane.contract import keys
-from tests.conftest import MANAGEMENT, MANAGEMENT_AUTH, Stack, new_key, new_swarm_id, running_stack
+from controlplane.bus.management import Management
+from tests.conftest import MANAGEMENT, Stack, new_key, new_swarm_id, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -18,11 +18,9 @@ TEMPLATE = "generator-demo"
 
 async def queue_depth(vhost: str, queue: str) -> int | None:
     """Messages in a queue per the management API (None when the queue does not exist)."""
-    async with aiohttp.ClientSession(headers=MANAGEMENT_AUTH) as http:
-        async with http.get(f"{MANAGEMENT}/api/queues/{vhost}/{queue}") as resp:
-            if resp.status == 404:
-                return None
-            return int((await resp.json()).get("messages", 0) or 0)
+    async with Management(MANAGEMENT) as management:
+        details = await management.queue(vhost, queue)
+    return None if details is None else int(details.get("messages", 0) or 0)
 
 
 async def wait_depth_above(vhost: str, queue: str, floor: int, timeout: float = 30) -> int:
