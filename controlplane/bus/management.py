@@ -7,6 +7,7 @@ a client's connection the way a broker restart would.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ class ManagementError(RuntimeError):
 class Management:
     def __init__(self, url: str = "http://127.0.0.1:15672", user: str = "guest", password: str = "guest") -> None:
         self._url = url.rstrip("/")
-        self._auth = aiohttp.BasicAuth(user, password).encode()
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Management:
