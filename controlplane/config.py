@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     allow_host_network: bool = False
     allow_privileged: bool = False
     allowed_mounts: list[str] = Field(default_factory=list)  # host paths, e.g. /var/run/docker.sock
+    # Images a swarm plan sent by a caller may run. Empty: the project image and the images
+    # the scenario templates name (the operator vetted those by shipping them).
+    allowed_images: list[str] = Field(default_factory=list)
     # Broker address as seen from inside bee and controller containers.
     bee_amqp_url: SecretStr | None = None
     bee_ready_timeout_s: float = Field(60.0, gt=0)

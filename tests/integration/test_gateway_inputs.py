@@ -59,6 +59,15 @@ async def test_swarm_plan_cannot_ask_for_privileges(gateway: Stack) -> None:
     assert status == 400 and "privileged" in body["message"]
 
 
+async def test_swarm_plan_runs_only_allowed_images(gateway: Stack) -> None:
+    plan = {"bees": [{"name": "ok", "role": "generator", "image": "controlplane:local"},
+                     {"name": "x", "role": "generator", "image": "controlplane-busybox:local"}]}
+    status, body = await gateway.post(f"/api/swarms/{new_swarm_id()}/template",
+                                      {"idempotencyKey": new_key(), "swarmPlan": plan})
+    assert status == 422 and body["fields"] == [
+        {"field": "swarmPlan.bees.1.image", "reason": "image 'controlplane-busybox:local' is not allowed"}]
+
+
 async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
     status, body = await gateway.get("/api/templates")
     assert status == 200

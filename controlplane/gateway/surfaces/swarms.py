@@ -15,7 +15,7 @@ from aiohttp import web
 
 from controlplane.contract import keys
 from controlplane.contract.models import (
-    ActionRequest, CreateSwarmRequest, Envelope, SwarmStatus, TemplateRequest, utcnow,
+    ActionRequest, CreateSwarmRequest, Envelope, SwarmPlan, SwarmStatus, TemplateRequest, utcnow,
 )
 from controlplane.gateway.actions import Action, operation_view, submit
 from controlplane.gateway.context import CTX, GatewayContext
@@ -75,7 +75,10 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
         ctx = request.app[CTX]
         swarm_id = _swarm_id(request)
         body = model.model_validate(await read_json(request))
-        args = {"swarmPlan": body.swarm_plan.model_dump(mode="json", by_alias=True)} if isinstance(body, TemplateRequest) else {}
+        args: dict[str, Any] = {}
+        if isinstance(body, TemplateRequest):
+            _check_images(ctx, body.swarm_plan)
+            args = {"swarmPlan": body.swarm_plan.model_dump(mode="json", by_alias=True)}
 
         async def precondition() -> None:
             swarm = await ctx.store.get_swarm(swarm_id)
@@ -89,6 +92,23 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
         return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
 
     return handler
+
+
+def allowed_images(ctx: GatewayContext) -> set[str]:
+    if ctx.settings.allowed_images:
+        return set(ctx.settings.allowed_images)
+    named = {bee.image for template in ctx.catalog.templates.values() for bee in template.bees}
+    return named | {ctx.settings.project_image}
+
+
+def _check_images(ctx: GatewayContext, plan: SwarmPlan) -> None:
+    """A caller's plan runs only images the operator allowed (CP_ALLOWED_IMAGES)."""
+    allowed = allowed_images(ctx)
+    refused = [{"field": f"swarmPlan.bees.{i}.image", "reason": f"image {bee.image!r} is not allowed"}
+               for i, bee in enumerate(plan.bees) if bee.image not in allowed]
+    if refused:
+        raise ApiError(422, "image-not-allowed", "; ".join(f"{r['field']}: {r['reason']}" for r in refused)
+                       + f" (allowed: {', '.join(sorted(allowed))}; see CP_ALLOWED_IMAGES)", refused)
 
 
 def health(swarm: SwarmRow, interval_s: float) -> str:
