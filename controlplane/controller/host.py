@@ -125,6 +125,9 @@ class HostController:
                                          f"swarm-controller did not hand-shake within {timeout_s:g}s", retryable=True)
         except ContainerRuntimeError as exc:
             outcome = self._create_error(sig, "controller-launch-failed", str(exc), retryable=True)
+        except Exception as exc:  # never leave the caller waiting for a timeout on a bug
+            log.exception("swarm create failed", swarm_id=swarm_id)
+            outcome = self._create_error(sig, "internal-error", f"{type(exc).__name__}: {exc}")
         finally:
             self._handshakes.pop(swarm_id, None)
         if outcome.result == "error":
