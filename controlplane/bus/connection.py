@@ -2,18 +2,22 @@
 
 aio-pika's robust connection re-opens channels, re-declares what was declared through it
 and restarts consumers after a broker restart, so callers hold on to one ``Bus`` for the
-life of the process. Publishing waits for the broker's confirm; consumers ack only after
-the handler returned, so a crash mid-work means redelivery, not loss.
+life of the process. It retries restoring only channels that consume, though: a publishing
+channel whose restore met a broker still starting up stays closed. So publishing heals its
+own channel, retrying for a bounded time. Publishing waits for the broker's confirm;
+consumers ack only after the handler returned, so a crash mid-work means redelivery, not loss.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -24,14 +28,27 @@ from controlplane.logs import get_logger
 
 log = get_logger("bus")
 
+# How long a publish or declaration is retried while the broker connection is being restored.
+PUBLISH_RETRY_S = 10.0
+# Errors that mean "the connection or channel is not usable right now", not "refused".
+TRANSIENT: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ConnectionClosed,
+    aio_pika.exceptions.AMQPConnectionError,
+    ConnectionError,
+    RuntimeError,  # aio-pika: "Connection was not opened" while reconnecting
+)
+
 Handler = Callable[[str, dict[str, Any], AbstractIncomingMessage], Awaitable[None]]
 
 
 class Bus:
-    def __init__(self, url: str, topology: Topology, name: str = "controlplane") -> None:
+    def __init__(self, url: str, topology: Topology, name: str = "controlplane",
+                 publish_retry_s: float = PUBLISH_RETRY_S) -> None:
         self._url = url
         self.topology = topology
         self._name = name
+        self._publish_retry_s = publish_retry_s
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
@@ -45,10 +62,25 @@ class Bus:
             with attempt:
                 self._connection = await aio_pika.connect_robust(
                     self._url, client_properties={"connection_name": self._name})
-        self._publisher = await self._connection.channel(publisher_confirms=True)
         for decl in self.topology.exchanges:
             await self.declare_exchange(decl)
         return self
+
+    async def _publishing_channel(self) -> AbstractRobustChannel:
+        """The confirmed channel for publishing and declaring; a dead one is replaced."""
+        if self._publisher is None or self._publisher.is_closed:
+            dead, self._publisher = self._publisher, None
+            if dead is not None:
+                with suppress(Exception):
+                    await dead.close()
+            self._exchanges.clear()
+            self._publisher = await self.connection.channel(publisher_confirms=True)
+        return self._publisher
+
+    def _retrying(self) -> AsyncRetrying:
+        """Retry an operation while the broker connection is being restored."""
+        return AsyncRetrying(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_delay(self._publish_retry_s),
+                             wait=wait_exponential(0.1, max=1), reraise=True)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -80,23 +112,27 @@ class Bus:
     # --- declarations ---------------------------------------------------------------
 
     async def declare_exchange(self, decl: ExchangeDecl) -> aio_pika.abc.AbstractExchange:
-        assert self._publisher is not None
-        exchange = await self._publisher.declare_exchange(decl.name, type=decl.type, durable=decl.durable)
+        async for attempt in self._retrying():
+            with attempt:
+                channel = await self._publishing_channel()
+                exchange = await channel.declare_exchange(decl.name, type=decl.type, durable=decl.durable)
         self._exchanges[decl.name] = exchange
         return exchange
 
     async def declare_queue(self, decl: QueueDecl, channel: AbstractRobustChannel | None = None) -> aio_pika.abc.AbstractQueue:
-        ch = channel or self._publisher
-        assert ch is not None
-        queue = await ch.declare_queue(decl.name, durable=decl.durable, arguments=decl.arguments)
-        for binding in decl.bindings:
-            await queue.bind(binding.exchange, routing_key=binding.key)
+        async for attempt in self._retrying():
+            with attempt:
+                ch = channel or await self._publishing_channel()
+                queue = await ch.declare_queue(decl.name, durable=decl.durable, arguments=decl.arguments)
+                for binding in decl.bindings:
+                    await queue.bind(binding.exchange, routing_key=binding.key)
         return queue
 
     async def bind(self, queue: str, exchange: str, key: str) -> None:
-        assert self._publisher is not None
-        q = await self._publisher.get_queue(queue, ensure=True)
-        await q.bind(exchange, routing_key=key)
+        async for attempt in self._retrying():
+            with attempt:
+                q = await (await self._publishing_channel()).get_queue(queue, ensure=True)
+                await q.bind(exchange, routing_key=key)
 
     async def delete_queue(self, name: str) -> None:
         ch = await self.connection.channel()
@@ -117,8 +153,11 @@ class Bus:
 
     async def publish(self, routing_key: str, body: Wire | dict[str, Any], *, correlation_id: str | None = None,
                       exchange: str = keys.CONTROL_EXCHANGE, reply_to: str | None = None) -> None:
-        """Publish JSON persistently and wait for the broker's confirm."""
-        assert self._publisher is not None, "bus is not connected"
+        """Publish JSON persistently and wait for the broker's confirm.
+
+        While the connection is being restored the publish is retried, for a bounded time;
+        a receiver may then see a message twice, which idempotency keys make harmless.
+        """
         payload = body.to_json() if isinstance(body, Wire) else json.dumps(body).encode()
         message = aio_pika.Message(
             payload,
@@ -130,11 +169,13 @@ class Bus:
             reply_to=reply_to,
             app_id=self._name,
         )
-        target = self._publisher.default_exchange if exchange == "" else self._exchanges.get(exchange)
-        if target is None:
-            target = await self._publisher.get_exchange(exchange, ensure=False)
-            self._exchanges[exchange] = target
-        await target.publish(message, routing_key=routing_key)
+        async for attempt in self._retrying():
+            with attempt:
+                channel = await self._publishing_channel()
+                target = channel.default_exchange if exchange == "" else self._exchanges.get(exchange)
+                if target is None:
+                    target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+                await target.publish(message, routing_key=routing_key)
 
     # --- consuming ------------------------------------------------------------------
 

@@ -47,7 +47,13 @@ async def test_swarm_obeys_after_a_broker_restart(stack: Stack, watch: Any) -> N
         assert status == 503, envelope
         await asyncio.sleep(0.5)
     assert status == 202
-    stopped = await watcher.wait_for(f"ev.ready.swarm-stop.{swarm_id}", 90,
-                                     where=lambda b: b["correlationId"] == envelope["correlationId"])
+    try:
+        stopped = await watcher.wait_for(f"ev.ready.swarm-stop.{swarm_id}", 60,
+                                         where=lambda b: b["correlationId"] == envelope["correlationId"])
+    except TimeoutError:
+        op = await stack.get(f"/api/operations/{envelope['correlationId']}")
+        view = await stack.get(f"/api/swarms/{swarm_id}")
+        logs = await stack.host.runtime.logs_tail(f"cp-{swarm_id}-generator", 40)
+        pytest.fail(f"no outcome; operation {op}; swarm {view}; bee log {logs}")
     assert stopped["state"]["status"] == "Stopped", "controller and bee obeyed after the restart"
     await act(stack, watcher, swarm_id, "remove")
