@@ -2,8 +2,8 @@
 
 Every surface goes through ``submit``. The order matters:
 1. a known idempotency key is answered from its record (same body: the same envelope;
-   another body: 422) before anything else is checked, so a retry never sees a 409 caused
-   by its own first attempt;
+   another body: 422) before anything else is checked, and again before any 409, so a retry
+   or a concurrent duplicate never sees a conflict caused by its own first attempt;
 2. the surface's precondition (the swarm exists, its state allows the action);
    a conflict with an operation still open waits briefly for that operation to close, because
    a caller reacting to an outcome event may arrive before the gateway has projected it;
@@ -106,7 +106,13 @@ async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
         try:
             await precondition()
         except ApiError as exc:
-            if exc.status != 409 or not await _settled(store, settings, action.swarm_id):
+            if exc.status != 409:
+                raise
+            # A concurrent duplicate may have won between the lookup and the precondition.
+            known = await store.find_action(action.signal, action.scope, key, digest)
+            if known is not None:
+                return _replay(known, action)
+            if not await _settled(store, settings, action.swarm_id):
                 raise
             await precondition()
 
