@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import aiohttp
@@ -56,9 +55,8 @@ from controlplane.contract.topology import load_topology
 from controlplane.runtime.docker import DockerRuntime
 from controlplane.runtime.labels import filter_for
 from controlplane.runtime.policy import RuntimePolicy
+from tests.conftest import MANAGEMENT, make_settings
 
-BROKER = os.environ.get("CP_BENCH_BROKER", "127.0.0.1:5672")
-MANAGEMENT = os.environ.get("CP_BENCH_MANAGEMENT", "http://127.0.0.1:15672")
 DOCKER_URL = "unix:///var/run/docker.sock"
 IMAGE = "controlplane:local"
 TEMPLATE = "generator-demo"
@@ -100,19 +98,8 @@ async def broker_version() -> str:
 
 
 def bench_settings(vhost: str, owner: str, tmp: Path) -> Settings:
-    return Settings(
-        amqp_url=f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}",
-        database_url=f"sqlite+aiosqlite:///{tmp / 'controlplane.db'}",
-        instance_id=owner,
-        controller_mode="inprocess",
-        project_image=IMAGE,
-        bee_network="host",
-        allow_host_network=True,
-        allowed_mounts=["/var/run/docker.sock"],
-        status_interval_s=1.0,
-        bee_ready_timeout_s=45.0,
-        log_level="WARNING",
-    )
+    """The test suite's settings for a throwaway control plane on this machine."""
+    return make_settings(vhost, owner, tmp, project_image=IMAGE, controller_mode="inprocess")
 
 
 @asynccontextmanager
