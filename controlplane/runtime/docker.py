@@ -141,7 +141,9 @@ class DockerRuntime:
         return await self._run("get", lambda: self._inspect(name_or_id))
 
     async def list(self, labels: dict[str, str], all: bool = True) -> list[ContainerInfo]:
-        """Containers carrying every given label (see ``labels.filter_for``); stopped ones too unless ``all=False``."""
+        """Containers carrying every given label (see ``labels.filter_for``); stopped ones too unless ``all=False``.
+
+        Built from the list alone: ``started_at`` is None here; ``get`` has the full inspect."""
         return await self._run("list", lambda: self._list(labels, all))
 
     async def logs_tail(self, name_or_id: str, lines: int = 50) -> str:
@@ -308,12 +310,8 @@ class DockerRuntime:
     def _list(self, labels: dict[str, str], all: bool) -> list[ContainerInfo]:
         api = self._client()
         filters: dict[str, Any] = {"label": [f"{key}={value}" for key, value in labels.items()]}
-        infos = []
-        for summary in api.containers(all=all, filters=filters):
-            info = self._inspect(summary["Id"])
-            if info is not None:  # removed between listing and inspecting
-                infos.append(info)
-        return infos
+        # One engine call: controllers list their bees on every heartbeat.
+        return [ContainerInfo.from_summary(summary) for summary in api.containers(all=all, filters=filters)]
 
     def _logs_tail(self, name_or_id: str, lines: int) -> str:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,34 @@ class ContainerInfo:
             started_at=None if started_at == _NEVER_STARTED else started_at,
             ports=_published_ports((attrs.get("NetworkSettings") or {}).get("Ports") or {}),
         )
+
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> ContainerInfo:
+        """Build from one entry of the engine's container list, without another call.
+
+        The list has no start time; the exit code is read from its status text
+        ("Exited (1) 3 seconds ago"). ``DockerRuntime.get`` inspects when more is needed.
+        """
+        status = summary.get("State", "unknown")
+        exited = _EXIT_CODE.match(summary.get("Status", "")) if status in ("exited", "dead") else None
+        ports: dict[str, int | None] = {}
+        for port in summary.get("Ports") or ():
+            key = f"{port['PrivatePort']}/{port.get('Type', 'tcp')}"
+            ports[key] = ports.get(key) or port.get("PublicPort")
+        return cls(
+            id=summary["Id"],
+            name=(summary.get("Names") or [""])[0].lstrip("/"),
+            image=summary.get("Image", ""),
+            state=status,
+            exit_code=int(exited.group(1)) if exited else None,
+            labels=dict(summary.get("Labels") or {}),
+            started_at=None,
+            ports=ports,
+        )
+
+
+_EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
 
 
 def _published_ports(raw: dict[str, list[dict[str, str]] | None]) -> dict[str, int | None]:

@@ -214,6 +214,21 @@ async def test_logs_tail_and_wait_state(runtime: DockerRuntime, make_spec) -> No
     assert await runtime.wait_state(spec.name, {"paused"}, timeout=0.3) is None
 
 
+async def test_list_agrees_with_inspect(runtime: DockerRuntime, make_spec, run_swarm) -> None:
+    crashed = make_spec("crashed", command=["sh", "-c", "exit 3"])
+    await runtime.ensure_running(crashed)
+    assert await runtime.wait_state(crashed.name, {"exited"}, timeout=10) is not None
+    await runtime.ensure_running(make_spec("listed-port", ports={"8080/tcp": None}))
+    listed = {i.name: i for i in await runtime.list(filter_for(swarm_id=run_swarm))}
+    for name in (crashed.name, make_spec("listed-port").name):
+        full = await runtime.get(name)
+        assert full is not None
+        summary = listed[name]
+        assert (summary.id, summary.image, summary.state, summary.exit_code, summary.labels, summary.ports) == \
+            (full.id, full.image, full.state, full.exit_code, full.labels, full.ports)
+    assert listed[crashed.name].exit_code == 3
+
+
 async def test_published_port_is_reported(runtime: DockerRuntime, make_spec) -> None:
     info = await runtime.ensure_running(make_spec("ports", ports={"8080/tcp": None}))
     host_port = info.ports.get("8080/tcp")
