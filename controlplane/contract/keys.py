@@ -61,6 +61,19 @@ def component_scope(role: str, instance: str) -> str:
     return f"{check_slug(role, 'role')}.{check_slug(instance, 'instance')}"
 
 
+def scope_of(swarm_id: str | None, role: str | None = None, instance: str | None = None) -> str:
+    """The scope segment(s) of a key: ``<role>.<instance>`` for a component, else ``<swarmId>``."""
+    if role and instance:
+        return component_scope(role, instance)
+    return swarm_scope(swarm_id or "")
+
+
+def split_scope(scope: str) -> tuple[str | None, str | None]:
+    """``(role, instance)`` of a component scope; ``(None, None)`` for a swarm scope."""
+    role, dot, instance = scope.partition(".")
+    return (role, instance) if dot else (None, None)
+
+
 def signal_key(signal: str, scope: str) -> str:
     return f"sig.{signal}.{scope}"
 
@@ -83,6 +96,13 @@ def controller_handshake_key(instance: str, ok: bool = True) -> str:
     """``ev.ready.swarm-controller.<instance>``: the instance alone is the scope here."""
     scope = check_slug(instance, "instance")
     return ready_key(CONTROLLER_ROLE, scope) if ok else error_key(CONTROLLER_ROLE, scope)
+
+
+def component_event_patterns(role: str, instance: str) -> tuple[str, str]:
+    """Binding patterns for every event a component emits: its status reports
+    (``ev.<kind>.<role>.<instance>``) and its outcomes (``ev.<result>.<signal>.<role>.<instance>``)."""
+    scope = component_scope(role, instance)
+    return f"ev.*.{scope}", f"ev.*.*.{scope}"
 
 
 def hive_exchange(swarm_id: str) -> str:

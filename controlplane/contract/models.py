@@ -167,9 +167,7 @@ class Signal(Wire):
 
     @property
     def scope(self) -> str:
-        if self.role and self.instance:
-            return keys.component_scope(self.role, self.instance)
-        return keys.swarm_scope(self.swarm_id or "")
+        return keys.scope_of(self.swarm_id, self.role, self.instance)
 
     def routing_key(self) -> str:
         return keys.signal_key(self.signal, self.scope)
@@ -179,6 +177,9 @@ class Scope(Wire):
     swarm_id: str | None = None
     role: str | None = None
     instance: str | None = None
+
+    def key(self) -> str:
+        return keys.scope_of(self.swarm_id, self.role, self.instance)
 
 
 class SwarmStatus(StrEnum):
@@ -216,12 +217,8 @@ class Outcome(Wire):
     retryable: bool | None = None
 
     def routing_key(self) -> str:
-        if self.scope.role and self.scope.instance:
-            scope = keys.component_scope(self.scope.role, self.scope.instance)
-        else:
-            scope = keys.swarm_scope(self.scope.swarm_id or "")
         build = keys.ready_key if self.result == "success" else keys.error_key
-        return build(self.signal, scope)
+        return build(self.signal, self.scope.key())
 
     @classmethod
     def for_signal(cls, sig: Signal, **fields: Any) -> Outcome:

@@ -189,7 +189,7 @@ class SwarmController:
     async def _run_bee(self, bee: BeeSpec) -> None:
         spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner)
         instance = spec.labels["controlplane.instance"]
-        for key in (f"ev.*.{bee.role}.{instance}", f"ev.*.*.{bee.role}.{instance}"):
+        for key in keys.component_event_patterns(bee.role, instance):
             await self.bus.bind(self._queue_decl.name, keys.CONTROL_EXCHANGE, key)
         state = self.bees[instance] = BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image)
         first_status = self._expect(("status-full", instance))

@@ -65,9 +65,7 @@ class Action:
 
     @property
     def scope(self) -> str:
-        if self.role and self.instance:
-            return keys.component_scope(self.role, self.instance)
-        return keys.swarm_scope(self.swarm_id or "")
+        return keys.scope_of(self.swarm_id, self.role, self.instance)
 
     def watch(self) -> Watch:
         if self.info_only:

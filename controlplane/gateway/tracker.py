@@ -61,7 +61,7 @@ class Tracker:
             await self._project_swarm(outcome)
         status = "succeeded" if outcome.result == "success" else "failed"
         op = await self.store.set_operation_status(outcome.correlation_id, status, outcome.to_dict(),
-                                                   signal=outcome.signal, target=outcome_target(outcome))
+                                                   signal=outcome.signal, target=outcome.scope.key())
         if op is not None:
             metrics.OPERATIONS_FINISHED.labels(op.signal, status).inc()
             metrics.OPERATION_SECONDS.labels(op.signal).observe((utcnow() - op.created_at).total_seconds())
@@ -124,16 +124,9 @@ class Tracker:
                     "correlationId": op.correlation_id})
 
 
-def outcome_target(outcome: Outcome) -> str:
-    """The target an outcome answers for, as operations record it (see ``actions.Action.scope``)."""
-    if outcome.scope.role and outcome.scope.instance:
-        return keys.component_scope(outcome.scope.role, outcome.scope.instance)
-    return keys.swarm_scope(outcome.scope.swarm_id or "")
-
-
 def timeout_outcome(op: OperationRow) -> Outcome:
-    role, _, instance = op.target.partition(".") if "." in op.target else ("", "", "")
-    scope = Scope(swarm_id=op.swarm_id, role=role or None, instance=instance or None)
+    role, instance = keys.split_scope(op.target)
+    scope = Scope(swarm_id=op.swarm_id, role=role, instance=instance)
     return Outcome(correlation_id=op.correlation_id, idempotency_key=op.idempotency_key, signal=op.signal,
                    scope=scope, result="error", state=OutcomeState(), phase="gateway", code="timeout",
                    message=f"no outcome for {op.signal} on {op.target} within {op.timeout_ms} ms", retryable=True)

@@ -18,6 +18,9 @@ def test_keys_follow_the_specification() -> None:
     assert keys.controller_handshake_key("alpha") == "ev.ready.swarm-controller.alpha"
     assert keys.hive_exchange("alpha") == "ph.alpha.hive"
     assert keys.hive_queue("alpha", "generated") == "ph.alpha.generated"
+    assert keys.scope_of("alpha") == "alpha" and keys.scope_of("alpha", "generator", "a-gen") == "generator.a-gen"
+    assert keys.split_scope("generator.a-gen") == ("generator", "a-gen") and keys.split_scope("alpha") == (None, None)
+    assert keys.component_event_patterns("generator", "a-gen") == ("ev.*.generator.a-gen", "ev.*.*.generator.a-gen")
 
 
 @pytest.mark.parametrize("key", [
