@@ -135,19 +135,22 @@ class Bus:
                 await q.bind(exchange, routing_key=key)
 
     async def delete_queue(self, name: str) -> None:
-        ch = await self.connection.channel()
-        try:
-            await ch.queue_delete(name)
-        finally:
-            await ch.close()
+        await self._on_short_channel(lambda ch: ch.queue_delete(name))
 
     async def delete_exchange(self, name: str) -> None:
-        ch = await self.connection.channel()
-        try:
-            await ch.exchange_delete(name)
-        finally:
-            await ch.close()
+        await self._on_short_channel(lambda ch: ch.exchange_delete(name))
         self._exchanges.pop(name, None)
+
+    async def _on_short_channel(self, operation: Callable[[AbstractRobustChannel], Awaitable[Any]]) -> None:
+        """Run a one-off operation on a channel of its own, which a refusal cannot poison."""
+        async for attempt in self._retrying():
+            with attempt:
+                channel = await self.connection.channel()
+                try:
+                    await operation(channel)
+                finally:
+                    with suppress(Exception):
+                        await channel.close()
 
     # --- publishing -----------------------------------------------------------------
 
