@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import defaultdict
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,11 +18,27 @@ from controlplane.bus import Bus, Consumer
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.dedup import OutcomeMemory
-from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
-from controlplane.controller.swarm import SwarmController, plan_from_labels, teardown_swarm
+from controlplane.contract.models import (
+    Outcome,
+    OutcomeState,
+    Signal,
+    SwarmPlan,
+    SwarmStatus,
+)
+from controlplane.controller.swarm import (
+    SwarmController,
+    plan_from_containers,
+    teardown_swarm,
+)
 from controlplane.logs import get_logger
-from controlplane.runtime.docker import ContainerRuntimeError, ContainerSpec, DockerRuntime, Mount
-from controlplane.runtime.labels import filter_for, managed_labels
+from controlplane.runtime.docker import (
+    ContainerInfo,
+    ContainerRuntimeError,
+    ContainerSpec,
+    DockerRuntime,
+    Mount,
+)
+from controlplane.runtime.labels import KIND, SWARM, filter_for, managed_labels
 
 log = get_logger("host-controller")
 
@@ -57,23 +74,21 @@ class HostController:
     # --- re-adoption ----------------------------------------------------------------------
 
     async def adopt(self) -> list[str]:
+        """Serve again every swarm this owner launched: launching is idempotent by name, so a
+        running controller container or bee is kept as it is."""
         # Only what this host controller's owner id launched: another control plane on the
         # same engine keeps its own swarms.
-        managed = await self.runtime.list(filter_for(owner=self.owner))
-        swarms = sorted({i.labels["controlplane.swarm"] for i in managed
-                         if i.labels.get("controlplane.swarm") and i.labels.get("controlplane.kind") in ("bee", "swarm-controller")})
-        for swarm_id in swarms:
-            if self.settings.controller_mode == "container":
-                info = await self.runtime.get(keys.container_name(swarm_id, "ctl"))
-                if info is not None:
-                    await self.runtime.ensure_running(self._controller_container(swarm_id, None, None))
-                    continue
-            plan = await plan_from_labels(self.runtime, swarm_id)
-            if plan is not None:
+        by_swarm: dict[str, list[ContainerInfo]] = defaultdict(list)
+        for info in await self.runtime.list(filter_for(owner=self.owner)):
+            if info.labels.get(SWARM) and info.labels.get(KIND) in ("bee", "swarm-controller"):
+                by_swarm[info.labels[SWARM]].append(info)
+        for swarm_id, containers in sorted(by_swarm.items()):
+            plan = plan_from_containers(containers)
+            if plan is not None or self.settings.controller_mode == "container":
                 await self._launch(swarm_id, plan, None)
-        if swarms:
-            log.info("re-adopted swarms", swarms=swarms)
-        return swarms
+        if by_swarm:
+            log.info("re-adopted swarms", swarms=sorted(by_swarm))
+        return sorted(by_swarm)
 
     # --- messages -------------------------------------------------------------------------
 
@@ -157,11 +172,13 @@ class HostController:
 
     # --- controller runtimes ---------------------------------------------------------------
 
-    async def _launch(self, swarm_id: str, plan: SwarmPlan, sig: Signal | None) -> None:
+    async def _launch(self, swarm_id: str, plan: SwarmPlan | None, sig: Signal | None) -> None:
+        """Start the swarm's controller; ``plan`` may be None only for a controller container
+        that already exists (it reads its plan from its bees)."""
         if self.settings.controller_mode == "container":
             await self.runtime.ensure_running(self._controller_container(swarm_id, plan, sig))
             return
-        if self.controller_alive(swarm_id):
+        if self.controller_alive(swarm_id) or plan is None:
             return
         controller = SwarmController(self.bus, self.runtime, self.settings, swarm_id, plan, self.owner, sig)
         task = asyncio.create_task(controller.run(), name=f"swarm-controller.{swarm_id}")

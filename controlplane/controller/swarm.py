@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from controlplane.bus import Bus
@@ -20,13 +20,28 @@ from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import (
-    BeeSpec, BeeState, Outcome, OutcomeState, Scope, Signal, Status, SwarmPlan, SwarmStatus, new_id, utcnow,
+    BeeSpec,
+    BeeState,
+    Outcome,
+    OutcomeState,
+    Scope,
+    Signal,
+    Status,
+    SwarmPlan,
+    SwarmStatus,
+    new_id,
+    utcnow,
 )
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
-    ContainerRuntimeError, ContainerSpec, DockerRuntime, ImageMissing, PolicyViolation,
+    ContainerInfo,
+    ContainerRuntimeError,
+    ContainerSpec,
+    DockerRuntime,
+    ImageMissing,
+    PolicyViolation,
 )
-from controlplane.runtime.labels import filter_for, managed_labels
+from controlplane.runtime.labels import KIND, SPEC, filter_for, managed_labels
 
 log = get_logger("swarm-controller")
 
@@ -389,11 +404,12 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
     await bus.delete_exchange(keys.hive_exchange(swarm_id))
 
 
-async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
-    """Rebuild a running swarm's plan from its bees' labels (for re-adoption)."""
-    bees = []
-    for info in await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)):
-        spec = info.labels.get("controlplane.spec")
-        if spec:
-            bees.append(BeeSpec.model_validate_json(spec))
+def plan_from_containers(containers: Iterable[ContainerInfo]) -> SwarmPlan | None:
+    """Rebuild a swarm's plan from its bees' labels (for re-adoption); None without bees."""
+    bees = [BeeSpec.model_validate_json(info.labels[SPEC]) for info in containers
+            if info.labels.get(KIND) == "bee" and info.labels.get(SPEC)]
     return SwarmPlan(bees=bees) if bees else None
+
+
+async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
+    return plan_from_containers(await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)))

@@ -254,6 +254,8 @@ async def test_missing_image_fails_create_with_its_code(settings_factory: Any, r
 
 
 async def test_controller_in_a_container(settings_factory: Any, runtime: Any, watch: Any) -> None:
+    from controlplane.controller.host import HostController
+
     settings = settings_factory(controller_mode="container")
     async with running_stack(settings, runtime) as stack:
         swarm_id = new_swarm_id()
@@ -264,6 +266,13 @@ async def test_controller_in_a_container(settings_factory: Any, runtime: Any, wa
         assert controller.labels["controlplane.kind"] == "swarm-controller"
         _, started = await act(stack, watcher, swarm_id, "start")
         assert started["state"]["status"] == "Running"
+        # A host controller restart keeps the controller container as it is.
+        await stack.host.stop()
+        stack.host = await HostController(stack.bus, runtime, settings).start()
+        kept = await runtime.get(keys.container_name(swarm_id, "ctl"))
+        assert kept is not None and kept.id == controller.id and kept.state == "running"
+        _, stopped = await act(stack, watcher, swarm_id, "stop")
+        assert stopped["state"]["status"] == "Stopped"
         await act(stack, watcher, swarm_id, "remove")
         for _ in range(50):
             if await runtime.get(keys.container_name(swarm_id, "ctl")) is None:
