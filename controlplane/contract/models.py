@@ -101,6 +101,10 @@ class SwarmPlan(Strict):
         self.start_order()  # raises on a cycle
         return self
 
+    def work_suffixes(self) -> set[str]:
+        """Suffixes of every work queue the plan's bees read or write."""
+        return {s for b in self.bees for s in (b.work.in_, b.work.out) if s}
+
     def start_order(self) -> list[BeeSpec]:
         """Bees ordered so that every bee starts after the ones it depends on.
 

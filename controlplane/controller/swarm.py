@@ -41,7 +41,7 @@ from controlplane.runtime.docker import (
     ImageMissing,
     PolicyViolation,
 )
-from controlplane.runtime.labels import KIND, SPEC, filter_for, managed_labels
+from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for, managed_labels
 
 log = get_logger("swarm-controller")
 
@@ -66,7 +66,7 @@ def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: s
         "CP_ROLE": bee.role,
         "CP_INSTANCE": instance,
         "CP_BEE_CONFIG": _json(bee.config),
-        "CP_ENABLED": "false",
+        "CP_ENABLED": "true" if bee.enabled else "false",
         "CP_STATUS_INTERVAL_S": str(settings.status_interval_s),
     })
     if bee.work.in_:
@@ -123,7 +123,7 @@ class SwarmController:
                 await self._teardown()
                 self._removed.set()  # nothing is left to serve: the queue goes too
                 return
-            self.status = self._adopted_status()
+            self.status = self._status_from_bees()
             await self._handshake(None)
             await self._removed.wait()
         finally:
@@ -133,7 +133,7 @@ class SwarmController:
             if self._removed.is_set():
                 await self.bus.delete_queue(self._queue_decl.name)
 
-    def _adopted_status(self) -> SwarmStatus:
+    def _status_from_bees(self) -> SwarmStatus:
         if any(b.enabled for b in self.bees.values()):
             return SwarmStatus.RUNNING
         return SwarmStatus.READY
@@ -184,7 +184,7 @@ class SwarmController:
 
     async def _refresh_containers(self) -> None:
         """Docker is the truth for container state: a killed bee shows as exited or missing."""
-        found = {i.labels.get("controlplane.instance"): i
+        found = {i.labels.get(INSTANCE): i
                  for i in await self.runtime.list(filter_for(kind="bee", swarm_id=self.swarm_id))}
         for instance, bee in self.bees.items():
             info = found.get(instance)
@@ -196,14 +196,14 @@ class SwarmController:
     async def _apply(self, plan: SwarmPlan) -> None:
         topology = self.bus.topology
         await self.bus.declare_exchange(topology.hive_exchange(self.swarm_id))
-        for suffix in sorted({s for b in plan.bees for s in (b.work.in_, b.work.out) if s}):
+        for suffix in sorted(plan.work_suffixes()):
             await self.bus.declare_queue(topology.templates.work_queue.render(swarm_id=self.swarm_id, suffix=suffix))
         for bee in plan.start_order():
             await self._run_bee(bee)
 
     async def _run_bee(self, bee: BeeSpec) -> None:
         spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner)
-        instance = spec.labels["controlplane.instance"]
+        instance = spec.labels[INSTANCE]
         for key in keys.component_event_patterns(bee.role, instance):
             await self.bus.bind(self._queue_decl.name, keys.CONTROL_EXCHANGE, key)
         state = self.bees[instance] = BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image)
@@ -364,12 +364,13 @@ class SwarmController:
         for bee in plan.bees:
             # A changed spec means a new container; an unchanged one is left running.
             info = await self.runtime.get(keys.container_name(self.swarm_id, bee.name))
-            if info and info.labels.get("controlplane.spec") != bee.model_dump_json(by_alias=True):
+            if info and info.labels.get(SPEC) != bee.model_dump_json(by_alias=True):
                 await self.runtime.remove(info.id)
         self.plan = plan
         await self._apply(plan)
-        if self.status == SwarmStatus.CREATING:
-            self.status = SwarmStatus.READY
+        # A plan may bring bees in enabled: the swarm is then running; otherwise it keeps its state.
+        if self._status_from_bees() == SwarmStatus.RUNNING or self.status == SwarmStatus.CREATING:
+            self.status = self._status_from_bees()
         return self._state()
 
     async def _remove(self, sig: Signal) -> OutcomeState:
@@ -389,14 +390,14 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
     What to remove is read from the bees' labels as well as the plan, so this also cleans
     up after a controller that died half-way.
     """
-    suffixes = {s for b in (plan.bees if plan else []) for s in (b.work.in_, b.work.out) if s}
-    for info in await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)):
-        spec = info.labels.get("controlplane.spec")
-        if spec:
-            bee = BeeSpec.model_validate_json(spec)
-            suffixes.update(s for s in (bee.work.in_, bee.work.out) if s)
+    bees = await runtime.list(filter_for(kind="bee", swarm_id=swarm_id))
+    suffixes = plan.work_suffixes() if plan else set()
+    labelled = plan_from_containers(bees)
+    if labelled is not None:
+        suffixes |= labelled.work_suffixes()
+    for info in bees:
         await runtime.remove(info.id)
-        role, instance = info.labels.get("controlplane.role"), info.labels.get("controlplane.instance")
+        role, instance = info.labels.get(ROLE), info.labels.get(INSTANCE)
         if role and instance:
             await bus.delete_queue(keys.component_queue(role, instance))
     for suffix in suffixes:

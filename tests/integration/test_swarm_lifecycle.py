@@ -315,11 +315,14 @@ async def test_template_reapplies_a_plan(stack: Stack, watch: Any, runtime: Any)
     view = await eventually(lambda: _bees_are(stack, swarm_id, 2), 10)
     assert view, "the read model shows both bees"
 
-    plan["bees"] = plan["bees"][1:]
-    await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
+    plan["bees"] = [{**plan["bees"][1], "enabled": True}]
+    _, applied = await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
     assert await runtime.get(keys.container_name(swarm_id, "generator")) is None, "a bee left out is removed"
-    _, started = await act(stack, watcher, swarm_id, "start")
-    assert started["state"]["status"] == "Running"
+    assert applied["state"]["status"] == "Running", "a plan that brings a bee in enabled runs it"
+    replaced = await runtime.get(keys.container_name(swarm_id, "second"))
+    assert replaced is not None and replaced.id != second.id, "a changed bee gets a new container"
+    _, stopped = await act(stack, watcher, swarm_id, "stop")
+    assert stopped["state"]["status"] == "Stopped"
     await act(stack, watcher, swarm_id, "remove")
     assert await runtime.get(keys.container_name(swarm_id, "second")) is None
 
