@@ -54,6 +54,7 @@ class HostController:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._handshakes: dict[str, asyncio.Future[Outcome]] = {}
         self._outcomes = OutcomeMemory()
+        self._create_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._consumer: Consumer | None = None
 
     async def start(self) -> HostController:
@@ -117,10 +118,16 @@ class HostController:
         return info is not None and info.state == "running"
 
     async def _create(self, sig: Signal) -> None:
-        remembered = self._outcomes.get(sig.idempotency_key)
-        if remembered is not None:
-            await self.bus.publish(remembered.routing_key(), remembered)
-            return
+        # One create per swarm at a time: a duplicate delivery (after a reconnect, or a retried
+        # publish) waits for the first and is then answered from memory.
+        async with self._create_locks[sig.swarm_id or ""]:
+            remembered = self._outcomes.get(sig.idempotency_key)
+            if remembered is not None:
+                await self.bus.publish(remembered.routing_key(), remembered)
+                return
+            await self._launch_and_await_handshake(sig)
+
+    async def _launch_and_await_handshake(self, sig: Signal) -> None:
         swarm_id = sig.swarm_id or ""
         timeout_s = max(float(sig.args.get("timeoutMs", 120_000)) / 1000 - 5, 1)
         handshake = asyncio.get_running_loop().create_future()

@@ -291,12 +291,13 @@ class SwarmController:
         if handler is None:
             log.warning("signal not handled by swarm-controller", signal=sig.signal, swarm_id=self.swarm_id)
             return
-        remembered = self._outcomes.get(sig.idempotency_key)
-        if remembered is not None:
-            # A retried or redelivered signal: say again what happened, do nothing again.
-            await self.bus.publish(remembered.routing_key(), remembered)
-            return
         async with self._lifecycle:
+            # Checked under the lock, so a redelivery that arrives mid-action waits for it.
+            remembered = self._outcomes.get(sig.idempotency_key)
+            if remembered is not None:
+                # A retried or redelivered signal: say again what happened, do nothing again.
+                await self.bus.publish(remembered.routing_key(), remembered)
+                return
             try:
                 state = await handler(sig)
                 outcome = Outcome.for_signal(sig, result="success", state=state)
@@ -308,7 +309,7 @@ class SwarmController:
                 outcome = Outcome.for_signal(sig, result="error", state=self._state(), phase=sig.signal,
                                              code="internal-error", message=f"{type(exc).__name__}: {exc}",
                                              retryable=False)
-        self._outcomes.remember(sig.idempotency_key, outcome)
+            self._outcomes.remember(sig.idempotency_key, outcome)
         await self.bus.publish(outcome.routing_key(), outcome)
         log.info("signal handled", signal=sig.signal, swarm_id=self.swarm_id, result=outcome.result,
                  correlation_id=sig.correlation_id)

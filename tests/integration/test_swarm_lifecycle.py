@@ -330,3 +330,35 @@ async def test_template_reapplies_a_plan(stack: Stack, watch: Any, runtime: Any)
 async def _bees_are(stack: Stack, swarm_id: str, count: int) -> dict[str, Any] | None:
     code, view = await stack.get(f"/api/swarms/{swarm_id}")
     return view if code == 200 and len(view["bees"]) == count else None
+
+
+async def test_duplicate_signal_deliveries_act_once(stack: Stack, watch: Any, runtime: Any) -> None:
+    """A signal delivered twice, as after a reconnect or a retried publish, is acted on once
+    and answered twice with the same outcome."""
+    swarm_id = new_swarm_id()
+    watcher = await watch("ev.#", "sig.#")
+    status, envelope = await stack.post(f"/api/swarms/{swarm_id}/create",
+                                        {"idempotencyKey": new_key(), "templateId": TEMPLATE})
+    assert status == 202
+    create = await watcher.wait_for(f"sig.swarm-create.{swarm_id}", 10)
+    await stack.bus.publish(f"sig.swarm-create.{swarm_id}", create)  # while the first is in flight
+    same = lambda b: b["correlationId"] == envelope["correlationId"]  # noqa: E731
+    await watcher.wait_for(f"ev.ready.swarm-create.{swarm_id}", 60, where=same)
+    for _ in range(50):
+        if watcher.keys_seen().count(f"ev.ready.swarm-create.{swarm_id}") == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert watcher.keys_seen().count(f"ev.ready.swarm-create.{swarm_id}") == 2
+    assert f"ev.error.swarm-create.{swarm_id}" not in watcher.keys_seen()
+    assert len(await runtime.list({"controlplane.swarm": swarm_id})) == 1, "one bee container"
+
+    await eventually(lambda: _view_if(stack, swarm_id, "Ready"))
+    status, envelope = await stack.post(f"/api/swarms/{swarm_id}/start", {"idempotencyKey": new_key()})
+    start = await watcher.wait_for(f"sig.swarm-start.{swarm_id}", 10)
+    await stack.bus.publish(f"sig.swarm-start.{swarm_id}", start)
+    await watcher.wait_for(f"ev.ready.swarm-start.{swarm_id}", 60, where=same)
+    await asyncio.sleep(1)
+    toggles = [k for k, b in watcher.seen if k.startswith("sig.config-update.generator.") and same(b)]
+    assert len(toggles) == 1, "the bee is switched on once"
+    assert watcher.keys_seen().count(f"ev.ready.swarm-start.{swarm_id}") == 2
+    await act(stack, watcher, swarm_id, "remove")
