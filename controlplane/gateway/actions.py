@@ -31,7 +31,7 @@ from controlplane.contract.models import ActionRequest, Envelope, Signal, Watch,
 from controlplane.gateway import metrics
 from controlplane.gateway.middleware import ApiError
 from controlplane.logs import get_logger
-from controlplane.store import Busy, NewAction, Replayed, Started, Store, SwarmExists, SwarmRow
+from controlplane.store import Busy, NewAction, OperationRow, Replayed, Started, Store, SwarmExists, SwarmRow
 
 log = get_logger("gateway.actions")
 
@@ -174,7 +174,7 @@ async def _settled(store: Store, settings: Settings, swarm_id: str | None) -> bo
     return True
 
 
-def operation_view(op: Any) -> dict[str, Any]:
+def operation_view(op: OperationRow) -> dict[str, Any]:
     """An operation as ``GET /api/operations/{correlationId}`` shows it."""
     return {
         "correlationId": op.correlation_id,

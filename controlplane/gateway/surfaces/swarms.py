@@ -21,7 +21,7 @@ from controlplane.gateway.actions import Action, operation_view, submit
 from controlplane.gateway.context import CTX, GatewayContext
 from controlplane.gateway.middleware import ApiError, read_json
 from controlplane.gateway.openapi import Op
-from controlplane.store import SwarmRow
+from controlplane.store import OperationRow, SwarmRow
 
 S = SwarmStatus
 # Which swarm states each action may start from.
@@ -122,7 +122,7 @@ def health(swarm: SwarmRow, interval_s: float) -> str:
     return "healthy"
 
 
-def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: Any | None) -> dict[str, Any]:
+def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None) -> dict[str, Any]:
     return {
         "swarmId": swarm.id,
         "status": swarm.status,
