@@ -86,8 +86,26 @@ class BeeSpec(Strict):
         return _slug(value, "id")
 
 
+class SutSpec(Strict):
+    """A swarm's own system under test: one HTTP service the controller runs before the bees.
+
+    Bees reach it through ``CP_SUT_URL``. Like ``BeeSpec`` it has no privilege, mount or
+    network fields; with host networking (an operator's choice) ``port`` is a host port.
+    """
+
+    image: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+    command: list[str] | None = None  # None: the project image's own SUT (python -m bees.sut)
+    port: int = Field(8080, ge=1024, le=65535)
+    health_path: str = Field("/_sut/healthz", pattern=r"^/[A-Za-z0-9._~/-]*$")
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+SUT_NAME = "sut"  # the container part of the SUT's name; no bee may take it
+
+
 class SwarmPlan(Strict):
     bees: list[BeeSpec] = Field(min_length=1)
+    sut: SutSpec | None = None
 
     @model_validator(mode="after")
     def _unique_and_acyclic(self) -> SwarmPlan:
@@ -95,6 +113,8 @@ class SwarmPlan(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"bee names must be unique, repeated: {', '.join(dupes)}")
+        if self.sut is not None and SUT_NAME in names:
+            raise ValueError(f"a bee may not be named {SUT_NAME!r} in a plan with a system under test")
         unknown = sorted({d for b in self.bees for d in b.depends_on if d not in names})
         if unknown:
             raise ValueError(f"dependsOn names unknown bees: {', '.join(unknown)}")
@@ -135,7 +155,9 @@ class Template(Strict):
     id: str
     name: str = ""
     description: str = ""
-    controller_image: str | None = None
+    controller_image: str | None = Field(None, min_length=1, max_length=200,
+                                         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+    sut: SutSpec | None = None
     bees: list[BeeSpec] = Field(min_length=1)
 
     @field_validator("id")
@@ -143,8 +165,18 @@ class Template(Strict):
     def _id(cls, value: str) -> str:
         return _slug(value, "template id")
 
+    @model_validator(mode="after")
+    def _valid_plan(self) -> Template:
+        self.plan()  # the same checks as a plan sent by a caller
+        return self
+
     def plan(self) -> SwarmPlan:
-        return SwarmPlan(bees=self.bees)
+        return SwarmPlan(bees=self.bees, sut=self.sut)
+
+    def images(self) -> set[str]:
+        """Every image the template runs; shipping it is the operator vetting them."""
+        named = {b.image for b in self.bees} | ({self.sut.image} if self.sut else set())
+        return named | ({self.controller_image} if self.controller_image else set())
 
 
 # --- messages on ph.control -------------------------------------------------------------
@@ -284,14 +316,54 @@ class TemplateRequest(ActionRequest):
     swarm_plan: SwarmPlan
 
 
+class ComponentConfigRequest(ActionRequest):
+    """``POST /api/components/{role}/{instance}/config``.
+
+    ``commandTarget`` widens who receives the patch, resolved from the gateway's registry:
+    ``instance`` (default) the addressed component, ``swarm`` every component of its swarm,
+    ``role`` every registered component with its role, ``all`` every registered component.
+    """
+
+    patch: dict[str, Any] = Field(min_length=1)
+    command_target: CommandTarget = CommandTarget.INSTANCE
+
+
+class ControllersConfigRequest(ActionRequest):
+    """``POST /api/controllers/config``: switch swarm-controllers' workloads on or off."""
+
+    enabled: bool
+    targets: list[str] | None = Field(None, max_length=10_000)  # "swarm-controller.<instance>"
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str] | None) -> list[str] | None:
+        for target in value or ():
+            role, dot, instance = target.partition(".")
+            if role != keys.CONTROLLER_ROLE or not dot:
+                raise ValueError(f"target {target!r} must be '{keys.CONTROLLER_ROLE}.<instance>'")
+            _slug(instance, "instance")
+        return None if value is None else list(dict.fromkeys(value))  # repeated targets count once
+
+
 class Watch(Wire):
     success_topic: str | None = None
     error_topic: str | None = None
     info_topic: str | None = None
 
 
+class TargetTopics(Wire):
+    """One component of a fan-out and where its outcome will appear."""
+
+    instance: str  # "<role>.<instance>"
+    success_topic: str
+    error_topic: str
+
+
 class Envelope(Wire):
+    """The answer to every action. A fan-out lists one entry per target under ``targets``."""
+
     correlation_id: str
     idempotency_key: str
-    watch: Watch
+    watch: Watch | None = None
+    targets: list[TargetTopics] | None = None
     timeout_ms: int

@@ -81,7 +81,7 @@ class HostController:
         # same engine keeps its own swarms.
         by_swarm: dict[str, list[ContainerInfo]] = defaultdict(list)
         for info in await self.runtime.list(filter_for(owner=self.owner)):
-            if info.labels.get(SWARM) and info.labels.get(KIND) in ("bee", "swarm-controller"):
+            if info.labels.get(SWARM) and info.labels.get(KIND) in ("bee", "sut", "swarm-controller"):
                 by_swarm[info.labels[SWARM]].append(info)
         for swarm_id, containers in sorted(by_swarm.items()):
             plan = plan_from_containers(containers)
@@ -222,7 +222,8 @@ class HostController:
             env["CP_CREATE_SIGNAL"] = sig.model_dump_json(by_alias=True)
         return ContainerSpec(
             name=keys.container_name(swarm_id, "ctl"),
-            image=self.settings.project_image,
+            # A scenario may name its own controller image (the gateway checked it is allowed).
+            image=str((sig.args if sig else {}).get("controllerImage") or self.settings.project_image),
             labels=managed_labels("swarm-controller", self.owner, swarm_id=swarm_id, role=keys.CONTROLLER_ROLE,
                                   instance=keys.controller_instance(swarm_id)),
             env=env,

@@ -1,10 +1,15 @@
 """The swarm-controller: one per swarm, the only thing that drives that swarm's bees.
 
-It applies the swarm's plan (work exchange, queues, bee containers in dependency order,
-each bee's first status awaited), announces itself with ``ev.ready.swarm-controller.<id>``,
-then obeys ``sig.swarm-*`` signals and answers each with ``ev.ready.*`` or ``ev.error.*``.
-Applying a plan is idempotent, so a controller that restarts next to running bees
-re-adopts them instead of replacing them.
+It applies the swarm's plan (work exchange, queues, the system under test if the plan has
+one, bee containers in dependency order, each bee's first status awaited), announces itself
+with ``ev.ready.swarm-controller.<id>``, then obeys ``sig.swarm-*`` signals and its own
+``sig.config-update`` and answers each with ``ev.ready.*`` or ``ev.error.*``. Applying a plan
+is idempotent, so a controller that restarts next to running bees re-adopts them instead of
+replacing them.
+
+Bees do work only while the swarm is Running *and* the controller is enabled: start and
+stop move the first, a config patch ``{"enabled": ...}`` (the bulk toggle) the second, and
+either way the controller fans the result out to every bee.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aiohttp
+from pydantic import ValidationError
+
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import (
+    SUT_NAME,
     BeeSpec,
     BeeState,
     Outcome,
@@ -27,6 +36,8 @@ from controlplane.contract.models import (
     Scope,
     Signal,
     Status,
+    Strict,
+    SutSpec,
     SwarmPlan,
     SwarmStatus,
     new_id,
@@ -46,6 +57,13 @@ from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for, 
 log = get_logger("swarm-controller")
 
 BEE_TOGGLE_TIMEOUT_S = 30.0
+SUT_PROBE_INTERVAL_S = 0.2
+
+
+class ControllerConfig(Strict):
+    """What a ``config-update`` patch may change on a swarm-controller."""
+
+    enabled: bool | None = None
 
 
 class SwarmFailure(Exception):
@@ -56,9 +74,12 @@ class SwarmFailure(Exception):
         self.code, self.message, self.phase, self.retryable = code, message, phase, retryable
 
 
-def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: str) -> ContainerSpec:
+def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: str,
+                       sut_url: str | None = None) -> ContainerSpec:
     instance = keys.bee_instance(swarm_id, bee.name)
     env = dict(bee.env)
+    if sut_url:
+        env["CP_SUT_URL"] = sut_url
     # The control plane's own variables win over a plan's env: a plan cannot redirect a bee.
     env.update({
         "CP_AMQP_URL": settings.container_amqp_url(),
@@ -84,6 +105,25 @@ def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: s
     )
 
 
+def sut_container_spec(settings: Settings, swarm_id: str, sut: SutSpec, owner: str) -> ContainerSpec:
+    env = {**sut.env, "CP_SUT_PORT": str(sut.port), "CP_SUT_HOST": "0.0.0.0"}
+    command = sut.command or (["python", "-m", "bees.sut"] if sut.image == settings.project_image else None)
+    return ContainerSpec(
+        name=keys.container_name(swarm_id, SUT_NAME),
+        image=sut.image,
+        labels=managed_labels("sut", owner, swarm_id=swarm_id, spec_json=sut.model_dump_json(by_alias=True)),
+        env=env,
+        command=command,
+        network=settings.bee_network,
+    )
+
+
+def sut_url(settings: Settings, sut: SutSpec, info: ContainerInfo) -> str:
+    """Where bees reach the SUT: loopback when everything shares the host network."""
+    host = "127.0.0.1" if settings.bee_network == "host" or not info.ip else info.ip
+    return f"http://{host}:{sut.port}"
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -100,6 +140,8 @@ class SwarmController:
         self.status = SwarmStatus.CREATING
         self.enabled = True  # the controller's own switch (bulk toggles); bees follow it
         self.bees: dict[str, BeeState] = {}
+        self.sut_url: str | None = None
+        self.sut_state: str | None = None
         self._outcomes = OutcomeMemory()
         self._waiters: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._lifecycle = asyncio.Lock()
@@ -156,8 +198,13 @@ class SwarmController:
         log.info("controller handshake", swarm_id=self.swarm_id, result=outcome.result, code=outcome.code)
 
     def _state(self) -> OutcomeState:
-        return OutcomeState(status=self.status, enabled=self.enabled,
-                            details={"bees": len(self.bees), "controller": self.instance})
+        details: dict[str, Any] = {"bees": len(self.bees), "controller": self.instance}
+        if self.sut_url:
+            details["sut"] = {"url": self.sut_url}
+        return OutcomeState(status=self.status, enabled=self.enabled, details=details)
+
+    def _workload_on(self) -> bool:
+        return self.enabled and self.status == SwarmStatus.RUNNING
 
     async def _heartbeat(self) -> None:
         kind = "status-full"
@@ -178,18 +225,22 @@ class SwarmController:
             enabled=self.enabled, state=self.status,
             totals={"bees": len(self.bees), "running": sum(b.state == "running" for b in self.bees.values())},
             data={"swarmStatus": self.status, "bees": [b.to_dict() for b in self.bees.values()],
-                  "correlationId": correlation_id},
+                  "correlationId": correlation_id,
+                  **({"sut": {"url": self.sut_url, "state": self.sut_state}} if self.plan.sut else {})},
         )
         return status.routing_key(), status
 
     async def _refresh_containers(self) -> None:
         """Docker is the truth for container state: a killed bee shows as exited or missing."""
-        found = {i.labels.get(INSTANCE): i
-                 for i in await self.runtime.list(filter_for(kind="bee", swarm_id=self.swarm_id))}
+        listed = await self.runtime.list(filter_for(swarm_id=self.swarm_id))
+        found = {i.labels.get(INSTANCE): i for i in listed if i.labels.get(KIND) == "bee"}
         for instance, bee in self.bees.items():
             info = found.get(instance)
             bee.state = info.state if info else "missing"
             bee.container_id = info.id if info else None
+        if self.plan.sut is not None:
+            sut = next((i for i in listed if i.labels.get(KIND) == "sut"), None)
+            self.sut_state = sut.state if sut else "missing"
 
     # --- applying a plan ----------------------------------------------------------------
 
@@ -198,25 +249,55 @@ class SwarmController:
         await self.bus.declare_exchange(topology.hive_exchange(self.swarm_id))
         for suffix in sorted(plan.work_suffixes()):
             await self.bus.declare_queue(topology.templates.work_queue.render(swarm_id=self.swarm_id, suffix=suffix))
+        self.sut_url = await self._run_sut(plan.sut) if plan.sut else None
         for bee in plan.start_order():
             await self._run_bee(bee)
 
+    async def _ensure_running(self, spec: ContainerSpec, what: str) -> ContainerInfo:
+        try:
+            return await self.runtime.ensure_running(spec)
+        except ImageMissing:
+            raise SwarmFailure("image-missing", f"image {spec.image!r} of {what} is not present on the "
+                               "Docker engine (images are built locally, never pulled)", "apply") from None
+        except PolicyViolation as exc:
+            raise SwarmFailure("policy-refused", f"{what}: {exc}", "apply") from None
+        except ContainerRuntimeError as exc:
+            raise SwarmFailure("runtime-error", f"{what}: {exc}", "apply", retryable=True) from None
+
+    async def _run_sut(self, sut: SutSpec) -> str:
+        """Start the system under test and wait until it answers its health path."""
+        spec = sut_container_spec(self.settings, self.swarm_id, sut, self.owner)
+        info = await self._ensure_running(spec, "the system under test")
+        url = sut_url(self.settings, sut, info)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.bee_ready_timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                try:
+                    async with http.get(url + sut.health_path) as response:
+                        if response.status < 400:
+                            self.sut_state = "running"
+                            return url
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                current = await self.runtime.get(spec.name)
+                if current is None or current.state in ("exited", "dead"):
+                    logs = await self.runtime.logs_tail(spec.name, 20) if current else ""
+                    raise SwarmFailure("container-exited", f"the system under test exited before answering "
+                                       f"{sut.health_path}; last log lines: {logs.strip()[-800:]}", "apply")
+                if loop.time() >= deadline:
+                    raise SwarmFailure("sut-timeout", f"the system under test did not answer {url}{sut.health_path} "
+                                       f"within {self.settings.bee_ready_timeout_s:g}s", "apply", retryable=True)
+                await asyncio.sleep(SUT_PROBE_INTERVAL_S)
+
     async def _run_bee(self, bee: BeeSpec) -> None:
-        spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner)
+        spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner, self.sut_url)
         instance = spec.labels[INSTANCE]
         for key in keys.component_event_patterns(bee.role, instance):
             await self.bus.bind(self._queue_decl.name, keys.CONTROL_EXCHANGE, key)
         state = self.bees[instance] = BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image)
         first_status = self._expect(("status-full", instance))
-        try:
-            info = await self.runtime.ensure_running(spec)
-        except ImageMissing:
-            raise SwarmFailure("image-missing", f"image {bee.image!r} of bee {bee.name!r} is not present on the "
-                               "Docker engine (images are built locally, never pulled)", "apply") from None
-        except PolicyViolation as exc:
-            raise SwarmFailure("policy-refused", f"bee {bee.name!r}: {exc}", "apply") from None
-        except ContainerRuntimeError as exc:
-            raise SwarmFailure("runtime-error", f"bee {bee.name!r}: {exc}", "apply", retryable=True) from None
+        info = await self._ensure_running(spec, f"bee {bee.name!r}")
         state.container_id, state.state = info.id, info.state
         await self._await_first_status(bee, instance, first_status)
 
@@ -319,8 +400,8 @@ class SwarmController:
     # --- lifecycle steps -------------------------------------------------------------------
 
     async def _start(self, sig: Signal) -> OutcomeState:
-        await self._set_bees_enabled(True, sig)
         self.status = SwarmStatus.RUNNING
+        await self._set_bees_enabled(self._workload_on(), sig)
         return self._state()
 
     async def _stop(self, sig: Signal) -> OutcomeState:
@@ -329,11 +410,16 @@ class SwarmController:
         return self._state()
 
     async def _config_update(self, sig: Signal) -> OutcomeState:
-        enabled = sig.args.get("patch", {}).get("enabled")
-        if isinstance(enabled, bool):
-            self.enabled = enabled
-            if self.status == SwarmStatus.RUNNING or not enabled:
-                await self._set_bees_enabled(enabled and self.status == SwarmStatus.RUNNING, sig)
+        """Apply the controller's own patch and fan the outcome out to every bee, even when
+        nothing changed: a caller asking for the state the swarm is in gets a plain success."""
+        try:
+            patch = ControllerConfig.model_validate(sig.args.get("patch"))
+        except ValidationError as exc:
+            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'patch'}: {e['msg']}" for e in exc.errors())
+            raise SwarmFailure("invalid-config", f"invalid config: {reasons}", "config-update") from None
+        if patch.enabled is not None:
+            self.enabled = patch.enabled
+        await self._set_bees_enabled(self._workload_on(), sig)
         return self._state()
 
     async def _set_bees_enabled(self, enabled: bool, sig: Signal) -> None:
@@ -362,10 +448,10 @@ class SwarmController:
             bee = self.bees.pop(instance)
             await self.runtime.remove(keys.container_name(self.swarm_id, bee.name))
             await self.bus.delete_queue(keys.component_queue(bee.role, instance))
-        for bee in plan.bees:
+        for name, spec in [(b.name, b) for b in plan.bees] + [(SUT_NAME, plan.sut)]:
             # A changed spec means a new container; an unchanged one is left running.
-            info = await self.runtime.get(keys.container_name(self.swarm_id, bee.name))
-            if info and info.labels.get(SPEC) != bee.model_dump_json(by_alias=True):
+            info = await self.runtime.get(keys.container_name(self.swarm_id, name))
+            if info and (spec is None or info.labels.get(SPEC) != spec.model_dump_json(by_alias=True)):
                 await self.runtime.remove(info.id)
         self.plan = plan
         await self._apply(plan)
@@ -391,12 +477,12 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
     What to remove is read from the bees' labels as well as the plan, so this also cleans
     up after a controller that died half-way.
     """
-    bees = await runtime.list(filter_for(kind="bee", swarm_id=swarm_id))
+    containers = [i for i in await runtime.list(filter_for(swarm_id=swarm_id)) if i.labels.get(KIND) in ("bee", "sut")]
     suffixes = plan.work_suffixes() if plan else set()
-    labelled = plan_from_containers(bees)
+    labelled = plan_from_containers(containers)
     if labelled is not None:
         suffixes |= labelled.work_suffixes()
-    for info in bees:
+    for info in containers:
         await runtime.remove(info.id)
         role, instance = info.labels.get(ROLE), info.labels.get(INSTANCE)
         if role and instance:
@@ -407,11 +493,14 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
 
 
 def plan_from_containers(containers: Iterable[ContainerInfo]) -> SwarmPlan | None:
-    """Rebuild a swarm's plan from its bees' labels (for re-adoption); None without bees."""
+    """Rebuild a swarm's plan from its containers' labels (for re-adoption); None without bees."""
+    containers = list(containers)
     bees = [BeeSpec.model_validate_json(info.labels[SPEC]) for info in containers
             if info.labels.get(KIND) == "bee" and info.labels.get(SPEC)]
-    return SwarmPlan(bees=bees) if bees else None
+    suts = [SutSpec.model_validate_json(info.labels[SPEC]) for info in containers
+            if info.labels.get(KIND) == "sut" and info.labels.get(SPEC)]
+    return SwarmPlan(bees=bees, sut=suts[0] if suts else None) if bees else None
 
 
 async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
-    return plan_from_containers(await runtime.list(filter_for(kind="bee", swarm_id=swarm_id)))
+    return plan_from_containers(await runtime.list(filter_for(swarm_id=swarm_id)))

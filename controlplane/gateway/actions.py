@@ -11,6 +11,10 @@ Every surface goes through ``submit``. The order matters:
    duplicates and a second lifecycle operation on the same swarm are refused;
 4. only then is the signal published, and a failed publish removes the record again so
    the caller's retry starts afresh.
+
+A fan-out (bulk controller toggles, a config patch widened by ``commandTarget``) is one
+action with one correlation id and one signal per target; the operation closes when every
+target has answered.
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from aiohttp import web
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.contract import keys
-from controlplane.contract.models import ActionRequest, Envelope, Signal, Watch, new_id, utcnow
+from controlplane.contract.models import (
+    ActionRequest, CommandTarget, Envelope, Outcome, Signal, TargetTopics, Watch, new_id, utcnow,
+)
 from controlplane.gateway import metrics
 from controlplane.gateway.middleware import ApiError
 from controlplane.logs import get_logger
-from controlplane.store import Busy, NewAction, OperationRow, Replayed, Started, Store, SwarmExists, SwarmRow
+from controlplane.store import (
+    Busy, NewAction, OperationRow, Replayed, Started, Store, SwarmExists, SwarmRow, TargetRow,
+)
 
 log = get_logger("gateway.actions")
 
@@ -50,6 +58,19 @@ SPEC_TIMEOUTS_MS = {
 
 
 @dataclass(frozen=True)
+class Target:
+    """One component a fan-out signals."""
+
+    role: str
+    instance: str
+    swarm_id: str | None = None
+
+    @property
+    def scope(self) -> str:
+        return keys.component_scope(self.role, self.instance)
+
+
+@dataclass(frozen=True)
 class Action:
     """What a surface asks ``submit`` to do."""
 
@@ -62,16 +83,38 @@ class Action:
     lifecycle: bool = False
     create_swarm: SwarmRow | None = None
     info_only: bool = False  # the answer is a status event, not ev.ready / ev.error
+    fan_out: tuple[Target, ...] | None = None  # None: one signal to the action's own scope
+    command_target: CommandTarget | None = None
+    key_scope: str | None = None  # where keys and operations are filed when there is no single target
 
     @property
     def scope(self) -> str:
-        return keys.scope_of(self.swarm_id, self.role, self.instance)
+        return self.key_scope or keys.scope_of(self.swarm_id, self.role, self.instance)
 
-    def watch(self) -> Watch:
+    def watch(self) -> Watch | None:
         if self.info_only:
             return Watch(info_topic=keys.status_key("status-full", self.role or "", self.instance or ""))
+        if self.key_scope is not None:
+            return None
         return Watch(success_topic=keys.ready_key(self.signal, self.scope),
                      error_topic=keys.error_key(self.signal, self.scope))
+
+    def target_topics(self) -> list[TargetTopics] | None:
+        if self.fan_out is None:
+            return None
+        return [TargetTopics(instance=t.scope, success_topic=keys.ready_key(self.signal, t.scope),
+                             error_topic=keys.error_key(self.signal, t.scope)) for t in self.fan_out]
+
+    def signals(self, correlation_id: str, key: str, timeout_ms: int) -> list[Signal]:
+        args = {**(self.args or {}), "timeoutMs": timeout_ms,
+                **({"notes": self.request.notes} if self.request.notes else {})}
+        command_target = self.command_target or (CommandTarget.INSTANCE if self.instance else CommandTarget.SWARM)
+        targets = self.fan_out if self.fan_out is not None else (
+            Target(self.role, self.instance, self.swarm_id) if self.role and self.instance else None,)
+        return [Signal(signal=self.signal, correlation_id=correlation_id, idempotency_key=key,
+                       swarm_id=t.swarm_id if t else self.swarm_id, role=t.role if t else None,
+                       instance=t.instance if t else None, command_target=command_target, args=args)
+                for t in targets]
 
 
 def request_hash(action: Action) -> str:
@@ -116,11 +159,12 @@ async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
 
     correlation_id = new_id()
     envelope = Envelope(correlation_id=correlation_id, idempotency_key=key, watch=action.watch(),
-                        timeout_ms=timeout_ms(settings, action.signal))
+                        targets=action.target_topics(), timeout_ms=timeout_ms(settings, action.signal))
     new = NewAction(action=action.signal, target=action.scope, idempotency_key=key, request_hash=digest,
                     correlation_id=correlation_id, envelope=envelope.to_dict(), signal=action.signal,
                     swarm_id=action.swarm_id, lifecycle=action.lifecycle, timeout_ms=envelope.timeout_ms,
-                    created_at=utcnow(), retention_s=settings.idempotency_retention_s)
+                    created_at=utcnow(), retention_s=settings.idempotency_retention_s,
+                    targets=tuple(t.scope for t in action.fan_out or ()))
     result = await store.begin_action(new, create_swarm=action.create_swarm)
     if isinstance(result, Busy) and await _settled(store, settings, action.swarm_id):
         if precondition is not None:
@@ -138,22 +182,24 @@ async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
                        currentState=result.swarm.status)
     assert isinstance(result, Started)
 
-    signal = Signal(signal=action.signal, correlation_id=correlation_id, idempotency_key=key,
-                    swarm_id=action.swarm_id, role=action.role, instance=action.instance,
-                    command_target="instance" if action.instance else "swarm",
-                    args={**(action.args or {}), "timeoutMs": envelope.timeout_ms,
-                          **({"notes": action.request.notes} if action.request.notes else {})})
-    try:
-        await bus.publish(signal.routing_key(), signal)
-    except Exception as exc:
+    signals = action.signals(correlation_id, key, envelope.timeout_ms)
+    results = await asyncio.gather(*(bus.publish(s.routing_key(), s) for s in signals), return_exceptions=True)
+    failed = [(s, r) for s, r in zip(signals, results) if isinstance(r, BaseException)]
+    if signals and len(failed) == len(signals):
         await store.forget_action(correlation_id)
-        log.error("signal publish failed", signal=action.signal, error=str(exc), correlation_id=correlation_id)
+        log.error("signal publish failed", signal=action.signal, error=str(failed[0][1]), correlation_id=correlation_id)
         raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal; retry with the "
                        "same idempotencyKey") from None
     await store.set_operation_status(correlation_id, "dispatched")
-    metrics.SIGNALS_PUBLISHED.labels(action.signal).inc()
+    for sig, exc in failed:  # part of a fan-out went out: the rest is answered as failed, not retried
+        outcome = Outcome.for_signal(sig, result="error", phase="gateway", code="broker-unavailable",
+                                     message=f"the broker did not accept the signal: {exc}", retryable=True)
+        await store.record_outcome(correlation_id, sig.signal, sig.scope, "failed", outcome.to_dict())
+    if action.fan_out == ():
+        await store.set_operation_status(correlation_id, "succeeded", {"targets": {}})
+    metrics.SIGNALS_PUBLISHED.labels(action.signal).inc(len(signals) - len(failed))
     log.info("signal published", signal=action.signal, scope=action.scope, correlation_id=correlation_id,
-             idempotency_key=key)
+             idempotency_key=key, targets=len(signals))
     return web.json_response(envelope.to_dict(), status=202)
 
 
@@ -174,9 +220,9 @@ async def _settled(store: Store, settings: Settings, swarm_id: str | None) -> bo
     return True
 
 
-def operation_view(op: OperationRow) -> dict[str, Any]:
-    """An operation as ``GET /api/operations/{correlationId}`` shows it."""
-    return {
+def operation_view(op: OperationRow, targets: list[TargetRow] | None = None) -> dict[str, Any]:
+    """An operation as ``GET /api/operations/{correlationId}`` shows it; a fan-out adds its targets."""
+    view = {
         "correlationId": op.correlation_id,
         "idempotencyKey": op.idempotency_key,
         "signal": op.signal,
@@ -190,3 +236,7 @@ def operation_view(op: OperationRow) -> dict[str, Any]:
         "updatedAt": op.updated_at.isoformat(),
         "outcome": op.outcome,
     }
+    if targets:
+        view["targets"] = [{"target": t.target, "status": t.status, "outcome": t.outcome,
+                            "updatedAt": t.updated_at.isoformat()} for t in targets]
+    return view

@@ -17,7 +17,7 @@ from controlplane.config import Settings
 from controlplane.gateway.context import CTX, GatewayContext
 from controlplane.gateway.middleware import make_middlewares
 from controlplane.gateway.openapi import Op, document
-from controlplane.gateway.surfaces import swarms
+from controlplane.gateway.surfaces import components, swarms
 from controlplane.gateway.tracker import Tracker
 from controlplane.scenarios import load_catalog
 from controlplane.store import open_store
@@ -56,7 +56,8 @@ def build_app(ctx: GatewayContext) -> web.Application:
     app[CTX] = ctx
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view)])
     app.add_routes(swarms.routes())
-    spec = document(BASE_OPERATIONS + swarms.OPERATIONS)
+    app.add_routes(components.routes())
+    spec = document(BASE_OPERATIONS + swarms.OPERATIONS + components.OPERATIONS)
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(spec)

@@ -21,8 +21,8 @@ INSTANCE = PREFIX + "instance"
 OWNER = PREFIX + "owner"
 SPEC = PREFIX + "spec"
 
-Kind = Literal["swarm-controller", "bee", "provisioned"]
-KINDS: tuple[str, ...] = ("swarm-controller", "bee", "provisioned")
+Kind = Literal["swarm-controller", "bee", "sut", "provisioned"]
+KINDS: tuple[str, ...] = ("swarm-controller", "bee", "sut", "provisioned")
 
 
 def managed_labels(

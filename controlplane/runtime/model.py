@@ -45,6 +45,7 @@ class ContainerInfo:
     labels: dict[str, str]
     started_at: str | None
     ports: dict[str, int | None]  # "8080/tcp" -> published host port, None = not published
+    ip: str | None = None  # address on its first network; None with host networking
 
     @classmethod
     def from_inspect(cls, attrs: dict[str, Any]) -> ContainerInfo:
@@ -62,6 +63,7 @@ class ContainerInfo:
             labels=dict(config.get("Labels") or {}),
             started_at=None if started_at == _NEVER_STARTED else started_at,
             ports=_published_ports((attrs.get("NetworkSettings") or {}).get("Ports") or {}),
+            ip=_first_ip(attrs.get("NetworkSettings") or {}),
         )
 
 
@@ -87,6 +89,7 @@ class ContainerInfo:
             labels=dict(summary.get("Labels") or {}),
             started_at=None,
             ports=ports,
+            ip=_first_ip(summary.get("NetworkSettings") or {}),
         )
 
 
@@ -100,3 +103,11 @@ def _published_ports(raw: dict[str, list[dict[str, str]] | None]) -> dict[str, i
         host_ports = [int(b["HostPort"]) for b in bindings or () if b.get("HostPort")]
         ports[container_port] = host_ports[0] if host_ports else None
     return ports
+
+
+def _first_ip(network_settings: dict[str, Any]) -> str | None:
+    for network in sorted((network_settings.get("Networks") or {}).items()):
+        address = (network[1] or {}).get("IPAddress")
+        if address:
+            return str(address)
+    return network_settings.get("IPAddress") or None

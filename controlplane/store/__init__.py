@@ -1,4 +1,5 @@
-"""Persistence of the control plane: idempotency records, operations and the swarms read model.
+"""Persistence of the control plane: idempotency records, operations, the swarms read model and the
+component registry.
 
 ``open_store(url)`` connects (SQLite or PostgreSQL) and migrates to head; everything else
 is a method of the returned ``Store``.
@@ -10,13 +11,19 @@ from controlplane.store.models import (
     REPLACEABLE_SWARM_STATUSES,
     BeginResult,
     Busy,
+    ComponentRow,
+    ControllerView,
     NewAction,
     OperationRow,
     OperationStatus,
+    Recorded,
+    RegistryBatch,
     Replayed,
     Started,
+    StatusReport,
     SwarmExists,
     SwarmRow,
+    TargetRow,
 )
 from controlplane.store.repo import Store, open_store
 
@@ -26,13 +33,19 @@ __all__ = [
     "REPLACEABLE_SWARM_STATUSES",
     "BeginResult",
     "Busy",
+    "ComponentRow",
+    "ControllerView",
     "NewAction",
     "OperationRow",
     "OperationStatus",
+    "Recorded",
+    "RegistryBatch",
     "Replayed",
     "Started",
+    "StatusReport",
     "SwarmExists",
     "SwarmRow",
+    "TargetRow",
     "Store",
     "open_store",
 ]

@@ -59,6 +59,8 @@ class NewAction:
     timeout_ms: int
     created_at: datetime
     retention_s: int
+    # A fan-out: one signal per target under this correlation id, each closed by its own outcome.
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require_aware("created_at", self.created_at)
@@ -121,6 +123,83 @@ class SwarmRow:
     def __post_init__(self) -> None:
         for name in ("last_heartbeat", "created_at", "updated_at"):
             _require_aware(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record_outcome`` did: closed a target or operation (``moved``), and the
+    operation if this closed it as a whole."""
+
+    moved: bool
+    closed: OperationRow | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetRow:
+    """One target of a fan-out operation."""
+
+    target: str
+    status: str
+    outcome: dict[str, Any] | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentRow:
+    """One row of ``components``, the gateway's registry entry for a controller or bee."""
+
+    role: str
+    instance: str
+    swarm_id: str | None
+    enabled: bool
+    state: str
+    container_state: str | None
+    totals: dict[str, Any]
+    queue_stats: dict[str, Any]
+    data: dict[str, Any]
+    version: str | None
+    first_seen: datetime
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusReport:
+    """A status a component sent, as the registry saves it (``seen_at``: when it arrived)."""
+
+    role: str
+    instance: str
+    swarm_id: str
+    enabled: bool
+    state: str
+    totals: dict[str, Any]
+    queue_stats: dict[str, Any]
+    data: dict[str, Any]
+    version: str | None
+    seen_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerView:
+    """What a swarm-controller's status says about its swarm and its bees' containers."""
+
+    role: str
+    instance: str
+    swarm_id: str
+    seen_at: datetime
+    enabled: bool
+    bees: list[dict[str, Any]]  # BeeState dicts: role, instance, state (container), enabled...
+    settled: bool  # False while the controller is still applying its plan: its bee list may be partial
+
+
+@dataclass
+class RegistryBatch:
+    """Everything the registry saves in one transaction."""
+
+    reports: dict[tuple[str, str], StatusReport] = field(default_factory=dict)
+    controllers: dict[str, ControllerView] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.reports or self.controllers)
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,20 @@ from controlplane.store.models import (
     REPLACEABLE_SWARM_STATUSES,
     BeginResult,
     Busy,
+    ComponentRow,
     NewAction,
     OperationRow,
     OperationStatus,
+    Recorded,
+    RegistryBatch,
     Replayed,
     Started,
     SwarmExists,
     SwarmRow,
+    TargetRow,
     utcnow,
 )
-from controlplane.store.schema import idempotency, operations, swarms
+from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
 
 # A conflict whose winner then rolled back leaves nothing to report; try again this often.
 BEGIN_ATTEMPTS = 3
@@ -101,6 +105,7 @@ class Store:
         inserted it (otherwise a retried create would meet its own leftover: SwarmExists).
         """
         async with self._engine.begin() as conn:
+            await conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id == correlation_id))
             op = (
                 await conn.execute(
                     sa.delete(operations)
@@ -128,15 +133,13 @@ class Store:
         return _replayed(record, request_hash) if record is not None else None
 
     async def set_operation_status(
-        self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None, *,
-        signal: str | None = None, target: str | None = None,
+        self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None
     ) -> OperationRow | None:
         """Move an open operation on; None when it was already final (or absent, or no move).
 
         Allowed: accepted → dispatched, and accepted|dispatched → a final status. The check
-        and the write are one UPDATE, so a late outcome cannot overwrite a timeout. With
-        ``signal``/``target`` only the operation of that signal on that target moves: signals a
-        controller fans out under the same correlation id do not close the caller's operation.
+        and the write are one UPDATE, so a late outcome cannot overwrite a timeout. Outcomes
+        go through ``record_outcome``, which also matches signal and target.
         """
         new_status = OperationStatus(status)
         if new_status == OperationStatus.ACCEPTED:
@@ -147,15 +150,61 @@ class Store:
             values["outcome"] = outcome
         stmt = (
             sa.update(operations)
-            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_),
-                   *([operations.c.signal == signal] if signal is not None else []),
-                   *([operations.c.target == target] if target is not None else []))
+            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_))
             .values(values)
             .returning(*operations.c)
         )
         async with self._engine.begin() as conn:
             row = (await conn.execute(stmt)).first()
         return _operation(row) if row is not None else None
+
+    async def record_outcome(self, correlation_id: str, signal: str, target: str, status: str,
+                             outcome: dict[str, Any]) -> Recorded:
+        """Close what ``signal`` on ``target`` answers: the operation itself, or one target of a
+        fan-out. ``Recorded.moved`` says whether this call closed anything; ``closed`` is the
+        operation when this outcome closed it.
+
+        A fan-out closes with its last open target: succeeded when every target succeeded,
+        failed when any failed, otherwise timed_out. The operation row is locked first, so
+        two gateways closing its last two targets at once cannot both leave it open.
+        """
+        final = OperationStatus(status)
+        if final not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final status")
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            op = (await conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id)
+                                     .with_for_update())).first()
+            if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
+                return Recorded(moved=False)
+            if op.target == target:
+                return Recorded(True, await _close_operation(conn, correlation_id, final.value, outcome, now))
+            moved = await conn.execute(
+                sa.update(operation_targets)
+                .where(operation_targets.c.correlation_id == correlation_id, operation_targets.c.target == target,
+                       operation_targets.c.status.in_(OPEN_STATUSES))
+                .values(status=final.value, outcome=outcome, updated_at=now))
+            if moved.rowcount == 0:
+                return Recorded(moved=False)
+            counts: dict[str, int] = dict((await conn.execute(
+                sa.select(operation_targets.c.status, sa.func.count())
+                .where(operation_targets.c.correlation_id == correlation_id)
+                .group_by(operation_targets.c.status))).all())
+            if any(counts.get(s, 0) for s in OPEN_STATUSES):
+                return Recorded(moved=True)
+            summary = {s.value: counts.get(s.value, 0) for s in OperationStatus if s.value in FINAL_STATUSES}
+            overall = (OperationStatus.FAILED if summary["failed"] else
+                       OperationStatus.TIMED_OUT if summary["timed_out"] else OperationStatus.SUCCEEDED)
+            return Recorded(True, await _close_operation(conn, correlation_id, overall.value, {"targets": summary}, now))
+
+    async def operation_targets(self, correlation_id: str) -> list[TargetRow]:
+        """The targets of a fan-out operation (empty for a single-target one)."""
+        stmt = (sa.select(operation_targets.c.target, operation_targets.c.status, operation_targets.c.outcome,
+                          operation_targets.c.updated_at)
+                .where(operation_targets.c.correlation_id == correlation_id)
+                .order_by(operation_targets.c.target))
+        async with self._reader.begin() as conn:
+            return [TargetRow(**row._mapping) for row in await conn.execute(stmt)]
 
     async def get_operation(self, correlation_id: str) -> OperationRow | None:
         async with self._reader.begin() as conn:
@@ -191,8 +240,10 @@ class Store:
         """
         async with self._engine.begin() as conn:
             if finished_before is not None:
-                await conn.execute(sa.delete(operations).where(
-                    operations.c.status.in_(FINAL_STATUSES), operations.c.updated_at < finished_before))
+                old = sa.select(operations.c.correlation_id).where(
+                    operations.c.status.in_(FINAL_STATUSES), operations.c.updated_at < finished_before)
+                await conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id.in_(old)))
+                await conn.execute(sa.delete(operations).where(operations.c.correlation_id.in_(old)))
             result = await conn.execute(sa.delete(idempotency).where(idempotency.c.expires_at < now))
         return result.rowcount
 
@@ -213,12 +264,7 @@ class Store:
     async def upsert_swarm(self, row: SwarmRow) -> None:
         """Insert or overwrite the swarm; an existing row keeps its original created_at."""
         values = _swarm_values(row)
-        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
-        stmt = insert(swarms).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[swarms.c.id],
-            set_={name: stmt.excluded[name] for name in values if name not in ("id", "created_at")},
-        )
+        stmt = self._upsert(swarms, values, update=[name for name in values if name != "created_at"])
         async with self._engine.begin() as conn:
             await conn.execute(stmt)
 
@@ -234,8 +280,78 @@ class Store:
         return _swarm(row) if row is not None else None
 
     async def delete_swarm(self, swarm_id: str) -> None:
+        """Forget the swarm and every registry entry of its controller and bees."""
         async with self._engine.begin() as conn:
+            await conn.execute(sa.delete(components).where(components.c.swarm_id == swarm_id))
             await conn.execute(sa.delete(swarms).where(swarms.c.id == swarm_id))
+
+    # --- the component registry ----------------------------------------------------------
+
+    async def save_registry(self, batch: RegistryBatch) -> None:
+        """Save a batch of status reports and controller views in one transaction.
+
+        Reports from swarms the store does not know (removed, or never created here) are
+        dropped, so a late status cannot bring back a removed swarm's components. A
+        controller's bee list is the truth about membership: bees it no longer lists, and
+        that have not reported since, leave the registry.
+        """
+        swarm_ids = {r.swarm_id for r in batch.reports.values()} | set(batch.controllers)
+        if not swarm_ids:
+            return
+        upsert = self._upsert
+        async with self._engine.begin() as conn:
+            known = set((await conn.execute(sa.select(swarms.c.id).where(swarms.c.id.in_(swarm_ids)))).scalars())
+            for report in batch.reports.values():
+                if report.swarm_id not in known:
+                    continue
+                values = {"role": report.role, "instance": report.instance, "swarm_id": report.swarm_id,
+                          "enabled": report.enabled, "state": report.state, "totals": report.totals,
+                          "queue_stats": report.queue_stats, "data": report.data, "version": report.version,
+                          "last_seen": report.seen_at}
+                await conn.execute(upsert(components, {**values, "first_seen": report.seen_at,
+                                                       "container_state": None},
+                                          update=list(values)))
+            for view in batch.controllers.values():
+                if view.swarm_id not in known:
+                    continue
+                await conn.execute(sa.update(swarms).where(swarms.c.id == view.swarm_id).values(
+                    bees=view.bees, last_heartbeat=view.seen_at, enabled=view.enabled, updated_at=view.seen_at))
+                listed = [b for b in view.bees if b.get("role") and b.get("instance")]
+                for bee in listed:
+                    await conn.execute(upsert(components, {
+                        "role": bee["role"], "instance": bee["instance"], "swarm_id": view.swarm_id,
+                        "enabled": bool(bee.get("enabled")), "state": "unknown",
+                        "container_state": bee.get("state"), "totals": {}, "queue_stats": {}, "data": {},
+                        "version": None, "first_seen": view.seen_at, "last_seen": None,
+                    }, update=["container_state"]))
+                if view.settled:
+                    await conn.execute(sa.delete(components).where(
+                        components.c.swarm_id == view.swarm_id,
+                        components.c.instance.not_in([b["instance"] for b in listed]),
+                        sa.not_(sa.and_(components.c.role == view.role, components.c.instance == view.instance)),
+                        sa.or_(components.c.last_seen.is_(None), components.c.last_seen < view.seen_at)))
+
+    def _upsert(self, table: sa.Table, values: dict[str, Any], update: list[str]) -> Any:
+        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(table).values(values)
+        keys = [c.name for c in table.primary_key.columns]
+        return stmt.on_conflict_do_update(index_elements=keys,
+                                          set_={name: stmt.excluded[name] for name in update if name not in keys})
+
+    async def list_components(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
+        stmt = sa.select(components).order_by(components.c.swarm_id, components.c.role, components.c.instance)
+        if swarm_id is not None:
+            stmt = stmt.where(components.c.swarm_id == swarm_id)
+        if role is not None:
+            stmt = stmt.where(components.c.role == role)
+        async with self._reader.begin() as conn:
+            return [ComponentRow(**row._mapping) for row in await conn.execute(stmt)]
+
+    async def get_component(self, role: str, instance: str) -> ComponentRow | None:
+        stmt = sa.select(components).where(components.c.role == role, components.c.instance == instance)
+        async with self._reader.begin() as conn:
+            row = (await conn.execute(stmt)).first()
+        return ComponentRow(**row._mapping) if row is not None else None
 
 
 # --- begin_action, inside its transaction -------------------------------------------------
@@ -289,6 +405,10 @@ async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRo
             .returning(*operations.c)
         )
     ).one()
+    if action.targets:
+        await conn.execute(sa.insert(operation_targets), [
+            {"correlation_id": action.correlation_id, "target": target, "status": OperationStatus.DISPATCHED.value,
+             "outcome": None, "updated_at": action.created_at} for target in action.targets])
     return Started(_operation(row))
 
 
@@ -339,6 +459,14 @@ def _key(action: str, target: str, idempotency_key: str) -> sa.ColumnElement[boo
         idempotency.c.target == target,
         idempotency.c.idempotency_key == idempotency_key,
     )
+
+
+async def _close_operation(conn: AsyncConnection, correlation_id: str, status: str, outcome: dict[str, Any],
+                           now: datetime) -> OperationRow:
+    row = (await conn.execute(
+        sa.update(operations).where(operations.c.correlation_id == correlation_id)
+        .values(status=status, outcome=outcome, updated_at=now).returning(*operations.c))).one()
+    return _operation(row)
 
 
 # --- rows ---------------------------------------------------------------------------------

@@ -114,3 +114,37 @@ swarms = sa.Table(
     sa.PrimaryKeyConstraint("id", name="pk_swarms"),
 )
 
+
+components = sa.Table(
+    "components",
+    metadata,
+    sa.Column("role", sa.String(), nullable=False),
+    sa.Column("instance", sa.String(), nullable=False),
+    sa.Column("swarm_id", sa.String(), nullable=True),
+    sa.Column("enabled", sa.Boolean(), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    # As the component's controller last saw its container: running, exited, missing...
+    sa.Column("container_state", sa.String(32), nullable=True),
+    sa.Column("totals", _json(), nullable=False),
+    sa.Column("queue_stats", _json(), nullable=False),
+    sa.Column("data", _json(), nullable=False),
+    sa.Column("version", sa.String(16), nullable=True),
+    sa.Column("first_seen", UTCDateTime(), nullable=False),
+    # When the gateway last received a status from the component itself; None if never.
+    sa.Column("last_seen", UTCDateTime(), nullable=True),
+    sa.PrimaryKeyConstraint("role", "instance", name="pk_components"),
+    sa.Index("ix_components_swarm_id", "swarm_id"),
+)
+
+operation_targets = sa.Table(
+    "operation_targets",
+    metadata,
+    sa.Column("correlation_id", sa.String(), nullable=False),
+    sa.Column("target", sa.String(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("outcome", _json(), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("correlation_id", "target", name="pk_operation_targets"),
+    sa.ForeignKeyConstraint(["correlation_id"], ["operations.correlation_id"], ondelete="CASCADE",
+                            name="fk_operation_targets_operation"),
+)

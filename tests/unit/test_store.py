@@ -23,15 +23,19 @@ from sqlalchemy.exc import IntegrityError
 
 from controlplane.store import (
     Busy,
+    ControllerView,
     NewAction,
     OperationRow,
+    RegistryBatch,
     Replayed,
     Started,
+    StatusReport,
     Store,
     SwarmExists,
     SwarmRow,
     open_store,
 )
+from controlplane.store.models import utcnow
 from controlplane.store import repo
 from controlplane.store.schema import operations
 from tests.conftest import fresh_postgres_database
@@ -106,8 +110,8 @@ async def test_migrations_run_twice(db_url: str) -> None:
                 tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
         finally:
             await opened.close()
-        assert version == ["0001"]
-        assert {"idempotency", "operations", "swarms"} <= tables
+        assert version == ["0002"]
+        assert {"idempotency", "operations", "swarms", "components", "operation_targets"} <= tables
 
 
 async def test_concurrent_first_open(db_url: str) -> None:
@@ -167,7 +171,7 @@ def test_alembic_cli_upgrade_and_check(db_url: str) -> None:
         return proc.stdout + proc.stderr
 
     alembic("upgrade", "head")
-    assert "0001 (head)" in alembic("current")
+    assert "0002 (head)" in alembic("current")
     # The migrations and schema.py describe the same tables.
     alembic("check")
 
@@ -468,8 +472,116 @@ async def test_timestamps_are_aware_utc(store: Store) -> None:
 async def test_only_the_operations_own_signal_closes_it(store: Store) -> None:
     op = await started(store, action(idempotency_key="own"))
     # A bee's config-update under the same correlation id leaves the swarm's operation open.
-    assert await store.set_operation_status(op.correlation_id, "succeeded", {"signal": "config-update"},
-                                            signal="config-update", target=op.target) is None
-    closed = await store.set_operation_status(op.correlation_id, "succeeded", {"signal": op.signal},
-                                              signal=op.signal, target=op.target)
-    assert closed is not None and closed.outcome == {"signal": op.signal}
+    bee = await store.record_outcome(op.correlation_id, "config-update", "generator.sw1-gen", "succeeded", {})
+    assert not bee.moved and bee.closed is None
+    assert not (await store.record_outcome(op.correlation_id, "config-update", op.target, "succeeded", {})).moved
+    closed = await store.record_outcome(op.correlation_id, op.signal, op.target, "succeeded", {"signal": op.signal})
+    assert closed.moved and closed.closed is not None and closed.closed.outcome == {"signal": op.signal}
+    assert not (await store.record_outcome(op.correlation_id, op.signal, op.target, "failed", {})).moved
+
+
+FAN_OUT = ("swarm-controller.a", "swarm-controller.b", "swarm-controller.c")
+
+
+def fan_out(key: str) -> NewAction:
+    return action(action="config-update", idempotency_key=key, signal="config-update", target="controllers", swarm_id=None, lifecycle=False,
+                  targets=FAN_OUT)
+
+
+async def test_fan_out_closes_with_its_last_target(store: Store) -> None:
+    op = await started(store, fan_out("bulk"))
+    first = await store.record_outcome(op.correlation_id, "config-update", FAN_OUT[0], "succeeded", {"n": 0})
+    assert first.moved and first.closed is None
+    # Each target closes once; a repeated outcome changes nothing.
+    assert not (await store.record_outcome(op.correlation_id, "config-update", FAN_OUT[0], "failed", {})).moved
+    # Outcomes of other signals or unknown targets under the same correlation id are ignored.
+    assert not (await store.record_outcome(op.correlation_id, "config-update", "generator.x", "failed", {})).moved
+    assert not (await store.record_outcome(op.correlation_id, "swarm-start", FAN_OUT[1], "failed", {})).moved
+    await store.record_outcome(op.correlation_id, "config-update", FAN_OUT[1], "succeeded", {"n": 1})
+    assert (await store.get_operation(op.correlation_id)).is_open
+    last = await store.record_outcome(op.correlation_id, "config-update", FAN_OUT[2], "succeeded", {"n": 2})
+    assert last.closed is not None and last.closed.status == "succeeded"
+    assert last.closed.outcome == {"targets": {"succeeded": 3, "failed": 0, "timed_out": 0}}
+    targets = await store.operation_targets(op.correlation_id)
+    assert [(t.target, t.status, t.outcome) for t in targets] == [
+        (FAN_OUT[0], "succeeded", {"n": 0}), (FAN_OUT[1], "succeeded", {"n": 1}), (FAN_OUT[2], "succeeded", {"n": 2})]
+
+
+async def test_fan_out_status_is_the_worst_of_its_targets(store: Store) -> None:
+    failed = await started(store, fan_out("one-failed"))
+    for target, status in zip(FAN_OUT, ("succeeded", "timed_out", "failed")):
+        result = await store.record_outcome(failed.correlation_id, "config-update", target, status, {})
+    assert result.closed is not None and result.closed.status == "failed"
+    timed = await started(store, fan_out("one-timed-out"))
+    for target, status in zip(FAN_OUT, ("succeeded", "timed_out", "succeeded")):
+        result = await store.record_outcome(timed.correlation_id, "config-update", target, status, {})
+    assert result.closed is not None and result.closed.status == "timed_out"
+
+
+async def test_fan_out_rows_go_with_their_operation(store: Store) -> None:
+    op = await started(store, fan_out("forgotten"))
+    await store.forget_action(op.correlation_id)
+    assert await store.operation_targets(op.correlation_id) == []
+    old = await started(store, fan_out("purged"))
+    for target in FAN_OUT:
+        await store.record_outcome(old.correlation_id, "config-update", target, "succeeded", {})
+    await store.purge_expired(utcnow(), finished_before=utcnow() + timedelta(seconds=1))
+    assert await store.get_operation(old.correlation_id) is None
+    assert await store.operation_targets(old.correlation_id) == []
+
+
+def report(instance: str, swarm_id: str = "sw1", role: str = "generator", seen_at: datetime | None = None,
+           **fields: Any) -> StatusReport:
+    values: dict[str, Any] = {"enabled": True, "state": "running", "totals": {"published": 1.0}, "queue_stats": {},
+                              "data": {}, "version": "1"}
+    values.update(fields)
+    return StatusReport(role=role, instance=instance, swarm_id=swarm_id, seen_at=seen_at or utcnow(), **values)
+
+
+def controller_view(bees: list[str], seen_at: datetime, settled: bool = True, swarm_id: str = "sw1") -> ControllerView:
+    return ControllerView(role="swarm-controller", instance=swarm_id, swarm_id=swarm_id, seen_at=seen_at,
+                          enabled=True, settled=settled,
+                          bees=[{"role": "generator", "instance": b, "state": "running", "enabled": True} for b in bees])
+
+
+async def test_registry_keeps_the_latest_status_of_known_swarms(store: Store) -> None:
+    await store.upsert_swarm(swarm())
+    t1 = utcnow()
+    await store.save_registry(RegistryBatch(reports={
+        ("generator", "sw1-gen"): report("sw1-gen", seen_at=t1),
+        ("generator", "gone-gen"): report("gone-gen", swarm_id="gone", seen_at=t1),  # no such swarm: dropped
+    }))
+    await store.save_registry(RegistryBatch(reports={("generator", "sw1-gen"): report(
+        "sw1-gen", seen_at=t1 + timedelta(seconds=1), totals={"published": 7.0}, enabled=False)}))
+    rows = await store.list_components()
+    assert [(r.instance, r.totals, r.enabled, r.first_seen, r.last_seen) for r in rows] == [
+        ("sw1-gen", {"published": 7.0}, False, t1, t1 + timedelta(seconds=1))]
+    assert await store.get_component("generator", "sw1-gen") == rows[0]
+    assert await store.get_component("generator", "gone-gen") is None
+
+
+async def test_controller_view_sets_container_state_and_prunes_unlisted_bees(store: Store) -> None:
+    await store.upsert_swarm(swarm())
+    t0 = utcnow()
+    await store.save_registry(RegistryBatch(reports={
+        ("generator", "sw1-a"): report("sw1-a", seen_at=t0), ("generator", "sw1-b"): report("sw1-b", seen_at=t0),
+        ("swarm-controller", "sw1"): report("sw1", role="swarm-controller", seen_at=t0)}))
+    # Still applying its plan: a partial list prunes nothing.
+    await store.save_registry(RegistryBatch(controllers={"sw1": controller_view(["sw1-a"], t0 + timedelta(seconds=1), False)}))
+    assert {r.instance for r in await store.list_components()} == {"sw1", "sw1-a", "sw1-b"}
+    # Settled: sw1-b is gone, sw1-c (listed, never reported) appears with its container state.
+    view = controller_view(["sw1-a", "sw1-c"], t0 + timedelta(seconds=1))
+    view.bees[0]["state"] = "exited"
+    await store.save_registry(RegistryBatch(controllers={"sw1": view}))
+    rows = {r.instance: r for r in await store.list_components(swarm_id="sw1")}
+    assert set(rows) == {"sw1", "sw1-a", "sw1-c"}
+    assert rows["sw1-a"].container_state == "exited" and rows["sw1-a"].last_seen == t0
+    assert rows["sw1-c"].last_seen is None and rows["sw1-c"].state == "unknown"
+    swarm_row = await store.get_swarm("sw1")
+    assert swarm_row.last_heartbeat == view.seen_at and [b["instance"] for b in swarm_row.bees] == ["sw1-a", "sw1-c"]
+    # A bee that reported after the controller's view is kept even though unlisted.
+    await store.save_registry(RegistryBatch(reports={("generator", "sw1-d"): report("sw1-d", seen_at=t0 + timedelta(seconds=3))},
+                                            controllers={"sw1": controller_view(["sw1-a"], t0 + timedelta(seconds=2))}))
+    assert {r.instance for r in await store.list_components(swarm_id="sw1")} == {"sw1", "sw1-a", "sw1-d"}
+    await store.delete_swarm("sw1")
+    assert await store.list_components() == []

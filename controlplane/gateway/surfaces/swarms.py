@@ -8,7 +8,6 @@ swarm orchestrator specification.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +20,8 @@ from controlplane.gateway.actions import Action, operation_view, submit
 from controlplane.gateway.context import CTX, GatewayContext
 from controlplane.gateway.middleware import ApiError, read_json
 from controlplane.gateway.openapi import Op
-from controlplane.store import OperationRow, SwarmRow
+from controlplane.gateway.registry import component_view, health, worst
+from controlplane.store import ComponentRow, OperationRow, SwarmRow
 
 S = SwarmStatus
 # Which swarm states each action may start from.
@@ -31,8 +31,6 @@ ALLOWED_FROM: dict[str, set[str]] = {
     "swarm-remove": {S.READY, S.RUNNING, S.STOPPED, S.FAILED},
     "swarm-template": {S.READY, S.STOPPED},
 }
-# Health from the controller's heartbeat age, in status intervals.
-STALE_AFTER, FAILED_AFTER = 3, 6
 
 
 def _swarm_id(request: web.Request) -> str:
@@ -66,7 +64,8 @@ async def create_swarm(request: web.Request) -> web.Response:
                    created_at=now, updated_at=now)
     plan = template.plan().model_dump(mode="json", by_alias=True) if template else {}
     action = Action(signal="swarm-create", request=body, swarm_id=swarm_id, lifecycle=True, create_swarm=row,
-                    args={"templateId": body.template_id, "swarmPlan": plan})
+                    args={"templateId": body.template_id, "swarmPlan": plan,
+                          **({"controllerImage": template.controller_image} if template and template.controller_image else {})})
     return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
 
 
@@ -97,7 +96,7 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
 def allowed_images(ctx: GatewayContext) -> set[str]:
     if ctx.settings.allowed_images:
         return set(ctx.settings.allowed_images)
-    named = {bee.image for template in ctx.catalog.templates.values() for bee in template.bees}
+    named = {image for template in ctx.catalog.templates.values() for image in template.images()}
     return named | {ctx.settings.project_image}
 
 
@@ -106,31 +105,35 @@ def _check_images(ctx: GatewayContext, plan: SwarmPlan) -> None:
     allowed = allowed_images(ctx)
     refused = [{"field": f"swarmPlan.bees.{i}.image", "reason": f"image {bee.image!r} is not allowed"}
                for i, bee in enumerate(plan.bees) if bee.image not in allowed]
+    if plan.sut is not None and plan.sut.image not in allowed:
+        refused.append({"field": "swarmPlan.sut.image", "reason": f"image {plan.sut.image!r} is not allowed"})
     if refused:
         raise ApiError(422, "image-not-allowed", "; ".join(f"{r['field']}: {r['reason']}" for r in refused)
                        + f" (allowed: {', '.join(sorted(allowed))}; see CP_ALLOWED_IMAGES)", refused)
 
 
-def health(swarm: SwarmRow, interval_s: float) -> str:
-    if swarm.last_heartbeat is None:
-        return "unknown"
-    age = utcnow() - swarm.last_heartbeat
-    if age > timedelta(seconds=FAILED_AFTER * interval_s):
-        return "failed"
-    if age > timedelta(seconds=STALE_AFTER * interval_s):
-        return "stale"
-    return "healthy"
-
-
-def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None) -> dict[str, Any]:
+def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None,
+               components: list[ComponentRow]) -> dict[str, Any]:
+    """A swarm with its health: the worst of its controller's heartbeat and its bees' health."""
+    interval, now = ctx.settings.status_interval_s, utcnow()
+    registered = {c.instance: component_view(c, interval, now) for c in components}
+    bees = []
+    for bee in swarm.bees:
+        view = {k: bee.get(k) for k in ("role", "image", "instance", "state", "enabled")}
+        entry = registered.get(bee.get("instance", ""))
+        view["health"] = health(None, interval, bee.get("state"), now) if entry is None else entry["health"]
+        view["lastSeen"] = entry["lastSeen"] if entry else None
+        bees.append(view)
+    controller_health = health(swarm.last_heartbeat, interval, now=now)
     return {
         "swarmId": swarm.id,
         "status": swarm.status,
-        "health": health(swarm, ctx.settings.status_interval_s),
+        "health": worst(controller_health, *(b["health"] for b in bees)) if swarm.last_heartbeat else "unknown",
         "templateId": swarm.template_id,
-        "controller": {"role": keys.CONTROLLER_ROLE, "instance": swarm.controller_instance} if swarm.controller_instance else None,
+        "controller": ({"role": keys.CONTROLLER_ROLE, "instance": swarm.controller_instance, "health": controller_health}
+                       if swarm.controller_instance else None),
         "enabled": swarm.enabled,
-        "bees": [{k: b.get(k) for k in ("role", "image", "instance", "state", "enabled", "lastSeen")} for b in swarm.bees],
+        "bees": bees,
         "lastHeartbeat": swarm.last_heartbeat.isoformat() if swarm.last_heartbeat else None,
         "activeOperation": operation_view(active) if active else None,
         "lastError": swarm.last_error,
@@ -143,7 +146,10 @@ async def list_swarms(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     active = {op.swarm_id: op for op in await ctx.store.open_operations() if op.lifecycle}
     swarms = await ctx.store.list_swarms()
-    return web.json_response([swarm_view(ctx, s, active.get(s.id)) for s in swarms])
+    by_swarm: dict[str | None, list[ComponentRow]] = {}
+    for row in await ctx.store.list_components():
+        by_swarm.setdefault(row.swarm_id, []).append(row)
+    return web.json_response([swarm_view(ctx, s, active.get(s.id), by_swarm.get(s.id, [])) for s in swarms])
 
 
 async def get_swarm(request: web.Request) -> web.Response:
@@ -153,15 +159,18 @@ async def get_swarm(request: web.Request) -> web.Response:
     if swarm is None:
         raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
     active = await ctx.store.open_lifecycle_operation(swarm_id)
-    return web.json_response(swarm_view(ctx, swarm, active))
+    return web.json_response(swarm_view(ctx, swarm, active, await ctx.store.list_components(swarm_id=swarm_id)))
 
 
 async def list_templates(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     return web.json_response({
         "templates": [
-            {"id": t.id, "name": t.name, "description": t.description,
-             "bees": [{"name": b.name, "role": b.role, "image": b.image} for b in t.bees]}
+            {"id": t.id, "name": t.name, "description": t.description, "controllerImage": t.controller_image,
+             "sut": t.sut.model_dump(mode="json", by_alias=True) if t.sut else None,
+             "bees": [{"name": b.name, "role": b.role, "image": b.image,
+                       "work": b.work.model_dump(mode="json", by_alias=True, exclude_none=True),
+                       "enabled": b.enabled, "config": b.config} for b in t.bees]}
             for t in ctx.catalog.templates.values()
         ],
         "invalid": [{"file": name, "problem": why} for name, why in sorted(ctx.catalog.problems.items())],
@@ -173,7 +182,7 @@ async def get_operation(request: web.Request) -> web.Response:
     op = await ctx.store.get_operation(request.match_info["correlationId"])
     if op is None:
         raise ApiError(404, "unknown-operation", f"no operation with correlationId {request.match_info['correlationId']!r}")
-    return web.json_response(operation_view(op))
+    return web.json_response(operation_view(op, await ctx.store.operation_targets(op.correlation_id)))
 
 
 ACTION_STATUSES = (202, 400, 401, 403, 404, 409, 422, 503)

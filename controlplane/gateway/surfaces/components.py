@@ -1,0 +1,154 @@
+"""Swarm orchestrator surface, components part (``/api/components``, ``/api/controllers``).
+
+Config patches and status requests go to one registered component; ``commandTarget`` and
+the bulk controller toggle fan a signal out to many under one correlation id. Who exists
+is the registry's word (``gateway/registry.py``): an unknown component is a 404.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controlplane.contract import keys
+from controlplane.contract.models import (
+    ActionRequest,
+    CommandTarget,
+    ComponentConfigRequest,
+    ControllersConfigRequest,
+    Envelope,
+)
+from controlplane.gateway.actions import Action, Target, submit
+from controlplane.gateway.context import CTX, GatewayContext
+from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.gateway.openapi import Op
+from controlplane.gateway.registry import HEALTH_RANK, component_view
+from controlplane.store import ComponentRow
+
+# Where a bulk toggle's idempotency keys and operations are filed.
+CONTROLLERS_SCOPE = "controllers"
+
+
+def _component_path(request: web.Request) -> tuple[str, str]:
+    role, instance = request.match_info["role"], request.match_info["instance"]
+    for field, value in (("role", role), ("instance", instance)):
+        problem = keys.slug_problem(value)
+        if problem:
+            raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {problem}", [{"field": field, "reason": problem}])
+    return role, instance
+
+
+async def _registered(ctx: GatewayContext, role: str, instance: str) -> ComponentRow:
+    row = await ctx.store.get_component(role, instance)
+    if row is None:
+        raise ApiError(404, "unknown-component", f"no component {role}.{instance} is registered; the registry knows "
+                       "the controllers and bees that have reported status (GET /api/components)")
+    return row
+
+
+def _target(row: ComponentRow) -> Target:
+    return Target(row.role, row.instance, row.swarm_id)
+
+
+async def _fan_out(ctx: GatewayContext, addressed: ComponentRow, command_target: CommandTarget) -> tuple[Target, ...]:
+    store = ctx.store
+    if command_target == CommandTarget.SWARM:
+        rows = await store.list_components(swarm_id=addressed.swarm_id)
+    elif command_target == CommandTarget.ROLE:
+        rows = await store.list_components(role=addressed.role)
+    else:
+        rows = await store.list_components()
+    return tuple(_target(r) for r in rows)
+
+
+async def update_config(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    role, instance = _component_path(request)
+    body = ComponentConfigRequest.model_validate(await read_json(request))
+    addressed = await _registered(ctx, role, instance)
+    fan_out = None if body.command_target == CommandTarget.INSTANCE else await _fan_out(ctx, addressed, body.command_target)
+    action = Action(signal="config-update", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
+                    args={"patch": body.patch}, fan_out=fan_out, command_target=body.command_target)
+    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+
+
+async def request_status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    role, instance = _component_path(request)
+    body = ActionRequest.model_validate(await read_json(request))
+    addressed = await _registered(ctx, role, instance)
+    action = Action(signal="status-request", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
+                    info_only=True)
+    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+
+
+async def toggle_controllers(request: web.Request) -> web.Response:
+    """``sig.config-update.swarm-controller.<instance>`` with ``{"enabled": ...}`` to each target."""
+    ctx = request.app[CTX]
+    body = ControllersConfigRequest.model_validate(await read_json(request))
+    registered = {r.instance: r for r in await ctx.store.list_components(role=keys.CONTROLLER_ROLE)}
+    if body.targets:
+        wanted = [t.partition(".")[2] for t in body.targets]
+        unknown = [i for i in wanted if i not in registered]
+        if unknown:
+            raise ApiError(404, "unknown-component", "targets name controllers the registry does not know: "
+                           + ", ".join(f"{keys.CONTROLLER_ROLE}.{i}" for i in unknown),
+                           [{"field": "targets", "reason": f"{keys.CONTROLLER_ROLE}.{i} is not registered"}
+                            for i in unknown])
+        rows = [registered[i] for i in wanted]
+    else:
+        rows = list(registered.values())
+    action = Action(signal="config-update", request=body, args={"patch": {"enabled": body.enabled}},
+                    fan_out=tuple(_target(r) for r in rows), command_target=CommandTarget.INSTANCE,
+                    key_scope=CONTROLLERS_SCOPE)
+    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+
+
+async def list_components(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    query = request.rel_url.query
+    for field in ("swarmId", "role"):
+        value = query.get(field)
+        if value is not None and keys.slug_problem(value):
+            raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {keys.slug_problem(value)}",
+                           [{"field": field, "reason": keys.slug_problem(value) or ""}])
+    wanted_health = query.get("health")
+    if wanted_health is not None and wanted_health not in HEALTH_RANK:
+        raise ApiError(400, "invalid-health", f"health must be one of {', '.join(HEALTH_RANK)}",
+                       [{"field": "health", "reason": "unknown health"}])
+    rows = await ctx.store.list_components(swarm_id=query.get("swarmId"), role=query.get("role"))
+    views = [component_view(r, ctx.settings.status_interval_s) for r in rows]
+    if wanted_health is not None:
+        views = [v for v in views if v["health"] == wanted_health]
+    return web.json_response({"components": views})
+
+
+async def get_component(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    role, instance = _component_path(request)
+    row = await _registered(ctx, role, instance)
+    return web.json_response(component_view(row, ctx.settings.status_interval_s))
+
+
+ACTION_STATUSES = (202, 400, 401, 403, 404, 422, 503)
+OPERATIONS = [
+    Op("POST", "/api/components/{role}/{instance}/config", "Patch a component's config (sig.config-update)",
+       ComponentConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)),
+    Op("POST", "/api/components/{role}/{instance}/status-request", "Ask a component for its full status",
+       ActionRequest, ACTION_STATUSES, Envelope, True, ("components",)),
+    Op("POST", "/api/controllers/config", "Switch swarm-controllers' workloads on or off (bulk)",
+       ControllersConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)),
+    Op("GET", "/api/components", "The registry: controllers and bees with their health", statuses=(200, 400),
+       tags=("components",)),
+    Op("GET", "/api/components/{role}/{instance}", "One registered component", statuses=(200, 400, 404),
+       tags=("components",)),
+]
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/api/components/{role}/{instance}/config", update_config),
+        web.post("/api/components/{role}/{instance}/status-request", request_status),
+        web.post("/api/controllers/config", toggle_controllers),
+        web.get("/api/components", list_components),
+        web.get("/api/components/{role}/{instance}", get_component),
+    ]
