@@ -71,8 +71,14 @@ async def test_swarm_plan_runs_only_allowed_images(gateway: Stack) -> None:
 async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
     status, body = await gateway.get("/api/templates")
     assert status == 200
-    demo = next(t for t in body["templates"] if t["id"] == "generator-demo")
-    assert demo["bees"] == [{"name": "generator", "role": "generator", "image": "controlplane:local"}]
+    listed = {t["id"]: t for t in body["templates"]}
+    assert {"generator-demo", "http-load", "http-trigger"} <= set(listed) and body["invalid"] == []
+    assert listed["generator-demo"]["bees"] == [{
+        "name": "generator", "role": "generator", "image": "controlplane:local", "work": {"out": "generated"},
+        "enabled": False, "config": {"ratePerSec": 5, "message": {"kind": "demo"}}}]
+    load = listed["http-load"]
+    assert [b["role"] for b in load["bees"]] == ["generator", "moderator", "processor", "postprocessor"]
+    assert load["sut"]["port"] == 18080 and load["sut"]["image"] == "controlplane:local"
     assert (await gateway.get("/healthz"))[0] == 200
     status, ready = await gateway.get("/readyz")
     assert status == 200 and ready["checks"] == {"broker": "ok", "store": "ok"}

@@ -116,15 +116,16 @@ def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None
                components: list[ComponentRow]) -> dict[str, Any]:
     """A swarm with its health: the worst of its controller's heartbeat and its bees' health."""
     interval, now = ctx.settings.status_interval_s, utcnow()
-    registered = {c.instance: component_view(c, interval, now) for c in components}
+    registered = {(c.role, c.instance): component_view(c, interval, now) for c in components}
     bees = []
     for bee in swarm.bees:
         view = {k: bee.get(k) for k in ("role", "image", "instance", "state", "enabled")}
-        entry = registered.get(bee.get("instance", ""))
+        entry = registered.get((bee.get("role"), bee.get("instance")))
         view["health"] = health(None, interval, bee.get("state"), now) if entry is None else entry["health"]
         view["lastSeen"] = entry["lastSeen"] if entry else None
         bees.append(view)
     controller_health = health(swarm.last_heartbeat, interval, now=now)
+    controller = registered.get((keys.CONTROLLER_ROLE, swarm.controller_instance))
     return {
         "swarmId": swarm.id,
         "status": swarm.status,
@@ -133,6 +134,7 @@ def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None
         "controller": ({"role": keys.CONTROLLER_ROLE, "instance": swarm.controller_instance, "health": controller_health}
                        if swarm.controller_instance else None),
         "enabled": swarm.enabled,
+        "sut": controller["data"].get("sut") if controller else None,
         "bees": bees,
         "lastHeartbeat": swarm.last_heartbeat.isoformat() if swarm.last_heartbeat else None,
         "activeOperation": operation_view(active) if active else None,
