@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from controlplane.contract import keys
@@ -331,7 +331,7 @@ class ComponentConfigRequest(ActionRequest):
 class ControllersConfigRequest(ActionRequest):
     """``POST /api/controllers/config``: switch swarm-controllers' workloads on or off."""
 
-    enabled: bool
+    enabled: StrictBool  # a kill switch takes true or false, not "no" or 0
     targets: list[str] | None = Field(None, max_length=10_000)  # "swarm-controller.<instance>"
 
     @field_validator("targets")

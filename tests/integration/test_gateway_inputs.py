@@ -68,6 +68,39 @@ async def test_swarm_plan_runs_only_allowed_images(gateway: Stack) -> None:
         {"field": "swarmPlan.bees.1.image", "reason": "image 'controlplane-busybox:local' is not allowed"}]
 
 
+async def test_component_endpoints_refuse_bad_input(gateway: Stack) -> None:
+    key = new_key()
+    status, body = await gateway.post("/api/components/Gen/x/config", {"idempotencyKey": key, "patch": {"a": 1}})
+    assert status == 400 and body["fields"][0]["field"] == "role"
+    status, body = await gateway.post("/api/components/generator/a.b/status-request", {"idempotencyKey": key})
+    assert status == 400 and body["fields"][0]["field"] == "instance"
+    status, body = await gateway.post("/api/components/generator/x/config", {"idempotencyKey": key, "patch": {}})
+    assert status == 400 and body["fields"][0]["field"] == "patch"
+    status, body = await gateway.post("/api/components/generator/x/config", {"idempotencyKey": key, "patch": [1]})
+    assert status == 400 and body["fields"][0]["field"] == "patch"
+    status, body = await gateway.post("/api/components/generator/x/config", {"idempotencyKey": key, "patch": {"a": 1}})
+    assert status == 404 and body["error"] == "unknown-component"
+    status, body = await gateway.get("/api/components/generator/x")
+    assert status == 404 and body["error"] == "unknown-component"
+    status, body = await gateway.get("/api/components?health=sparkling")
+    assert status == 400 and body["fields"][0]["field"] == "health"
+    status, body = await gateway.post("/api/controllers/config", {"idempotencyKey": key, "enabled": "no",
+                                                                  "targets": ["generator.x"]})
+    assert status == 400 and {f["field"] for f in body["fields"]} == {"enabled", "targets"}
+
+
+async def test_bulk_toggle_with_nothing_registered_succeeds_at_once(gateway: Stack) -> None:
+    key = new_key()
+    status, envelope = await gateway.post("/api/controllers/config", {"idempotencyKey": key, "enabled": False})
+    assert status == 202 and envelope["targets"] == [] and envelope["timeoutMs"] == 60000
+    status, op = await gateway.get(f"/api/operations/{envelope['correlationId']}")
+    assert status == 200 and op["status"] == "succeeded"
+    status, again = await gateway.post("/api/controllers/config", {"idempotencyKey": key, "enabled": False})
+    assert status == 202 and again == envelope, "a retry is answered from the idempotency record"
+    status, body = await gateway.post("/api/controllers/config", {"idempotencyKey": key, "enabled": True})
+    assert status == 422 and body["error"] == "idempotency-key-reused"
+
+
 async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
     status, body = await gateway.get("/api/templates")
     assert status == 200
