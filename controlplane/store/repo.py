@@ -177,15 +177,19 @@ class Store:
                                      .with_for_update())).first()
             if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
                 return Recorded(moved=False)
-            if op.target == target:
-                return Recorded(True, await _close_operation(conn, correlation_id, final.value, outcome, now))
             moved = await conn.execute(
                 sa.update(operation_targets)
                 .where(operation_targets.c.correlation_id == correlation_id, operation_targets.c.target == target,
                        operation_targets.c.status.in_(OPEN_STATUSES))
                 .values(status=final.value, outcome=outcome, updated_at=now))
             if moved.rowcount == 0:
-                return Recorded(moved=False)
+                # Not an open target. The operation's own target closes it, unless it is a
+                # fan-out (whose addressed component is one target among others).
+                fan_out = (await conn.execute(sa.select(operation_targets.c.target).where(
+                    operation_targets.c.correlation_id == correlation_id).limit(1))).first()
+                if op.target != target or fan_out is not None:
+                    return Recorded(moved=False)
+                return Recorded(True, await _close_operation(conn, correlation_id, final.value, outcome, now))
             counts: dict[str, int] = dict((await conn.execute(
                 sa.select(operation_targets.c.status, sa.func.count())
                 .where(operation_targets.c.correlation_id == correlation_id)

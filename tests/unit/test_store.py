@@ -585,3 +585,14 @@ async def test_controller_view_sets_container_state_and_prunes_unlisted_bees(sto
     assert {r.instance for r in await store.list_components(swarm_id="sw1")} == {"sw1", "sw1-a", "sw1-d"}
     await store.delete_swarm("sw1")
     assert await store.list_components() == []
+
+
+async def test_a_fan_out_addressed_to_one_of_its_targets_waits_for_all(store: Store) -> None:
+    # commandTarget=swarm: filed under the addressed component, which is one target among others.
+    op = await started(store, action(action="config-update", signal="config-update", target=FAN_OUT[0],
+                                     swarm_id=None, lifecycle=False, idempotency_key="widened", targets=FAN_OUT))
+    first = await store.record_outcome(op.correlation_id, "config-update", FAN_OUT[0], "succeeded", {})
+    assert first.moved and first.closed is None
+    for target in FAN_OUT[1:]:
+        last = await store.record_outcome(op.correlation_id, "config-update", target, "succeeded", {})
+    assert last.closed is not None and last.closed.status == "succeeded"
