@@ -12,3 +12,6 @@ OPERATIONS_FINISHED = Counter("cp_operations_finished_total", "Operations that r
                               ["signal", "status"])
 OPERATION_SECONDS = Histogram("cp_operation_seconds", "Time from acceptance to outcome", ["signal"],
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+STATUS_EVENTS = Counter("cp_status_events_total", "Status events taken into the registry", ["role", "kind"])
+REGISTRY_FLUSH_SECONDS = Histogram("cp_registry_flush_seconds", "Time to save one batch of the registry",
+                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

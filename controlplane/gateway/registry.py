@@ -17,6 +17,7 @@ from typing import Any
 
 from controlplane.contract import keys
 from controlplane.contract.models import Status, SwarmStatus, utcnow
+from controlplane.gateway import metrics
 from controlplane.logs import get_logger
 from controlplane.store import ComponentRow, ControllerView, RegistryBatch, StatusReport, Store
 
@@ -88,6 +89,7 @@ class Registry:
 
     def observe(self, status: Status) -> None:
         """Take one status event; only the latest per component is kept until the next flush."""
+        metrics.STATUS_EVENTS.labels(status.role, status.kind).inc()
         if not status.swarm_id:
             return
         now = utcnow()
@@ -105,7 +107,8 @@ class Registry:
     async def flush(self) -> None:
         batch, self._batch = self._batch, RegistryBatch()
         if batch:
-            await self.store.save_registry(batch)
+            with metrics.REGISTRY_FLUSH_SECONDS.time():
+                await self.store.save_registry(batch)
 
     async def _flush_forever(self) -> None:
         while True:
