@@ -11,7 +11,13 @@ from typing import Any
 from bees.sdk import Worker, run_bee
 
 # role -> "module:class"; roles not listed here run with ``python -m <module>``.
-WORKERS = {"generator": "bees.generator:Generator"}
+WORKERS = {
+    "generator": "bees.generator:Generator",
+    "moderator": "bees.moderator:Moderator",
+    "processor": "bees.processor:Processor",
+    "postprocessor": "bees.postprocessor:Postprocessor",
+    "trigger": "bees.trigger:Trigger",
+}
 
 
 def worker_factory(role: str) -> Callable[[], Worker[Any]]:

@@ -25,6 +25,7 @@ class BeeEnv(BaseSettings):
     instance: str
     work_in: str | None = None  # queue suffix this bee consumes: ph.<swarm>.<suffix>
     work_out: str | None = None  # queue suffix this bee publishes to on the hive exchange
+    sut_url: str | None = None  # the swarm's system under test, e.g. http://127.0.0.1:8080
     bee_config: dict[str, Any] = Field(default_factory=dict)  # JSON object
     enabled: bool = False
     status_interval_s: float = Field(5.0, gt=0)
@@ -39,6 +40,11 @@ class BeeEnv(BaseSettings):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("sut_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return None if value == "" else value
 
     @field_validator("work_in", "work_out", mode="before")
     @classmethod

@@ -2,6 +2,9 @@
 
 Config (camelCase on the wire): ``ratePerSec`` messages per second, 0 to 10000, and
 ``message``, the object every message starts from; each message adds ``seq`` and ``ts``.
+``singleRequest: true`` is a command rather than a setting: the bee publishes one message at
+once, enabled or not, and its config reads ``singleRequest: false`` again (reported configs
+leave the field out).
 Run it with ``python -m bees.generator``.
 """
 
@@ -20,6 +23,9 @@ from bees.sdk import BeeContext, Worker, run_bee
 class GeneratorConfig(Strict):
     rate_per_sec: float = Field(1.0, ge=0, le=10000)
     message: dict[str, Any] = Field(default_factory=lambda: {"hello": "world"})
+    # A command, never a state: it is false again as soon as it has been carried out, so it is
+    # left out of the config a bee reports (absent reads as false).
+    single_request: bool = Field(False, exclude=True)
 
 
 def make_message(template: dict[str, Any], seq: int) -> dict[str, Any]:
@@ -32,6 +38,19 @@ class Generator(Worker[GeneratorConfig]):
     def __init__(self) -> None:
         self.seq = 0
         self.pacer: Pacer | None = None
+
+    async def setup(self, ctx: BeeContext[GeneratorConfig]) -> None:
+        await self._single_request(ctx)
+
+    async def on_config(self, ctx: BeeContext[GeneratorConfig], previous: GeneratorConfig) -> None:
+        await self._single_request(ctx)
+
+    async def _single_request(self, ctx: BeeContext[GeneratorConfig]) -> None:
+        """Carry out a ``singleRequest`` and clear it, so the stored config does not repeat it."""
+        if not ctx.config.single_request:
+            return
+        ctx.config = ctx.config.model_copy(update={"single_request": False})
+        await self._send(ctx, 1)
 
     async def tick(self, ctx: BeeContext[GeneratorConfig]) -> float | None:
         rate = ctx.config.rate_per_sec

@@ -1,12 +1,16 @@
-"""Pacing a producer at a steady rate: pure arithmetic over a monotonic clock.
+"""Pacing work at a steady rate: arithmetic over a monotonic clock, and a gate built on it.
 
 Messages are due at ``origin + n / rate``; the producer sends what is due and sleeps
 until the next one, so output is spread evenly instead of in once-a-second bursts.
+``Gate`` does the same for many concurrent callers, handing out one slot at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 # After a stall longer than this (the bee was disabled, the broker was away) the schedule
@@ -36,17 +40,83 @@ class Pacer:
 
     def take(self, now: float) -> int:
         """How many messages to send now; they are counted as sent."""
-        if self.rate <= 0:
-            return 0
-        if now - (self.origin + self.sent / self.rate) > MAX_LAG_S:
-            self.origin, self.sent = now, 0
-        owed = math.floor((now - self.origin) * self.rate + _EPSILON) + 1 - self.sent
-        count = max(0, min(owed, MAX_BATCH))
-        self.sent += count
-        return count
+        return self.take_upto(now, MAX_BATCH)
 
     def wait(self, now: float) -> float | None:
         """Seconds until the next message is due; None when the rate is 0."""
         if self.rate <= 0:
             return None
         return max(0.0, self.origin + self.sent / self.rate - now)
+
+    def take_one(self, now: float) -> float | None:
+        """Take the next message if it is due (returns 0.0, counted as sent); otherwise the
+        seconds until it is, or None when the rate is 0."""
+        if self.rate <= 0:
+            return None
+        if self.take_upto(now, 1):
+            return 0.0
+        return self.wait(now)
+
+    def take_upto(self, now: float, most: int) -> int:
+        """Like ``take``, but at most ``most`` messages."""
+        if self.rate <= 0:
+            return 0
+        if now - (self.origin + self.sent / self.rate) > MAX_LAG_S:
+            self.origin, self.sent = now, 0
+        owed = math.floor((now - self.origin) * self.rate + _EPSILON) + 1 - self.sent
+        count = max(0, min(owed, most))
+        self.sent += count
+        return count
+
+
+class Gate:
+    """Lets concurrent callers through one at a time, evenly at ``rate`` per second.
+
+    ``rate`` None means no limit. Callers queue on a lock, so slots go out in arrival
+    order; a rate change wakes the caller waiting for its slot, so it applies at once.
+    ``clock`` and ``sleep`` are replaceable so the pacing can be tested without waiting.
+    """
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._clock, self._sleep = clock, sleep
+        self._rate = rate
+        self._pacer = Pacer(rate or 0.0, clock())
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    def set_rate(self, rate: float | None) -> None:
+        if rate == self._rate:
+            return
+        if rate is not None:
+            if self._rate is None:  # limited again: a fresh schedule, nothing owed from before
+                self._pacer = Pacer(rate, self._clock())
+            else:
+                self._pacer.set_rate(rate, self._clock())
+        self._rate = rate
+        self._changed.set()
+
+    async def acquire(self) -> None:
+        """Return when the caller's slot has come."""
+        async with self._lock:
+            while self._rate is not None:
+                self._changed.clear()
+                delay = self._pacer.take_one(self._clock())
+                if delay == 0.0:
+                    return
+                await self._pause(delay)
+
+    async def _pause(self, delay: float | None) -> None:
+        """Sleep ``delay`` seconds (None: until a change), ending early when the rate changes."""
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._changed.wait())]
+        if delay is not None:
+            waits.append(asyncio.ensure_future(self._sleep(delay)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()

@@ -3,13 +3,19 @@
 A patch is a flat JSON object. ``enabled`` switches the bee's work on or off; every other
 key replaces that top-level field of the config (no deep merge, so a patch is easy to
 predict), and the result must validate against the worker's own config model.
+
+Validation may be given a context: what a config model needs to know about the bee's
+environment, such as a default address, to tell a usable config from one that is not.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
+
+if TYPE_CHECKING:
+    from bees.env import BeeEnv
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -27,9 +33,16 @@ class ConfigRejected(Exception):
         return [e["field"] for e in self.errors]
 
 
-def _errors(exc: ValidationError) -> list[dict[str, str]]:
-    return [{"field": ".".join(str(p) for p in err["loc"]) or "(config)", "message": err["msg"]}
+def _errors(model: type[BaseModel], exc: ValidationError) -> list[dict[str, str]]:
+    # A field checked from its default is located by its Python name: report the wire name.
+    return [{"field": ".".join(str(p) for p in _wire_loc(model, err["loc"])) or "(config)", "message": err["msg"]}
             for err in exc.errors()]
+
+
+def _wire_loc(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    if loc and isinstance(loc[0], str):
+        return (wire_name(model, loc[0]), *loc[1:])
+    return loc
 
 
 def _rejected(errors: list[dict[str, str]]) -> ConfigRejected:
@@ -45,15 +58,26 @@ def wire_name(model: type[BaseModel], key: str) -> str:
     return key
 
 
-def parse_config(model: type[C], data: dict[str, Any]) -> C:
+def config_context(env: BeeEnv) -> dict[str, Any]:
+    """The validation context of a bee's configs: its environment."""
+    return {"env": env}
+
+
+def context_env(info: ValidationInfo) -> BeeEnv | None:
+    """For config validators: the bee environment of the context, None when validated without."""
+    return (info.context or {}).get("env")
+
+
+def parse_config(model: type[C], data: dict[str, Any], context: dict[str, Any] | None = None) -> C:
     """Validate a whole config, e.g. ``CP_BEE_CONFIG`` at start-up."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise _rejected(_errors(exc)) from None
+        raise _rejected(_errors(model, exc)) from None
 
 
-def apply_patch(model: type[C], current: C, patch: Any) -> tuple[C, bool | None]:
+def apply_patch(model: type[C], current: C, patch: Any,
+                context: dict[str, Any] | None = None) -> tuple[C, bool | None]:
     """Return the patched config and the requested ``enabled`` (None: unchanged).
 
     Raises ``ConfigRejected`` and leaves ``current`` untouched when the patch is invalid.
@@ -67,4 +91,4 @@ def apply_patch(model: type[C], current: C, patch: Any) -> tuple[C, bool | None]
     merged = current.model_dump(by_alias=True)
     for key, value in rest.items():
         merged[wire_name(model, key)] = value
-    return parse_config(model, merged), enabled
+    return parse_config(model, merged, context), enabled

@@ -12,6 +12,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -24,21 +25,48 @@ from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, 
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
 from controlplane.logs import configure, get_logger
 from bees.env import BeeEnv, load_env_or_exit
-from bees.patching import ConfigRejected, apply_patch, parse_config
+from bees.patching import ConfigRejected, apply_patch, config_context, parse_config
 from bees.stats import Totals, rates
 
 C = TypeVar("C", bound=BaseModel)
 
 # Pause after a failed producer step, so a broker outage does not become a busy loop.
 ERROR_BACKOFF_S = 1.0
+# How long a retired work consumer may finish the messages it has in hand before its
+# channel is closed and what is left goes back to the queue.
+DRAIN_S = 10.0
 
 StatusKind = Literal["status-full", "status-delta"]
 
 
 class Worker(Generic[C]):
-    """What a bee does. Subclasses set ``Config`` and override ``tick`` and/or ``handle``."""
+    """What a bee does. Subclasses set ``Config`` and override ``tick`` and/or ``handle``.
+
+    The other methods are hooks with no-op defaults, for workers that hold resources
+    (``setup``/``teardown``), react to a new config (``on_config``) or report more than the
+    counters (``report``).
+    """
 
     Config: type[C]
+    # Messages of work-in handled at once (``handle`` runs concurrently up to this many).
+    # A worker may change it from ``setup`` or ``on_config``; the consumer follows.
+    prefetch: int = 16
+
+    async def setup(self, ctx: BeeContext[C]) -> None:
+        """Once, after connecting and before any work; ``teardown`` follows on stop."""
+
+    async def teardown(self, ctx: BeeContext[C]) -> None:
+        """On stop, whenever ``setup`` ran; release what it acquired."""
+
+    async def on_config(self, ctx: BeeContext[C], previous: C) -> None:
+        """After a ``config-update`` was applied: ``ctx.config`` is the new config already.
+
+        Raising makes the signal's outcome an error; the new config stays applied.
+        """
+
+    def report(self, ctx: BeeContext[C]) -> dict[str, Any]:
+        """Extra fields for the ``data`` of every status report."""
+        return {}
 
     async def tick(self, ctx: BeeContext[C]) -> float | None:
         """Producers: do one step of work while enabled.
@@ -89,6 +117,26 @@ class BeeContext(Generic[C]):
         self.totals.published += 1
 
 
+class WorkConsumer:
+    """A consumer of work-in and how many of its messages are being handled."""
+
+    def __init__(self, prefetch: int) -> None:
+        self.prefetch = prefetch
+        self.consumer: Consumer | None = None
+        self.handling = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def started(self) -> None:
+        self.handling += 1
+        self.idle.clear()
+
+    def finished(self) -> None:
+        self.handling -= 1
+        if self.handling == 0:
+            self.idle.set()
+
+
 class Bee(Generic[C]):
     """One running bee. ``run`` serves until ``stop`` is called."""
 
@@ -96,8 +144,10 @@ class Bee(Generic[C]):
         self.env = env
         self.worker = worker
         self.topology = topology or (load_topology(env.topology_file) if env.topology_file else default_topology())
+        # Configs are validated knowing the environment, e.g. whether CP_SUT_URL is set.
+        self._validation = config_context(env)
         # Raises ConfigRejected: a bee must not start on a config its worker refuses.
-        self.ctx: BeeContext[C] = BeeContext(env, parse_config(worker.Config, env.bee_config))
+        self.ctx: BeeContext[C] = BeeContext(env, parse_config(worker.Config, env.bee_config, self._validation))
         self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
         self._bus: Bus | None = None
         self._outcomes = OutcomeMemory()
@@ -105,7 +155,8 @@ class Bee(Generic[C]):
         self._stop = asyncio.Event()
         self._switch = asyncio.Lock()
         self._work_in: QueueDecl | None = None
-        self._work_consumer: Consumer | None = None
+        self._work: WorkConsumer | None = None
+        self._draining: set[asyncio.Task[None]] = set()
         self._last_at = 0.0
         self._last_totals = Totals()
 
@@ -127,8 +178,11 @@ class Bee(Generic[C]):
         bus.connection.reconnect_callbacks.add(self._on_reconnect)
         tasks: list[asyncio.Task[None]] = []
         control: Consumer | None = None
+        set_up = False
         try:
             await self._declare_work()
+            await self.worker.setup(self.ctx)
+            set_up = True
             control = await bus.consume(self.control_queue(), self._on_control, prefetch=1)
             await self._sync_work_consumer()
             self._last_at = self.ctx.now()
@@ -140,11 +194,19 @@ class Bee(Generic[C]):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for consumer in (control, self._work_consumer):
+            work, self._work = self._work, None
+            for consumer in (control, work.consumer if work else None):
                 if consumer is not None:
                     with suppress(Exception):
                         await consumer.cancel()
-            self._work_consumer = None
+            for task in self._draining:
+                task.cancel()
+            await asyncio.gather(*self._draining, return_exceptions=True)
+            if set_up:
+                try:
+                    await self.worker.teardown(self.ctx)
+                except Exception as exc:
+                    self.log.warning("worker teardown failed", error=repr(exc))
             with suppress(Exception):
                 async with asyncio.timeout(2):
                     await self._publish_status("status-delta", state="stopped")
@@ -199,24 +261,58 @@ class Bee(Generic[C]):
             await self._bus.declare_queue(self._work_in)
 
     async def _sync_work_consumer(self) -> None:
-        """Consume work-in only while enabled: cancelled on disable, started again on enable."""
+        """Consume work-in only while enabled: retired on disable, started again on enable,
+        and replaced when the worker asks for another prefetch."""
         if self._work_in is None or self._bus is None:
             return
         async with self._switch:
-            if self.ctx.enabled and self._work_consumer is None:
-                self._work_consumer = await self._bus.consume(self._work_in, self._on_work)
-            elif not self.ctx.enabled and self._work_consumer is not None:
-                consumer, self._work_consumer = self._work_consumer, None
-                await consumer.cancel()  # unacked messages go back to the queue
+            current = self._work
+            if current is not None and (not self.ctx.enabled or current.prefetch != self.worker.prefetch):
+                self._work = None
+                await self._retire(current)
+            if self.ctx.enabled and self._work is None:
+                work = WorkConsumer(max(1, self.worker.prefetch))
+                work.consumer = await self._bus.consume(self._work_in, partial(self._on_work, work),
+                                                        prefetch=work.prefetch)
+                self._work = work
+
+    async def _retire(self, work: WorkConsumer) -> None:
+        """Stop deliveries to ``work`` at once; close its channel once the messages it has in
+        hand are handled and acked (at most ``DRAIN_S`` later), so none is delivered twice."""
+        consumer = work.consumer
+        if consumer is None:
+            return
+        try:
+            await consumer.queue.cancel(consumer.tag)
+        except Exception as exc:  # the channel is gone: so are its deliveries
+            self.log.warning("work consumer cancel was not clean", error=repr(exc))
+        task = asyncio.create_task(self._close_when_idle(consumer, work))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _close_when_idle(self, consumer: Consumer, work: WorkConsumer) -> None:
+        try:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_S):
+                    await work.idle.wait()
+                    await asyncio.sleep(0)  # let the last handler's ack go out first
+        finally:
+            if not consumer.channel.is_closed:
+                with suppress(Exception):
+                    await consumer.channel.close()
 
     # --- work -----------------------------------------------------------------------
 
-    async def _on_work(self, _key: str, body: dict[str, Any], _message: AbstractIncomingMessage) -> None:
+    async def _on_work(self, work: WorkConsumer, _key: str, body: dict[str, Any],
+                       _message: AbstractIncomingMessage) -> None:
+        work.started()
         try:
             await self.worker.handle(self.ctx, body)
         except Exception:
             self.ctx.totals.errors += 1
             raise
+        finally:
+            work.finished()
         self.ctx.totals.processed += 1
 
     async def _produce(self) -> None:
@@ -270,16 +366,26 @@ class Bee(Generic[C]):
 
     async def _apply(self, sig: Signal) -> Outcome:
         try:
-            config, enabled = apply_patch(self.worker.Config, self.ctx.config, sig.args.get("patch"))
+            config, enabled = apply_patch(self.worker.Config, self.ctx.config, sig.args.get("patch"),
+                                          self._validation)
         except ConfigRejected as exc:
             self.log.warning("config rejected", reason=exc.message)
             return Outcome.for_signal(sig, result="error", code="invalid-config", message=exc.message,
                                       retryable=False, details={"errors": exc.errors}, state=self._state())
-        self.ctx.config = config
+        previous, self.ctx.config = self.ctx.config, config
         if enabled is not None:
             self.ctx.enabled = enabled
+        failure: Exception | None = None
+        try:
+            await self.worker.on_config(self.ctx, previous)
+        except Exception as exc:
+            failure = exc
         await self._sync_work_consumer()
         self._changed.set()
+        if failure is not None:
+            self.log.warning("config applied, worker failed to act on it", error=repr(failure))
+            return Outcome.for_signal(sig, result="error", code="apply-failed", message=str(failure) or repr(failure),
+                                      retryable=True, state=self._state())
         self.log.info("config applied", enabled=self.ctx.enabled)
         return Outcome.for_signal(sig, result="success", state=self._state())
 
@@ -310,7 +416,8 @@ class Bee(Generic[C]):
     async def status(self, kind: StatusKind, state: str | None = None) -> Status:
         """Build a status; a delta also starts the next interval the rates are measured over."""
         now, totals = self.ctx.now(), self.ctx.totals.snapshot()
-        data: dict[str, Any] = {"rates": rates(self._last_totals, totals, now - self._last_at)}
+        data = self._worker_report()
+        data["rates"] = rates(self._last_totals, totals, now - self._last_at)
         if kind == "status-delta":
             self._last_at, self._last_totals = now, totals
         else:
@@ -318,6 +425,14 @@ class Bee(Generic[C]):
         return Status(kind=kind, role=self.env.role, instance=self.env.instance, swarm_id=self.env.swarm_id,
                       enabled=self.ctx.enabled, state=state or self.ctx.state, totals=totals.as_dict(),
                       queue_stats=await self._queue_stats(), data=data, ts=utcnow())
+
+    def _worker_report(self) -> dict[str, Any]:
+        """The worker's own status fields; a failing report must not cost the whole status."""
+        try:
+            return dict(self.worker.report(self.ctx))
+        except Exception as exc:
+            self.log.warning("worker report failed", error=repr(exc))
+            return {}
 
     async def _queue_stats(self) -> dict[str, dict[str, float]]:
         """Depth and consumers of the work queues, from a passive declare on a short channel."""
