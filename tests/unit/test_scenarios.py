@@ -51,3 +51,17 @@ bees:
     assert "already defined" in problems["d-duplicate.yml"]
     assert "cycle" in problems["e-cycle.yaml"]
     assert "'sut'" in problems["f-sut-name.yaml"]
+
+
+def test_every_shipped_bee_config_is_valid_for_its_bee() -> None:
+    """A scenario that passes the catalogue but whose bee would refuse its config at start-up
+    would only fail on create; check each config against its worker's own model here."""
+    from bees.__main__ import worker_factory
+    from bees.env import BeeEnv
+    from bees.patching import config_context, parse_config
+
+    for template in load_catalog(SHIPPED).templates.values():
+        for bee in template.bees:
+            env = BeeEnv(swarm_id="s", role=bee.role, instance="s-x",
+                         sut_url="http://127.0.0.1:1" if template.sut else None)
+            parse_config(worker_factory(bee.role).Config, bee.config, config_context(env))
