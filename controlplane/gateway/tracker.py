@@ -39,7 +39,7 @@ class Tracker:
     async def start(self) -> Tracker:
         self.registry.start()
         decl = self.bus.topology.queue(keys.GATEWAY_QUEUE)
-        self._consumer = await self.bus.consume(decl, self._on_event, prefetch=256)
+        self._consumer = await self.bus.consume(decl, self._on_event, prefetch=64)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="operation-sweeper")
         return self
 

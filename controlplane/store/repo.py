@@ -171,10 +171,10 @@ class Store:
         final = OperationStatus(status)
         if final not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final status")
-        now = utcnow()
         async with self._engine.begin() as conn:
             op = (await conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id)
                                      .with_for_update())).first()
+            now = utcnow()  # after the lock wait, so updatedAt is when the change was made
             if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
                 return Recorded(moved=False)
             moved = await conn.execute(
