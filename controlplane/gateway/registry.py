@@ -85,7 +85,10 @@ class Registry:
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as exc:  # shutting down: the next status interval refills the registry
+            log.warning("last registry flush failed", error=repr(exc))
 
     def observe(self, status: Status) -> None:
         """Take one status event; only the latest per component is kept until the next flush."""
