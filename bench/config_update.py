@@ -37,10 +37,7 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +45,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -56,13 +52,11 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 
+from bench.common import BROKER, MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, run_and_print
 from bench.httpload import percentile
 from controlplane.contract import keys
 from controlplane.contract.models import CommandTarget, Outcome, OutcomeState, Signal, new_id
 
-BROKER = os.environ.get("CP_TEST_BROKER", "127.0.0.1:5672")
-MANAGEMENT = os.environ.get("CP_TEST_MANAGEMENT", "http://127.0.0.1:15672")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ROLE = "generator"
 SIGNAL = "config-update"
@@ -73,16 +67,6 @@ POLL_S = 0.1                        # GET /api/operations/{cid} every this often
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000
-
-
-def _progress(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 def outcome_patterns(role: str) -> list[str]:
@@ -265,7 +249,7 @@ async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
                 runs = [("gateway", via_gateway), ("bare", bare_request)]
                 for name, one in runs if index % 2 == 0 else runs[::-1]:  # alternate which goes first
                     warmup = max(job["warmup"], 2 * level)
-                    _progress(f"concurrency {level}: {name}, {warmup} warm-up + {job['n']} measured")
+                    progress(f"concurrency {level}: {name}, {warmup} warm-up + {job['n']} measured")
                     await closed_loop(warmup, level, one)
                     row[name] = level_figures(await closed_loop(job["n"], level, one))
                 row["ratio_p50"] = row["gateway"]["p50"] / row["bare"]["p50"]
@@ -332,12 +316,12 @@ async def client_fanout(job: dict[str, Any]) -> dict[str, Any]:
                 last = await seen.wait(cid, n, timeout)
                 return {"published": published - sent, "first": seen.first(cid) - sent, "all": last - sent}
 
-            _progress(f"fan-out to {n}: warm-up")
+            progress(f"fan-out to {n}: warm-up")
             await via_gateway()
             await bare_fanout()
             rounds: list[dict[str, Any]] = []
             for r in range(job["rounds"]):
-                _progress(f"fan-out to {n}: round {r + 1}/{job['rounds']}")
+                progress(f"fan-out to {n}: round {r + 1}/{job['rounds']}")
                 pair: dict[str, Any] = {}
                 order = [("gateway", via_gateway), ("bare", bare_fanout)]
                 for name, run in order if r % 2 == 0 else order[::-1]:
@@ -636,12 +620,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with Management(MANAGEMENT) as management:
             overview = await management.overview()
-            results["environment"] = {
-                "date": date.today().isoformat(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                "loadavg_1m": os.getloadavg()[0], "code": _code_version(), "os": _os_name(),
-                "broker": f"RabbitMQ {overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})",
-                "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__,
-            }
+            results["environment"] = environment(
+                f"RabbitMQ {overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})")
             async with management.scratch_vhost("cp-bench") as vhost, AsyncExitStack() as stack:
                 settings = bench_settings(vhost, f"bench-{run_id}", tmp)
                 amqp_url = settings.amqp_url.get_secret_value()
@@ -653,7 +633,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # 1. config-update round trips to in-process bees
                 swarm_id = f"bcu-{run_id}"
                 await store.upsert_swarm(SwarmRow(id=swarm_id, template_id="bench", status=SwarmStatus.RUNNING.value))
-                _progress(f"start {args.bees} generator bees and wait for the registry to list them")
+                progress(f"start {args.bees} generator bees and wait for the registry to list them")
                 async with running_bees(amqp_url, swarm_id, args.bees) as (instances, tasks):
                     await wait_registered(http, base, ROLE, args.bees, swarm_id, tasks=tasks)
                     bare_exchange = f"bench.cu-{run_id}"
@@ -662,13 +642,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             "mode": "levels", "amqp_url": amqp_url, "base": base, "swarm_id": swarm_id,
                             "instances": instances, "bare_exchange": bare_exchange, "levels": args.levels,
                             "n": args.n, "warmup": args.warmup})
-                    _progress("stop the bees")
+                    progress("stop the bees")
                 await store.delete_swarm(swarm_id)
 
                 # 2. bulk toggle fan-out to simulated swarm-controllers
                 results["fanout"] = []
                 for n in args.fanout:
-                    _progress(f"register {n} simulated swarm-controllers")
+                    progress(f"register {n} simulated swarm-controllers")
                     swarm_ids, controllers, registration = await register_controllers(
                         store, publisher, http, base, run_id, n)
                     bare_exchange = f"bench.fan-{run_id}-{n}"
@@ -691,33 +671,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         **{f"fan-out N={fan['targets']}": timer.within([r["gateway"]["window"] for r in fan["rounds"]])
                            for fan in results["fanout"]},
                     }
-            _progress("cleaning up")
+            progress("cleaning up")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["runtime_s"] = time.perf_counter() - started
     return results
 
 
-def _code_version() -> str:
-    """The commit measured, and whether the code (not bench/ or docs/) differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench", ":!docs"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + local changes' if dirty else ''}"
-
-
-def _os_name() -> str:
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip('"')
-    except OSError:
-        pass
-    return platform.platform()
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -820,7 +780,6 @@ def main() -> None:
     if sys.argv[1:2] == ["--responder"]:
         asyncio.run(responder_main(sys.argv[2], sys.argv[3:]))
         return
-    from controlplane import logs
 
     parser = argparse.ArgumentParser(prog="python -m bench.config_update", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: n 60, fan-out to 100 only, 1 round")
@@ -836,11 +795,7 @@ def main() -> None:
     args.n = args.n or (60 if args.quick else 300)
     args.fanout = args.fanout or ([100] if args.quick else [100, 1000])
     args.rounds = args.rounds or (1 if args.quick else 3)
-    logs.configure("WARNING")  # warnings to stderr; stdout keeps the table
-    results = asyncio.run(run(args))
-    print(render(results, args))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    run_and_print(args, run, render)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +41,8 @@ import aiohttp
 import docker
 from aiohttp import web
 
+from bench.common import MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, run_and_print
 from bench.httpload import percentile
-from controlplane import logs
 from controlplane.bus import Bus
 from controlplane.bus.management import Management
 from controlplane.config import Settings
@@ -55,7 +51,7 @@ from controlplane.contract.topology import load_topology
 from controlplane.runtime.docker import DockerRuntime
 from controlplane.runtime.labels import filter_for
 from controlplane.runtime.policy import RuntimePolicy
-from tests.conftest import MANAGEMENT, make_settings
+from tests.conftest import make_settings
 
 DOCKER_URL = "unix:///var/run/docker.sock"
 IMAGE = "controlplane:local"
@@ -63,19 +59,11 @@ TEMPLATE = "generator-demo"
 BEE_NAME = "generator"  # the one bee of generator-demo
 REFERENCE_COMMAND = ["python", "-c", "import aio_pika, pydantic"]
 REFERENCE_LABEL = "controlplane.bench"  # not controlplane.managed: the control plane never sees these
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 RT_WARMUP = 2       # start + stop before the measured round trips
 BARE_WARMUP = 20
 HTTP_WARMUP = 100
 
-
-class BenchError(RuntimeError):
-    pass
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -485,13 +473,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await runtime.ping()
         if not await runtime.image_exists(IMAGE):
             raise BenchError(f"image {IMAGE} is missing: run `bash scripts/build-images.sh`")
-        results["environment"] = {
-            "date": date.today().isoformat(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0], "code": _code_version(),
-            "os": _os_name(), "broker": await broker_version(),
-            "docker": f"Docker {docker_client.version().get('Version')}",
-            "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__,
-        }
+        results["environment"] = environment(await broker_version(),
+                                             docker=f"Docker {docker_client.version().get('Version')}")
         async with Management(MANAGEMENT) as management, management.scratch_vhost("cp-bench") as vhost:
             settings = bench_settings(vhost, owner, tmp)
             amqp_url = settings.amqp_url.get_secret_value()
@@ -517,14 +500,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 # 1. signal round trip, and 3. replays on the same swarm
                 swarm_id = f"bench-rt-{run_id}"
-                _progress("create the round-trip swarm")
+                progress("create the round-trip swarm")
                 live.add(swarm_id)
                 since = watcher.mark()
                 _, _, envelope = await api.act(swarm_id, "create", templateId=TEMPLATE)
                 await watcher.outcome(envelope, 120, since)
-                _progress(f"signal round trips: {args.rt_n} x start/stop")
+                progress(f"signal round trips: {args.rt_n} x start/stop")
                 rt = await control_plane_round_trips(api, watcher, swarm_id, args.rt_n)
-                _progress(f"bare aio-pika round trips: {args.bare_n}")
+                progress(f"bare aio-pika round trips: {args.bare_n}")
                 bare = await bare_round_trips(amqp_url, args.bare_n)
                 results["round_trip"] = {
                     "control_plane": summary(rt.total), "post_to_202": summary(rt.accepted),
@@ -542,7 +525,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if resp.status != 202:
                         raise BenchError(f"start for the replay key: {resp.status} {envelope}")
                 await watcher.outcome(envelope, 60, since)
-                _progress(f"gateway throughput: {args.rounds} x ({args.http_n} replays + {args.http_n} healthz), "
+                progress(f"gateway throughput: {args.rounds} x ({args.http_n} replays + {args.http_n} healthz), "
                           f"concurrency {args.http_c}")
                 tp = await throughput(base, swarm_id, key, args.http_n, args.http_c, args.rounds)
                 replay_rps = median([r["rps"] for r in tp["replay"]])
@@ -554,7 +537,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # 2. create to ready, interleaved with the docker reference
                 creates = Creates()
                 for i in range(args.create_n):
-                    _progress(f"create to ready {i + 1}/{args.create_n}, and docker run reference")
+                    progress(f"create to ready {i + 1}/{args.create_n}, and docker run reference")
                     swarm_id = f"bench-c{i}-{run_id}"
                     live.add(swarm_id)
                     await create_once(api, watcher, swarm_id, creates)
@@ -569,7 +552,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 results["create"]["ratio_median"] = results["create"]["control_plane"]["p50"] / results["create"]["reference"]["p50"]
     finally:
-        _progress("cleaning up")
+        progress("cleaning up")
         try:
             for info in await runtime.list(filter_for(owner=owner)):
                 await runtime.remove(info.id)
@@ -582,30 +565,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _code_version() -> str:
-    """The commit measured, and whether the code (not bench/ or docs/) differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench", ":!docs"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + local changes' if dirty else ''}"
 
-
-def _os_name() -> str:
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip('"')
-    except OSError:
-        pass
-    return platform.platform()
-
-
-def _progress(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -688,11 +648,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds, median reported (default 3)")
     parser.add_argument("--json", type=Path, help="also write the raw figures to this file")
     args = parser.parse_args()
-    logs.configure("WARNING")  # warnings to stderr; stdout keeps the table
-    results = asyncio.run(run(args))
-    print(render(results, args))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    run_and_print(args, run, render)
 
 
 if __name__ == "__main__":
