@@ -38,6 +38,7 @@ from bees.sut import SutEnv, start
 from bees.trigger import Trigger
 from controlplane.bus import Bus
 from controlplane.contract import keys
+from tests.integration.test_bee_sdk import Event
 from controlplane.contract.models import Signal, Strict, new_id
 from controlplane.contract.topology import default_topology
 
@@ -49,13 +50,6 @@ SUT_LATENCY_MS = 2.0
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-@dataclass
-class Event:
-    routing_key: str
-    correlation_id: str | None
-    body: dict[str, Any]
 
 
 @dataclass
