@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+
+from controlplane.contract import keys
 from pydantic import ValidationError
 
 from controlplane.gateway import metrics
@@ -47,6 +49,14 @@ def validation_error(exc: ValidationError, status: int = 400) -> ApiError:
     fields = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "reason": e["msg"]} for e in exc.errors()]
     message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
     return ApiError(status, "invalid-request", message, fields)
+
+
+def require_slug(field: str, value: str) -> str:
+    """An id from a path or query that becomes a routing-key segment: a slug, or a 400 naming it."""
+    problem = keys.slug_problem(value)
+    if problem:
+        raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {problem}", [{"field": field, "reason": problem}])
+    return value
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class Op:
     response: type[BaseModel] | None = None  # schema of the success body; None: a JSON object
     mutating: bool = False
     tags: tuple[str, ...] = field(default=())
+    query: tuple[str, ...] = ()  # optional string query parameters
 
 
 def document(ops: list[Op], title: str = "controlplane") -> dict[str, Any]:
@@ -52,10 +53,11 @@ def document(ops: list[Op], title: str = "controlplane") -> dict[str, Any]:
         operation: dict[str, Any] = {"summary": op.summary, "operationId": _operation_id(op), "responses": {}}
         if op.tags:
             operation["tags"] = list(op.tags)
-        params = re.findall(r"{(\w+)}", op.path)
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in re.findall(r"{(\w+)}", op.path)]
+        params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in op.query]
         if params:
-            operation["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                                       for p in params]
+            operation["parameters"] = params
         if op.body is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}

@@ -19,7 +19,7 @@ from controlplane.contract.models import (
 )
 from controlplane.gateway.actions import Action, Target, submit
 from controlplane.gateway.context import CTX, GatewayContext
-from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.gateway.middleware import ApiError, read_json, require_slug
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.registry import HEALTH_RANK, component_view
 from controlplane.store import ComponentRow
@@ -29,12 +29,7 @@ CONTROLLERS_SCOPE = "controllers"
 
 
 def _component_path(request: web.Request) -> tuple[str, str]:
-    role, instance = request.match_info["role"], request.match_info["instance"]
-    for field, value in (("role", role), ("instance", instance)):
-        problem = keys.slug_problem(value)
-        if problem:
-            raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {problem}", [{"field": field, "reason": problem}])
-    return role, instance
+    return require_slug("role", request.match_info["role"]), require_slug("instance", request.match_info["instance"])
 
 
 async def _registered(ctx: GatewayContext, role: str, instance: str) -> ComponentRow:
@@ -107,10 +102,8 @@ async def list_components(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     query = request.rel_url.query
     for field in ("swarmId", "role"):
-        value = query.get(field)
-        if value is not None and keys.slug_problem(value):
-            raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {keys.slug_problem(value)}",
-                           [{"field": field, "reason": keys.slug_problem(value) or ""}])
+        if field in query:
+            require_slug(field, query[field])
     wanted_health = query.get("health")
     if wanted_health is not None and wanted_health not in HEALTH_RANK:
         raise ApiError(400, "invalid-health", f"health must be one of {', '.join(HEALTH_RANK)}",
@@ -138,7 +131,7 @@ OPERATIONS = [
     Op("POST", "/api/controllers/config", "Switch swarm-controllers' workloads on or off (bulk)",
        ControllersConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)),
     Op("GET", "/api/components", "The registry: controllers and bees with their health", statuses=(200, 400),
-       tags=("components",)),
+       tags=("components",), query=("swarmId", "role", "health")),
     Op("GET", "/api/components/{role}/{instance}", "One registered component", statuses=(200, 400, 404),
        tags=("components",)),
 ]

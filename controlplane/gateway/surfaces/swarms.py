@@ -18,7 +18,7 @@ from controlplane.contract.models import (
 )
 from controlplane.gateway.actions import Action, operation_view, submit
 from controlplane.gateway.context import CTX, GatewayContext
-from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.gateway.middleware import ApiError, read_json, require_slug
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.registry import component_view, health, worst
 from controlplane.store import ComponentRow, OperationRow, SwarmRow
@@ -34,12 +34,7 @@ ALLOWED_FROM: dict[str, set[str]] = {
 
 
 def _swarm_id(request: web.Request) -> str:
-    swarm_id = request.match_info["swarmId"]
-    problem = keys.slug_problem(swarm_id)
-    if problem:
-        raise ApiError(400, "invalid-swarm-id", f"swarmId {swarm_id!r} {problem}",
-                       [{"field": "swarmId", "reason": problem}])
-    return swarm_id
+    return require_slug("swarmId", request.match_info["swarmId"])
 
 
 async def create_swarm(request: web.Request) -> web.Response:
