@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.gateway.context import CTX, GatewayContext
+from controlplane.gateway.events import stream_events
 from controlplane.gateway.middleware import make_middlewares
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.surfaces import components, swarms
@@ -54,7 +55,8 @@ def build_app(ctx: GatewayContext) -> web.Application:
     api_key = ctx.settings.api_key.get_secret_value() if ctx.settings.api_key else None
     app = web.Application(middlewares=make_middlewares(api_key, ctx.settings.protect_reads), client_max_size=1 << 20)
     app[CTX] = ctx
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view)])
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
+                    web.get("/api/events", stream_events)])
     app.add_routes(swarms.routes())
     app.add_routes(components.routes())
     spec = document(BASE_OPERATIONS + swarms.OPERATIONS + components.OPERATIONS)
@@ -73,7 +75,8 @@ async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Applic
     tracker = Tracker(store, bus, settings.idempotency_retention_s)
     try:
         await tracker.start()
-        yield build_app(GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir)))
+        yield build_app(GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir),
+                                         events=tracker.events))
     finally:
         await tracker.stop()
         await store.close()

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
+from controlplane.gateway.events import EventHub
 from controlplane.scenarios import Catalog
 from controlplane.store import Store
 
@@ -18,6 +19,7 @@ class GatewayContext:
     store: Store
     bus: Bus
     catalog: Catalog
+    events: EventHub
 
 
 CTX = web.AppKey("controlplane", GatewayContext)

@@ -19,6 +19,7 @@ from controlplane.bus import Bus, Consumer
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Scope, Status, SwarmStatus, utcnow
 from controlplane.gateway import metrics
+from controlplane.gateway.events import EventHub
 from controlplane.gateway.registry import Registry
 from controlplane.logs import get_logger
 from controlplane.store import OperationRow, Store
@@ -32,6 +33,7 @@ PURGE_INTERVAL_S = 600
 class Tracker:
     def __init__(self, store: Store, bus: Bus, retention_s: int) -> None:
         self.store, self.bus, self.retention_s = store, bus, retention_s
+        self.events = EventHub()
         self.registry = Registry(store)
         self._consumer: Consumer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -54,6 +56,7 @@ class Tracker:
     # --- events ----------------------------------------------------------------------------
 
     async def _on_event(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
+        self.events.publish(routing_key, body)
         parsed = keys.parse_key(routing_key)
         if parsed.kind in ("status-full", "status-delta"):
             status = Status.model_validate(body)
