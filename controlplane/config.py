@@ -63,9 +63,16 @@ class Settings(BaseSettings):
     bee_ready_timeout_s: float = Field(60.0, gt=0)
     status_interval_s: float = Field(5.0, gt=0)
     instance_id: str = "host"
+    # Names this gateway's own event queue (ph.control.gateway.<id>); every gateway sharing a
+    # broker needs its own. Empty: the instance id.
+    gateway_id: str = Field("", pattern=r"^$|^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+
+    @property
+    def gateway_name(self) -> str:
+        return self.gateway_id or self.instance_id
 
     def container_amqp_url(self) -> str:
         return (self.bee_amqp_url or self.amqp_url).get_secret_value()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 CONTROL_EXCHANGE = "ph.control"
 DEAD_LETTER_EXCHANGE = "ph.control.dlx"
 DEAD_LETTER_QUEUE = "ph.control.dead-letter"
-GATEWAY_QUEUE = "ph.control.gateway"
 HOST_CONTROLLER_QUEUE = "ph.control.host-controller"
 
 CONTROLLER_ROLE = "swarm-controller"
@@ -112,6 +111,11 @@ def hive_exchange(swarm_id: str) -> str:
 
 def hive_queue(swarm_id: str, suffix: str) -> str:
     return f"ph.{swarm_scope(swarm_id)}.{check_slug(suffix, 'queue suffix')}"
+
+
+def gateway_queue(gateway: str) -> str:
+    """A gateway's own event queue: each gateway sees every event."""
+    return f"ph.control.gateway.{check_slug(gateway, 'gateway id')}"
 
 
 def component_queue(role: str, instance: str) -> str:

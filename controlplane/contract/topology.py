@@ -41,6 +41,7 @@ class QueueDecl(BaseModel):
 
 
 class Templates(BaseModel):
+    gateway_queue: QueueDecl
     swarm_controller_queue: QueueDecl
     bee_queue: QueueDecl
     hive_exchange: ExchangeDecl

@@ -72,7 +72,7 @@ def build_app(ctx: GatewayContext) -> web.Application:
 async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Application]:
     """Store open, tracker running, application built; everything closed on exit."""
     store = await open_store(settings.database_url.get_secret_value())
-    tracker = Tracker(store, bus, settings.idempotency_retention_s)
+    tracker = Tracker(store, bus, settings.idempotency_retention_s, settings.gateway_name)
     try:
         await tracker.start()
         yield build_app(GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir),

@@ -31,8 +31,9 @@ PURGE_INTERVAL_S = 600
 
 
 class Tracker:
-    def __init__(self, store: Store, bus: Bus, retention_s: int) -> None:
+    def __init__(self, store: Store, bus: Bus, retention_s: int, gateway_name: str) -> None:
         self.store, self.bus, self.retention_s = store, bus, retention_s
+        self.gateway_name = gateway_name
         self.events = EventHub()
         self.registry = Registry(store)
         self._consumer: Consumer | None = None
@@ -40,7 +41,7 @@ class Tracker:
 
     async def start(self) -> Tracker:
         self.registry.start()
-        decl = self.bus.topology.queue(keys.GATEWAY_QUEUE)
+        decl = self.bus.topology.templates.gateway_queue.render(instance=self.gateway_name)
         self._consumer = await self.bus.consume(decl, self._on_event, prefetch=64)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="operation-sweeper")
         return self

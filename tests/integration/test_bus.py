@@ -102,6 +102,7 @@ def test_topology_export_is_a_definitions_file() -> None:
                          check=True, capture_output=True, text=True).stdout
     data = json.loads(out)
     assert {e["name"] for e in data["exchanges"]} == {e.name for e in default_topology().exchanges}
-    assert any(b["destination"] == keys.GATEWAY_QUEUE and b["routing_key"] == "ev.ready.#" for b in data["bindings"])
+    assert any(b["destination"] == keys.DEAD_LETTER_QUEUE and b["source"] == keys.DEAD_LETTER_EXCHANGE
+               for b in data["bindings"])
     host = next(q for q in data["queues"] if q["name"] == keys.HOST_CONTROLLER_QUEUE)
     assert host["arguments"]["x-single-active-consumer"] is True

@@ -17,8 +17,8 @@ async def test_two_gateways_share_idempotency_and_lifecycle_locks(settings_facto
                                                                    watch: Any) -> None:
     async with fresh_postgres_database() as url:
         settings = settings_factory(database_url=url)
-        async with running_stack(settings, runtime, with_host=False) as a, \
-                running_stack(settings, runtime, with_host=False) as b:
+        async with running_stack(settings.model_copy(update={"gateway_id": "gw-a"}), runtime, with_host=False) as a, \
+                running_stack(settings.model_copy(update={"gateway_id": "gw-b"}), runtime, with_host=False) as b:
             swarm_id = new_swarm_id()
             watcher = await watch(f"sig.*.{swarm_id}")
             body = {"idempotencyKey": new_key(), "templateId": "generator-demo"}
