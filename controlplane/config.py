@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     # Broker and store
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    database_url: SecretStr = SecretStr(f"sqlite+aiosqlite:///{PROJECT_ROOT / 'var' / 'controlplane.db'}")
+    database_url: SecretStr = SecretStr(f"sqlite:///{PROJECT_ROOT / 'var' / 'controlplane.db'}")
     topology_file: Path = DEFAULT_TOPOLOGY
     scenarios_dir: Path = PROJECT_ROOT / "scenarios"
 

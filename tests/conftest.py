@@ -86,7 +86,7 @@ def owner() -> str:
 def make_settings(vhost: str, owner: str, tmp: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         amqp_url=f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}",
-        database_url=f"sqlite+aiosqlite:///{tmp / 'controlplane.db'}",
+        database_url=f"sqlite:///{tmp / 'controlplane.db'}",
         instance_id=owner,
         bee_network="host",
         allow_host_network=True,

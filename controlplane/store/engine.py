@@ -1,4 +1,5 @@
-"""Builds the async engine for a database URL (SQLite via aiosqlite, or PostgreSQL via asyncpg).
+"""Engines for a database URL: SQLite through the standard ``sqlite3`` driver, PostgreSQL
+through asyncpg.
 
 SQLite is tuned for several writers, in this process or others: WAL so readers never block
 the writer, a busy timeout so a writer waits for the lock instead of failing, and write
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -19,35 +20,41 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option for transactions that only read; on SQLite they begin without the write lock.
 READ_ONLY = "controlplane_read_only"
 
-_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
-_SUPPORTED = set(_ASYNC_DRIVERS.values())
+_DRIVERS = {"sqlite": "sqlite", "sqlite+aiosqlite": "sqlite", "sqlite+pysqlite": "sqlite",
+            "postgresql": "postgresql+asyncpg", "postgresql+asyncpg": "postgresql+asyncpg"}
 
 
 def parse_url(url: str | URL) -> URL:
-    """The URL with its async driver filled in; refuses what the store cannot run on."""
+    """The URL with the driver the store runs it on; refuses what the store cannot run on.
+
+    ``sqlite+aiosqlite`` URLs of older configurations are accepted and run on ``sqlite3``.
+    """
     parsed = make_url(url)
-    parsed = parsed.set(drivername=_ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername))
-    if parsed.drivername not in _SUPPORTED:
-        raise ValueError(f"unsupported database URL {parsed!r}: use sqlite+aiosqlite or postgresql+asyncpg")
-    if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ValueError(f"unsupported database URL {parsed!r}: use sqlite:///PATH or postgresql://...")
+    parsed = parsed.set(drivername=driver)
+    if driver == "sqlite" and parsed.database in (None, "", ":memory:"):
         # Every pooled connection would get its own empty database.
         raise ValueError("the SQLite store needs a file path, not an in-memory database")
     return parsed
 
 
-def make_engine(url: str | URL) -> AsyncEngine:
-    """An engine for ``url``; for SQLite the parent folder of the file is created."""
-    parsed = parse_url(url)
-    if parsed.drivername.startswith("sqlite"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-        engine = create_async_engine(parsed)
-        _tune_sqlite(engine)
-        return engine
-    return create_async_engine(parsed, pool_pre_ping=True)
+def make_sqlite_engine(url: URL) -> Engine:
+    """A synchronous engine on ``sqlite3``; the parent folder of the file is created."""
+    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    # The store's threads take turns with a connection, never share one at the same time.
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+    _tune_sqlite(engine)
+    return engine
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def make_postgres_engine(url: URL) -> AsyncEngine:
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction begins (see _on_begin).
         dbapi_connection.isolation_level = None
@@ -59,7 +66,7 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         finally:
             cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get(READ_ONLY, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

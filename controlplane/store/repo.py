@@ -1,4 +1,8 @@
-"""The store: every read and write of idempotency records, operations and swarms.
+"""The store: every read and write of idempotency records, operations and the read models.
+
+Queries are plain functions of a connection (see ``database``). Reads run in a transaction
+of their own; writes go through the one ``Writer``, which commits whatever is pending as a
+single transaction, so a write method returns the future of its unit's commit.
 
 ``begin_action`` is the heart of it. Accepting a request means, atomically: remember the
 idempotency key, open the operation and (for a create) claim the swarm id. The database's
@@ -8,17 +12,18 @@ swarm cannot both win; the loser reads back what beat it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from controlplane.store.engine import READ_ONLY, make_engine
-from controlplane.store.migrate import upgrade
+from controlplane.store.database import Database, open_database
 from controlplane.store.models import (
     FINAL_STATUSES,
     OPEN_STATUSES,
@@ -39,6 +44,7 @@ from controlplane.store.models import (
     utcnow,
 )
 from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
+from controlplane.store.writer import Writer
 
 # A conflict whose winner then rolled back leaves nothing to report; try again this often.
 BEGIN_ATTEMPTS = 3
@@ -48,28 +54,29 @@ _SWARM_UPDATABLE = frozenset(f.name for f in dataclasses.fields(SwarmRow)) - {"i
 
 async def open_store(url: str) -> Store:
     """Connect to ``url`` and migrate its schema to head; safe to call from several processes."""
-    engine = make_engine(url)
+    database = open_database(url)
     try:
-        await upgrade(engine)
+        await database.migrate()
     except BaseException:
-        await engine.dispose()
+        await database.close()
         raise
-    return Store(engine)
+    return Store(database)
 
 
 class Store:
-    """One database, shared by every task of the process; each method is its own transaction."""
+    """One database, shared by every task of the process, written by one writer."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._reader = engine.execution_options(**{READ_ONLY: True})
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.writer = Writer(database).start()
 
     @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
+    def dialect(self) -> str:
+        return self.database.dialect
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        await self.writer.stop()
+        await self.database.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -83,83 +90,41 @@ class Store:
         """Record ``action`` (and claim ``create_swarm``) in one transaction, or say why not."""
         if create_swarm is not None and action.swarm_id != create_swarm.id:
             raise ValueError("create_swarm.id must equal action.swarm_id")
-        conflict: IntegrityError | None = None
-        for _ in range(BEGIN_ATTEMPTS):
+        for attempt in range(BEGIN_ATTEMPTS):
             try:
-                async with self._engine.begin() as conn:
-                    return await _begin(conn, action, create_swarm)
-            except IntegrityError as exc:
-                conflict = exc
-            # Another transaction won a unique constraint; its rows are committed, read them.
-            async with self._reader.begin() as conn:
-                found = await _find_conflict(conn, action, create_swarm)
-            if found is not None:
-                return found
-        assert conflict is not None
-        raise conflict
+                return await self.writer.submit(partial(_begin_or_conflict, action=action, create_swarm=create_swarm))
+            except IntegrityError:
+                if attempt == BEGIN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-    async def forget_action(self, correlation_id: str) -> None:
-        """Undo a begin whose signal could not be published, so a retry starts fresh.
-
-        Deletes the operation and its idempotency record, and the swarm row if that begin
-        inserted it (otherwise a retried create would meet its own leftover: SwarmExists).
-        """
-        async with self._engine.begin() as conn:
-            await conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id == correlation_id))
-            op = (
-                await conn.execute(
-                    sa.delete(operations)
-                    .where(operations.c.correlation_id == correlation_id)
-                    .returning(operations.c.swarm_id, operations.c.creates_swarm)
-                )
-            ).first()
-            await conn.execute(sa.delete(idempotency).where(idempotency.c.correlation_id == correlation_id))
-            if op is not None and op.creates_swarm and op.swarm_id is not None:
-                await conn.execute(sa.delete(swarms).where(swarms.c.id == op.swarm_id))
+    def forget_action(self, correlation_id: str) -> asyncio.Future[None]:
+        """Undo a begin, so a retry starts fresh (used when the caller was never answered)."""
+        return self.writer.submit(partial(_forget_action, correlation_id=correlation_id))
 
     async def find_action(
         self, action: str, target: str, idempotency_key: str, request_hash: str, now: datetime | None = None
     ) -> Replayed | None:
-        """The replay for a key seen before (and not expired at ``now``), without writing anything.
+        """The replay for a key seen before (and not expired at ``now``), without writing anything."""
+        return await self.database.read(_find_action, action, target, idempotency_key, request_hash, now or utcnow())
 
-        Lets a caller answer a retry before running its own preconditions; ``begin_action``
-        still has the final word.
-        """
-        stmt = sa.select(idempotency).where(
-            _key(action, target, idempotency_key), idempotency.c.expires_at >= (now or utcnow())
-        )
-        async with self._reader.begin() as conn:
-            record = (await conn.execute(stmt)).first()
-        return _replayed(record, request_hash) if record is not None else None
-
-    async def set_operation_status(
+    def set_operation_status(
         self, correlation_id: str, status: str, outcome: dict[str, Any] | None = None
-    ) -> OperationRow | None:
+    ) -> asyncio.Future[OperationRow | None]:
         """Move an open operation on; None when it was already final (or absent, or no move).
 
         Allowed: accepted → dispatched, and accepted|dispatched → a final status. The check
-        and the write are one UPDATE, so a late outcome cannot overwrite a timeout. Outcomes
-        go through ``record_outcome``, which also matches signal and target.
+        and the write are one UPDATE, so a late outcome cannot overwrite a timeout.
         """
-        new_status = OperationStatus(status)
-        if new_status == OperationStatus.ACCEPTED:
-            return None
-        from_ = (OperationStatus.ACCEPTED,) if new_status == OperationStatus.DISPATCHED else OPEN_STATUSES
-        values: dict[str, Any] = {"status": new_status.value, "updated_at": utcnow()}
-        if outcome is not None:
-            values["outcome"] = outcome
-        stmt = (
-            sa.update(operations)
-            .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_))
-            .values(values)
-            .returning(*operations.c)
-        )
-        async with self._engine.begin() as conn:
-            row = (await conn.execute(stmt)).first()
-        return _operation(row) if row is not None else None
+        return self.writer.submit(partial(_set_operation_status, correlation_id=correlation_id, status=status,
+                                          outcome=outcome, now=utcnow()))
 
-    async def record_outcome(self, correlation_id: str, signal: str, target: str, status: str,
-                             outcome: dict[str, Any]) -> Recorded:
+    def mark_published(self, correlation_ids: list[str]) -> asyncio.Future[int]:
+        """accepted → dispatched for operations whose signals the broker confirmed."""
+        return self.writer.submit(partial(_mark_published, correlation_ids=correlation_ids, now=utcnow()))
+
+    def record_outcome(self, correlation_id: str, signal: str, target: str, status: str,
+                       outcome: dict[str, Any]) -> asyncio.Future[Recorded]:
         """Close what ``signal`` on ``target`` answers: the operation itself, or one target of a
         fan-out. ``Recorded.moved`` says whether this call closed anything; ``closed`` is the
         operation when this outcome closed it.
@@ -171,48 +136,15 @@ class Store:
         final = OperationStatus(status)
         if final not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final status")
-        async with self._engine.begin() as conn:
-            op = (await conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id)
-                                     .with_for_update())).first()
-            now = utcnow()  # after the lock wait, so updatedAt is when the change was made
-            if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
-                return Recorded(moved=False)
-            moved = await conn.execute(
-                sa.update(operation_targets)
-                .where(operation_targets.c.correlation_id == correlation_id, operation_targets.c.target == target,
-                       operation_targets.c.status.in_(OPEN_STATUSES))
-                .values(status=final.value, outcome=outcome, updated_at=now))
-            if moved.rowcount == 0:
-                # Not an open target. The operation's own target closes it, unless it is a
-                # fan-out (whose addressed component is one target among others).
-                fan_out = (await conn.execute(sa.select(operation_targets.c.target).where(
-                    operation_targets.c.correlation_id == correlation_id).limit(1))).first()
-                if op.target != target or fan_out is not None:
-                    return Recorded(moved=False)
-                return Recorded(True, await _close_operation(conn, correlation_id, final.value, outcome, now))
-            counts: dict[str, int] = dict((await conn.execute(
-                sa.select(operation_targets.c.status, sa.func.count())
-                .where(operation_targets.c.correlation_id == correlation_id)
-                .group_by(operation_targets.c.status))).all())
-            if any(counts.get(s, 0) for s in OPEN_STATUSES):
-                return Recorded(moved=True)
-            summary = {s.value: counts.get(s.value, 0) for s in OperationStatus if s.value in FINAL_STATUSES}
-            overall = (OperationStatus.FAILED if summary["failed"] else
-                       OperationStatus.TIMED_OUT if summary["timed_out"] else OperationStatus.SUCCEEDED)
-            return Recorded(True, await _close_operation(conn, correlation_id, overall.value, {"targets": summary}, now))
+        return self.writer.submit(partial(_record_outcome, correlation_id=correlation_id, signal=signal,
+                                          target=target, final=final, outcome=outcome))
 
     async def operation_targets(self, correlation_id: str) -> list[TargetRow]:
         """The targets of a fan-out operation (empty for a single-target one)."""
-        stmt = (sa.select(operation_targets.c.target, operation_targets.c.status, operation_targets.c.outcome,
-                          operation_targets.c.updated_at)
-                .where(operation_targets.c.correlation_id == correlation_id)
-                .order_by(operation_targets.c.target))
-        async with self._reader.begin() as conn:
-            return [TargetRow(**row._mapping) for row in await conn.execute(stmt)]
+        return await self.database.read(_operation_targets, correlation_id)
 
     async def get_operation(self, correlation_id: str) -> OperationRow | None:
-        async with self._reader.begin() as conn:
-            return await _get_operation(conn, correlation_id)
+        return await self.database.read(_get_operation, correlation_id)
 
     async def due_operations(self, now: datetime) -> list[OperationRow]:
         """Open operations whose deadline has passed, oldest deadline first."""
@@ -221,7 +153,7 @@ class Store:
             .where(operations.c.status.in_(OPEN_STATUSES), operations.c.deadline <= now)
             .order_by(operations.c.deadline, operations.c.correlation_id)
         )
-        return await self._operations(stmt)
+        return await self.database.read(_operations, stmt)
 
     async def open_operations(self) -> list[OperationRow]:
         stmt = (
@@ -229,69 +161,58 @@ class Store:
             .where(operations.c.status.in_(OPEN_STATUSES))
             .order_by(operations.c.created_at, operations.c.correlation_id)
         )
-        return await self._operations(stmt)
+        return await self.database.read(_operations, stmt)
+
+    async def open_targets(self) -> dict[str, list[TargetRow]]:
+        """Targets of every open fan-out operation, by correlation id (for loading at start)."""
+        return await self.database.read(_open_targets)
+
+    async def live_records(self, now: datetime) -> list[dict[str, Any]]:
+        """Idempotency records still within their retention (for loading at start)."""
+        return await self.database.read(_live_records, now)
 
     async def open_lifecycle_operation(self, swarm_id: str) -> OperationRow | None:
         """The swarm's open lifecycle operation, if any (the partial unique index allows one)."""
-        found = await self._operations(_open_lifecycle(swarm_id))
+        found = await self.database.read(_operations, _open_lifecycle(swarm_id))
         return found[0] if found else None
 
-    async def purge_expired(self, now: datetime, finished_before: datetime | None = None) -> int:
+    def purge_expired(self, now: datetime, finished_before: datetime | None = None) -> asyncio.Future[int]:
         """Delete idempotency records past their retention; returns how many.
 
         With ``finished_before``, also delete operations that closed before then, so the
         operations table keeps a bounded history; open operations always stay.
         """
-        async with self._engine.begin() as conn:
-            if finished_before is not None:
-                old = sa.select(operations.c.correlation_id).where(
-                    operations.c.status.in_(FINAL_STATUSES), operations.c.updated_at < finished_before)
-                await conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id.in_(old)))
-                await conn.execute(sa.delete(operations).where(operations.c.correlation_id.in_(old)))
-            result = await conn.execute(sa.delete(idempotency).where(idempotency.c.expires_at < now))
-        return result.rowcount
-
-    async def _operations(self, stmt: sa.Select[Any]) -> list[OperationRow]:
-        async with self._reader.begin() as conn:
-            return [_operation(row) for row in await conn.execute(stmt)]
+        return self.writer.submit(partial(_purge_expired, now=now, finished_before=finished_before))
 
     # --- swarms ---------------------------------------------------------------------------
 
     async def get_swarm(self, swarm_id: str) -> SwarmRow | None:
-        async with self._reader.begin() as conn:
-            return await _get_swarm(conn, swarm_id)
+        return await self.database.read(_get_swarm, swarm_id)
 
     async def list_swarms(self) -> list[SwarmRow]:
-        async with self._reader.begin() as conn:
-            return [_swarm(row) for row in await conn.execute(sa.select(swarms).order_by(swarms.c.id))]
+        return await self.database.read(_list_swarms)
 
-    async def upsert_swarm(self, row: SwarmRow) -> None:
+    def upsert_swarm(self, row: SwarmRow) -> asyncio.Future[None]:
         """Insert or overwrite the swarm; an existing row keeps its original created_at."""
         values = _swarm_values(row)
         stmt = self._upsert(swarms, values, update=[name for name in values if name != "created_at"])
-        async with self._engine.begin() as conn:
-            await conn.execute(stmt)
+        return self.writer.submit(lambda conn: conn.execute(stmt) and None)
 
-    async def update_swarm(self, swarm_id: str, **fields: Any) -> SwarmRow | None:
+    def update_swarm(self, swarm_id: str, **fields: Any) -> asyncio.Future[SwarmRow | None]:
         """Change some columns; updated_at is set to now unless given. None if no such swarm."""
         unknown = set(fields) - _SWARM_UPDATABLE
         if unknown:
             raise TypeError(f"unknown swarm fields: {', '.join(sorted(unknown))}")
         fields.setdefault("updated_at", utcnow())
-        stmt = sa.update(swarms).where(swarms.c.id == swarm_id).values(fields).returning(*swarms.c)
-        async with self._engine.begin() as conn:
-            row = (await conn.execute(stmt)).first()
-        return _swarm(row) if row is not None else None
+        return self.writer.submit(partial(_update_swarm, swarm_id=swarm_id, fields=fields))
 
-    async def delete_swarm(self, swarm_id: str) -> None:
+    def delete_swarm(self, swarm_id: str) -> asyncio.Future[None]:
         """Forget the swarm and every registry entry of its controller and bees."""
-        async with self._engine.begin() as conn:
-            await conn.execute(sa.delete(components).where(components.c.swarm_id == swarm_id))
-            await conn.execute(sa.delete(swarms).where(swarms.c.id == swarm_id))
+        return self.writer.submit(partial(_delete_swarm, swarm_id=swarm_id))
 
     # --- the component registry ----------------------------------------------------------
 
-    async def save_registry(self, batch: RegistryBatch) -> None:
+    def save_registry(self, batch: RegistryBatch) -> asyncio.Future[None]:
         """Save a batch of status reports and controller views in one transaction.
 
         Reports from swarms the store does not know (removed, or never created here) are
@@ -299,44 +220,10 @@ class Store:
         controller's bee list is the truth about membership: bees it no longer lists, and
         that have not reported since, leave the registry.
         """
-        swarm_ids = {r.swarm_id for r in batch.reports.values()} | set(batch.controllers)
-        if not swarm_ids:
-            return
-        upsert = self._upsert
-        async with self._engine.begin() as conn:
-            known = set((await conn.execute(sa.select(swarms.c.id).where(swarms.c.id.in_(swarm_ids)))).scalars())
-            for report in batch.reports.values():
-                if report.swarm_id not in known:
-                    continue
-                values = {"role": report.role, "instance": report.instance, "swarm_id": report.swarm_id,
-                          "enabled": report.enabled, "state": report.state, "totals": report.totals,
-                          "queue_stats": report.queue_stats, "data": report.data, "version": report.version,
-                          "last_seen": report.seen_at}
-                await conn.execute(upsert(components, {**values, "first_seen": report.seen_at,
-                                                       "container_state": None},
-                                          update=list(values)))
-            for view in batch.controllers.values():
-                if view.swarm_id not in known:
-                    continue
-                await conn.execute(sa.update(swarms).where(swarms.c.id == view.swarm_id).values(
-                    bees=view.bees, last_heartbeat=view.seen_at, enabled=view.enabled, updated_at=view.seen_at))
-                listed = [b for b in view.bees if b.get("role") and b.get("instance")]
-                for bee in listed:
-                    await conn.execute(upsert(components, {
-                        "role": bee["role"], "instance": bee["instance"], "swarm_id": view.swarm_id,
-                        "enabled": bool(bee.get("enabled")), "state": "unknown",
-                        "container_state": bee.get("state"), "totals": {}, "queue_stats": {}, "data": {},
-                        "version": None, "first_seen": view.seen_at, "last_seen": None,
-                    }, update=["container_state"]))
-                if view.settled:
-                    await conn.execute(sa.delete(components).where(
-                        components.c.swarm_id == view.swarm_id,
-                        components.c.instance.not_in([b["instance"] for b in listed]),
-                        sa.not_(sa.and_(components.c.role == view.role, components.c.instance == view.instance)),
-                        sa.or_(components.c.last_seen.is_(None), components.c.last_seen < view.seen_at)))
+        return self.writer.submit(partial(_save_registry, batch=batch, upsert=self._upsert))
 
     def _upsert(self, table: sa.Table, values: dict[str, Any], update: list[str]) -> Any:
-        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         stmt = insert(table).values(values)
         keys = [c.name for c in table.primary_key.columns]
         return stmt.on_conflict_do_update(index_elements=keys,
@@ -348,33 +235,225 @@ class Store:
             stmt = stmt.where(components.c.swarm_id == swarm_id)
         if role is not None:
             stmt = stmt.where(components.c.role == role)
-        async with self._reader.begin() as conn:
-            return [ComponentRow(**row._mapping) for row in await conn.execute(stmt)]
+        return await self.database.read(lambda conn: [ComponentRow(**row._mapping) for row in conn.execute(stmt)])
 
     async def get_component(self, role: str, instance: str) -> ComponentRow | None:
         stmt = sa.select(components).where(components.c.role == role, components.c.instance == instance)
-        async with self._reader.begin() as conn:
-            row = (await conn.execute(stmt)).first()
-        return ComponentRow(**row._mapping) if row is not None else None
+
+        def read(conn: Connection) -> ComponentRow | None:
+            row = conn.execute(stmt).first()
+            return ComponentRow(**row._mapping) if row is not None else None
+
+        return await self.database.read(read)
+
+
+# --- units of work and reads, each a function of a connection ------------------------------
+
+
+def _begin_or_conflict(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
+    try:
+        with conn.begin_nested():
+            return _begin(conn, action, create_swarm)
+    except IntegrityError:
+        # Another transaction won a unique constraint; its rows are committed, read them.
+        found = _find_conflict(conn, action, create_swarm)
+        if found is None:
+            raise
+        return found
+
+
+def _forget_action(conn: Connection, correlation_id: str) -> None:
+    conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id == correlation_id))
+    op = conn.execute(
+        sa.delete(operations)
+        .where(operations.c.correlation_id == correlation_id)
+        .returning(operations.c.swarm_id, operations.c.creates_swarm)
+    ).first()
+    conn.execute(sa.delete(idempotency).where(idempotency.c.correlation_id == correlation_id))
+    if op is not None and op.creates_swarm and op.swarm_id is not None:
+        conn.execute(sa.delete(swarms).where(swarms.c.id == op.swarm_id))
+
+
+def _find_action(conn: Connection, action: str, target: str, idempotency_key: str, request_hash: str,
+                 now: datetime) -> Replayed | None:
+    stmt = sa.select(idempotency).where(_key(action, target, idempotency_key), idempotency.c.expires_at >= now)
+    record = conn.execute(stmt).first()
+    return _replayed(record, request_hash) if record is not None else None
+
+
+def _set_operation_status(conn: Connection, correlation_id: str, status: str, outcome: dict[str, Any] | None,
+                          now: datetime) -> OperationRow | None:
+    new_status = OperationStatus(status)
+    if new_status == OperationStatus.ACCEPTED:
+        return None
+    from_ = (OperationStatus.ACCEPTED,) if new_status == OperationStatus.DISPATCHED else OPEN_STATUSES
+    values: dict[str, Any] = {"status": new_status.value, "updated_at": now}
+    if outcome is not None:
+        values["outcome"] = outcome
+    row = conn.execute(
+        sa.update(operations)
+        .where(operations.c.correlation_id == correlation_id, operations.c.status.in_(from_))
+        .values(values)
+        .returning(*operations.c)
+    ).first()
+    return _operation(row) if row is not None else None
+
+
+def _mark_published(conn: Connection, correlation_ids: list[str], now: datetime) -> int:
+    result = conn.execute(
+        sa.update(operations)
+        .where(operations.c.correlation_id.in_(correlation_ids), operations.c.status == OperationStatus.ACCEPTED)
+        .values(status=OperationStatus.DISPATCHED.value, updated_at=now))
+    return result.rowcount
+
+
+def _record_outcome(conn: Connection, correlation_id: str, signal: str, target: str, final: OperationStatus,
+                    outcome: dict[str, Any]) -> Recorded:
+    op = conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id)
+                      .with_for_update()).first()
+    now = utcnow()  # after the lock wait, so updatedAt is when the change was made
+    if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
+        return Recorded(moved=False)
+    moved = conn.execute(
+        sa.update(operation_targets)
+        .where(operation_targets.c.correlation_id == correlation_id, operation_targets.c.target == target,
+               operation_targets.c.status.in_(OPEN_STATUSES))
+        .values(status=final.value, outcome=outcome, updated_at=now))
+    if moved.rowcount == 0:
+        # Not an open target. The operation's own target closes it, unless it is a
+        # fan-out (whose addressed component is one target among others).
+        fan_out = conn.execute(sa.select(operation_targets.c.target).where(
+            operation_targets.c.correlation_id == correlation_id).limit(1)).first()
+        if op.target != target or fan_out is not None:
+            return Recorded(moved=False)
+        return Recorded(True, _close_operation(conn, correlation_id, final.value, outcome, now))
+    counts: dict[str, int] = dict(conn.execute(
+        sa.select(operation_targets.c.status, sa.func.count())
+        .where(operation_targets.c.correlation_id == correlation_id)
+        .group_by(operation_targets.c.status)).all())
+    if any(counts.get(s, 0) for s in OPEN_STATUSES):
+        return Recorded(moved=True)
+    return Recorded(True, _close_operation(conn, correlation_id, fan_out_status(counts).value,
+                                           {"targets": fan_out_summary(counts)}, now))
+
+
+def fan_out_summary(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts.get(s, 0) for s in FINAL_STATUSES}
+
+
+def fan_out_status(counts: dict[str, int]) -> OperationStatus:
+    """A closed fan-out: failed if any target failed, else timed_out if any did, else succeeded."""
+    if counts.get(OperationStatus.FAILED, 0):
+        return OperationStatus.FAILED
+    if counts.get(OperationStatus.TIMED_OUT, 0):
+        return OperationStatus.TIMED_OUT
+    return OperationStatus.SUCCEEDED
+
+
+def _operation_targets(conn: Connection, correlation_id: str) -> list[TargetRow]:
+    stmt = (sa.select(operation_targets.c.target, operation_targets.c.status, operation_targets.c.outcome,
+                      operation_targets.c.updated_at)
+            .where(operation_targets.c.correlation_id == correlation_id)
+            .order_by(operation_targets.c.target))
+    return [TargetRow(**row._mapping) for row in conn.execute(stmt)]
+
+
+def _open_targets(conn: Connection) -> dict[str, list[TargetRow]]:
+    stmt = (sa.select(operation_targets)
+            .join(operations, operations.c.correlation_id == operation_targets.c.correlation_id)
+            .where(operations.c.status.in_(OPEN_STATUSES))
+            .order_by(operation_targets.c.correlation_id, operation_targets.c.target))
+    found: dict[str, list[TargetRow]] = {}
+    for row in conn.execute(stmt):
+        found.setdefault(row.correlation_id, []).append(
+            TargetRow(target=row.target, status=row.status, outcome=row.outcome, updated_at=row.updated_at))
+    return found
+
+
+def _live_records(conn: Connection, now: datetime) -> list[dict[str, Any]]:
+    stmt = sa.select(idempotency).where(idempotency.c.expires_at >= now)
+    return [dict(row._mapping) for row in conn.execute(stmt)]
+
+
+def _operations(conn: Connection, stmt: sa.Select[Any]) -> list[OperationRow]:
+    return [_operation(row) for row in conn.execute(stmt)]
+
+
+def _purge_expired(conn: Connection, now: datetime, finished_before: datetime | None) -> int:
+    if finished_before is not None:
+        old = sa.select(operations.c.correlation_id).where(
+            operations.c.status.in_(FINAL_STATUSES), operations.c.updated_at < finished_before)
+        conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id.in_(old)))
+        conn.execute(sa.delete(operations).where(operations.c.correlation_id.in_(old)))
+    return conn.execute(sa.delete(idempotency).where(idempotency.c.expires_at < now)).rowcount
+
+
+def _list_swarms(conn: Connection) -> list[SwarmRow]:
+    return [_swarm(row) for row in conn.execute(sa.select(swarms).order_by(swarms.c.id))]
+
+
+def _update_swarm(conn: Connection, swarm_id: str, fields: dict[str, Any]) -> SwarmRow | None:
+    row = conn.execute(sa.update(swarms).where(swarms.c.id == swarm_id).values(fields).returning(*swarms.c)).first()
+    return _swarm(row) if row is not None else None
+
+
+def _delete_swarm(conn: Connection, swarm_id: str) -> None:
+    conn.execute(sa.delete(components).where(components.c.swarm_id == swarm_id))
+    conn.execute(sa.delete(swarms).where(swarms.c.id == swarm_id))
+
+
+def _save_registry(conn: Connection, batch: RegistryBatch, upsert: Any) -> None:
+    swarm_ids = {r.swarm_id for r in batch.reports.values()} | set(batch.controllers)
+    if not swarm_ids:
+        return
+    known = set(conn.execute(sa.select(swarms.c.id).where(swarms.c.id.in_(swarm_ids))).scalars())
+    for report in batch.reports.values():
+        if report.swarm_id not in known:
+            continue
+        values = {"role": report.role, "instance": report.instance, "swarm_id": report.swarm_id,
+                  "enabled": report.enabled, "state": report.state, "totals": report.totals,
+                  "queue_stats": report.queue_stats, "data": report.data, "version": report.version,
+                  "last_seen": report.seen_at}
+        conn.execute(upsert(components, {**values, "first_seen": report.seen_at, "container_state": None},
+                            update=list(values)))
+    for view in batch.controllers.values():
+        if view.swarm_id not in known:
+            continue
+        conn.execute(sa.update(swarms).where(swarms.c.id == view.swarm_id).values(
+            bees=view.bees, last_heartbeat=view.seen_at, enabled=view.enabled, updated_at=view.seen_at))
+        listed = [b for b in view.bees if b.get("role") and b.get("instance")]
+        for bee in listed:
+            conn.execute(upsert(components, {
+                "role": bee["role"], "instance": bee["instance"], "swarm_id": view.swarm_id,
+                "enabled": bool(bee.get("enabled")), "state": "unknown",
+                "container_state": bee.get("state"), "totals": {}, "queue_stats": {}, "data": {},
+                "version": None, "first_seen": view.seen_at, "last_seen": None,
+            }, update=["container_state"]))
+        if view.settled:
+            conn.execute(sa.delete(components).where(
+                components.c.swarm_id == view.swarm_id,
+                components.c.instance.not_in([b["instance"] for b in listed]),
+                sa.not_(sa.and_(components.c.role == view.role, components.c.instance == view.instance)),
+                sa.or_(components.c.last_seen.is_(None), components.c.last_seen < view.seen_at)))
 
 
 # --- begin_action, inside its transaction -------------------------------------------------
 
 
-async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
+def _begin(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
     # A record past its retention is as good as absent; clear it so the key can be reused.
-    await conn.execute(sa.delete(idempotency).where(_key_of(action), idempotency.c.expires_at < action.created_at))
-    found = await _find_conflict(conn, action, create_swarm)
+    conn.execute(sa.delete(idempotency).where(_key_of(action), idempotency.c.expires_at < action.created_at))
+    found = _find_conflict(conn, action, create_swarm)
     if found is not None:
         return found
     if create_swarm is not None:
-        await conn.execute(
+        conn.execute(
             sa.delete(swarms).where(
                 swarms.c.id == create_swarm.id, swarms.c.status.in_(REPLACEABLE_SWARM_STATUSES)
             )
         )
-        await conn.execute(sa.insert(swarms).values(_swarm_values(create_swarm)))
-    await conn.execute(
+        conn.execute(sa.insert(swarms).values(_swarm_values(create_swarm)))
+    conn.execute(
         sa.insert(idempotency).values(
             action=action.action,
             target=action.target,
@@ -387,7 +466,7 @@ async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRo
         )
     )
     row = (
-        await conn.execute(
+        conn.execute(
             sa.insert(operations)
             .values(
                 correlation_id=action.correlation_id,
@@ -410,14 +489,14 @@ async def _begin(conn: AsyncConnection, action: NewAction, create_swarm: SwarmRo
         )
     ).one()
     if action.targets:
-        await conn.execute(sa.insert(operation_targets), [
+        conn.execute(sa.insert(operation_targets), [
             {"correlation_id": action.correlation_id, "target": target, "status": OperationStatus.DISPATCHED.value,
              "outcome": None, "updated_at": action.created_at} for target in action.targets])
     return Started(_operation(row))
 
 
-async def _find_conflict(
-    conn: AsyncConnection, action: NewAction, create_swarm: SwarmRow | None
+def _find_conflict(
+    conn: Connection, action: NewAction, create_swarm: SwarmRow | None
 ) -> Replayed | Busy | SwarmExists | None:
     """What stands in the way of ``action``: a replay first, then Busy, then SwarmExists.
 
@@ -428,15 +507,15 @@ async def _find_conflict(
     """
     blocker: Busy | SwarmExists | None = None
     if create_swarm is not None:
-        swarm = await _get_swarm(conn, create_swarm.id)
+        swarm = _get_swarm(conn, create_swarm.id)
         if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
             blocker = SwarmExists(swarm)
     if action.lifecycle:
-        active = (await conn.execute(_open_lifecycle(action.swarm_id))).first()
+        active = (conn.execute(_open_lifecycle(action.swarm_id))).first()
         if active is not None:
             blocker = Busy(_operation(active))
     record = (
-        await conn.execute(
+        conn.execute(
             sa.select(idempotency).where(_key_of(action), idempotency.c.expires_at >= action.created_at)
         )
     ).first()
@@ -465,9 +544,9 @@ def _key(action: str, target: str, idempotency_key: str) -> sa.ColumnElement[boo
     )
 
 
-async def _close_operation(conn: AsyncConnection, correlation_id: str, status: str, outcome: dict[str, Any],
+def _close_operation(conn: Connection, correlation_id: str, status: str, outcome: dict[str, Any],
                            now: datetime) -> OperationRow:
-    row = (await conn.execute(
+    row = (conn.execute(
         sa.update(operations).where(operations.c.correlation_id == correlation_id)
         .values(status=status, outcome=outcome, updated_at=now).returning(*operations.c))).one()
     return _operation(row)
@@ -476,13 +555,13 @@ async def _close_operation(conn: AsyncConnection, correlation_id: str, status: s
 # --- rows ---------------------------------------------------------------------------------
 
 
-async def _get_operation(conn: AsyncConnection, correlation_id: str) -> OperationRow | None:
-    row = (await conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id))).first()
+def _get_operation(conn: Connection, correlation_id: str) -> OperationRow | None:
+    row = (conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id))).first()
     return _operation(row) if row is not None else None
 
 
-async def _get_swarm(conn: AsyncConnection, swarm_id: str) -> SwarmRow | None:
-    row = (await conn.execute(sa.select(swarms).where(swarms.c.id == swarm_id))).first()
+def _get_swarm(conn: Connection, swarm_id: str) -> SwarmRow | None:
+    row = (conn.execute(sa.select(swarms).where(swarms.c.id == swarm_id))).first()
     return _swarm(row) if row is not None else None
 
 

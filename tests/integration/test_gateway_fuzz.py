@@ -36,7 +36,7 @@ async def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     async with fresh_vhost() as vhost:
         port = _free_port()
         env = {**os.environ, "CP_AMQP_URL": f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}",
-               "CP_DATABASE_URL": f"sqlite+aiosqlite:///{Path(tmp_path_factory.mktemp('fuzz')) / 'cp.db'}",
+               "CP_DATABASE_URL": f"sqlite:///{Path(tmp_path_factory.mktemp('fuzz')) / 'cp.db'}",
                "CP_PORT": str(port), "CP_LOG_LEVEL": "ERROR", "CP_CONFLICT_SETTLE_MS": "0"}
         proc = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "gateway"], env=env)
         url = f"http://127.0.0.1:{port}"

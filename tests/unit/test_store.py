@@ -48,7 +48,7 @@ T0 = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """URL of a fresh, empty database on each backend."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'store.db'}"
+        yield f"sqlite:///{tmp_path / 'nested' / 'store.db'}"
         return
     async with fresh_postgres_database() as url:
         yield url
@@ -105,9 +105,9 @@ async def test_migrations_run_twice(db_url: str) -> None:
     for _ in range(2):
         opened = await open_store(db_url)
         try:
-            async with opened.engine.connect() as conn:
-                version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
-                tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+            version = await opened.database.read(
+                lambda c: c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all())
+            tables = await opened.database.read(lambda c: set(sa.inspect(c).get_table_names()))
         finally:
             await opened.close()
         assert version == ["0002"]
@@ -190,15 +190,17 @@ async def test_partial_unique_index_is_enforced_by_the_database(store: Store) ->
         created_at=T0,
         updated_at=T0,
     )
-    async with store.engine.begin() as conn:
+    def insert_three(conn: Any) -> None:
         # Closed or non-lifecycle operations do not count.
-        await conn.execute(sa.insert(operations).values(correlation_id="a", status="succeeded", **row))
+        conn.execute(sa.insert(operations).values(correlation_id="a", status="succeeded", **row))
         not_lifecycle = {**row, "lifecycle": False}
-        await conn.execute(sa.insert(operations).values(correlation_id="b", status="accepted", **not_lifecycle))
-        await conn.execute(sa.insert(operations).values(correlation_id="c", status="dispatched", **row))
+        conn.execute(sa.insert(operations).values(correlation_id="b", status="accepted", **not_lifecycle))
+        conn.execute(sa.insert(operations).values(correlation_id="c", status="dispatched", **row))
+
+    await store.database.write(insert_three)
     with pytest.raises(IntegrityError):
-        async with store.engine.begin() as conn:
-            await conn.execute(sa.insert(operations).values(correlation_id="d", status="accepted", **row))
+        await store.database.write(
+            lambda conn: conn.execute(sa.insert(operations).values(correlation_id="d", status="accepted", **row)))
 
 
 # --- begin_action -------------------------------------------------------------------------
@@ -263,11 +265,11 @@ async def test_lifecycle_busy_until_first_finishes(store: Store) -> None:
 async def test_conflict_whose_winner_rolled_back_is_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     real_begin, calls = repo._begin, []
 
-    async def flaky_begin(*args: Any) -> Any:
+    def flaky_begin(*args: Any) -> Any:
         calls.append(args)
         if len(calls) == 1:
             raise IntegrityError("INSERT", {}, Exception("lost a race to a transaction that rolled back"))
-        return await real_begin(*args)
+        return real_begin(*args)
 
     monkeypatch.setattr(repo, "_begin", flaky_begin)
     await started(store, action())

@@ -35,16 +35,17 @@ def _cli_url() -> str:
 
 
 async def _run_cli_online() -> None:
-    from controlplane.store.engine import make_engine
-    from controlplane.store.migrate import lock_for_migration
+    from controlplane.store.database import lock_for_migration, open_database
 
-    engine = make_engine(_cli_url())
+    def locked_run(conn: Connection) -> None:
+        lock_for_migration(conn)
+        _run(conn)
+
+    database = open_database(_cli_url())
     try:
-        async with engine.begin() as conn:
-            await lock_for_migration(conn)
-            await conn.run_sync(_run)
+        await database.write(locked_run)
     finally:
-        await engine.dispose()
+        await database.close()
 
 
 def _run_offline() -> None:

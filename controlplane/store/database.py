@@ -1,0 +1,111 @@
+"""Where store work runs: plain functions of a synchronous SQLAlchemy ``Connection``.
+
+Every query of the store is written once, as a function of a connection, and runs the same
+on both backends. SQLite runs it on threads of its own with the standard ``sqlite3``
+driver, so a whole transaction costs one hop off the event loop (the async driver paid one
+per statement). PostgreSQL runs it over asyncpg through SQLAlchemy's ``run_sync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from controlplane.store.engine import READ_ONLY, make_postgres_engine, make_sqlite_engine, parse_url
+from controlplane.store.migrate import PG_MIGRATION_LOCK_KEY, run_migrations
+
+T = TypeVar("T")
+Work = Callable[..., T]
+
+_migration_lock: asyncio.Lock | None = None
+
+
+class Database:
+    """One database: ``write`` and ``read`` run a function in a transaction of their own."""
+
+    dialect: str
+
+    async def write(self, fn: Work[T], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def read(self, fn: Work[T], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision``; serialised across this process and others."""
+        global _migration_lock
+        # alembic keeps the running migration in module globals: one at a time per process.
+        _migration_lock = _migration_lock or asyncio.Lock()
+        async with _migration_lock:
+            await self.write(_migrate, revision)
+
+
+def lock_for_migration(conn: Connection) -> None:
+    """Wait until no other process is migrating; released when the transaction ends."""
+    if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
+
+
+def _migrate(conn: Connection, revision: str) -> None:
+    lock_for_migration(conn)
+    run_migrations(conn, revision)
+
+
+class SqliteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, url: Any) -> None:
+        self.engine = make_sqlite_engine(url)
+        self._reader = self.engine.execution_options(**{READ_ONLY: True})
+        # One thread writes (SQLite has one writer anyway); reads go on beside it under WAL.
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-write")
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+
+    async def write(self, fn: Work[T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._write_thread, partial(_in_transaction, self.engine, fn, args))
+
+    async def read(self, fn: Work[T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_thread, partial(_in_transaction, self._reader, fn, args))
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for thread in (self._write_thread, self._read_thread):
+            await loop.run_in_executor(None, thread.shutdown)
+        self.engine.dispose()
+
+
+def _in_transaction(engine: Any, fn: Work[T], args: tuple[Any, ...]) -> T:
+    with engine.begin() as conn:
+        return fn(conn, *args)
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+
+    def __init__(self, url: Any) -> None:
+        self.engine = make_postgres_engine(url)
+
+    async def write(self, fn: Work[T], *args: Any) -> T:
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn, *args)
+
+    read = write
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def open_database(url: str) -> Database:
+    parsed = parse_url(url)
+    return SqliteDatabase(parsed) if parsed.drivername == "sqlite" else PostgresDatabase(parsed)
