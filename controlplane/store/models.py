@@ -38,6 +38,11 @@ FINAL_STATUSES: tuple[str, ...] = (
 REPLACEABLE_SWARM_STATUSES: tuple[str, ...] = ("Removed", "Failed")
 
 
+def swarm_resource(swarm_id: str) -> str:
+    """The resource a swarm's lifecycle operations hold."""
+    return f"swarm:{swarm_id}"
+
+
 def _require_aware(name: str, value: datetime | None) -> None:
     if value is not None and value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
@@ -61,12 +66,18 @@ class NewAction:
     retention_s: int
     # A fan-out: one signal per target under this correlation id, each closed by its own outcome.
     targets: tuple[str, ...] = ()
+    # What the operation holds while open; a lifecycle action holds its swarm unless told otherwise.
+    resource: str | None = None
+    # The signal bodies to publish, kept so an outbox can send them after a crash.
+    signals: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         _require_aware("created_at", self.created_at)
-        if self.lifecycle and not self.swarm_id:
-            # The one-open-lifecycle-operation rule is keyed on swarm_id; without it nothing holds.
-            raise ValueError("a lifecycle action needs a swarm_id")
+        if self.lifecycle and self.resource is None:
+            if not self.swarm_id:
+                # The one-open-operation rule is keyed on the resource; without it nothing holds.
+                raise ValueError("a lifecycle action needs a swarm_id or a resource")
+            object.__setattr__(self, "resource", swarm_resource(self.swarm_id))
         if self.timeout_ms <= 0 or self.retention_s <= 0:
             raise ValueError("timeout_ms and retention_s must be positive")
 
@@ -98,6 +109,8 @@ class OperationRow:
     updated_at: datetime
     outcome: dict[str, Any] | None = None
     creates_swarm: bool = False  # its begin inserted the swarm row
+    signals: list[dict[str, Any]] | None = None
+    resource: str | None = None
 
     @property
     def is_open(self) -> bool:

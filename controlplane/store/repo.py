@@ -41,6 +41,7 @@ from controlplane.store.models import (
     SwarmExists,
     SwarmRow,
     TargetRow,
+    swarm_resource,
     utcnow,
 )
 from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
@@ -172,8 +173,12 @@ class Store:
         return await self.database.read(_live_records, now)
 
     async def open_lifecycle_operation(self, swarm_id: str) -> OperationRow | None:
-        """The swarm's open lifecycle operation, if any (the partial unique index allows one)."""
-        found = await self.database.read(_operations, _open_lifecycle(swarm_id))
+        """The swarm's open lifecycle operation, if any."""
+        return await self.holder(swarm_resource(swarm_id))
+
+    async def holder(self, resource: str) -> OperationRow | None:
+        """The open operation holding ``resource``, if any (the partial unique index allows one)."""
+        found = await self.database.read(_operations, _open_holding(resource))
         return found[0] if found else None
 
     def purge_expired(self, now: datetime, finished_before: datetime | None = None) -> asyncio.Future[int]:
@@ -484,6 +489,8 @@ def _begin(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -
                 updated_at=action.created_at,
                 outcome=None,
                 creates_swarm=create_swarm is not None,
+                signals=action.signals,
+                resource=action.resource,
             )
             .returning(*operations.c)
         )
@@ -510,8 +517,8 @@ def _find_conflict(
         swarm = _get_swarm(conn, create_swarm.id)
         if swarm is not None and swarm.status not in REPLACEABLE_SWARM_STATUSES:
             blocker = SwarmExists(swarm)
-    if action.lifecycle:
-        active = (conn.execute(_open_lifecycle(action.swarm_id))).first()
+    if action.resource is not None:
+        active = (conn.execute(_open_holding(action.resource))).first()
         if active is not None:
             blocker = Busy(_operation(active))
     record = (
@@ -524,12 +531,8 @@ def _find_conflict(
     return blocker
 
 
-def _open_lifecycle(swarm_id: str | None) -> sa.Select[Any]:
-    return sa.select(operations).where(
-        operations.c.swarm_id == swarm_id,
-        operations.c.lifecycle.is_(sa.true()),
-        operations.c.status.in_(OPEN_STATUSES),
-    )
+def _open_holding(resource: str) -> sa.Select[Any]:
+    return sa.select(operations).where(operations.c.resource == resource, operations.c.status.in_(OPEN_STATUSES))
 
 
 def _key_of(action: NewAction) -> sa.ColumnElement[bool]:

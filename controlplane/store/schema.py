@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-# Partial-index condition: at most one open lifecycle operation per swarm.
-OPEN_LIFECYCLE_WHERE = "lifecycle AND status IN ('accepted', 'dispatched')"
+# Partial-index condition: at most one open operation per resource.
+OPEN_WHERE = "status IN ('accepted', 'dispatched')"
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -82,17 +82,21 @@ operations = sa.Table(
     sa.Column("outcome", _json(), nullable=True),
     # Set when this operation's begin inserted the swarm row, so forgetting it removes that row.
     sa.Column("creates_swarm", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # The signal bodies to publish: what the outbox sends again if the gateway died first.
+    sa.Column("signals", _json(), nullable=True),
+    # What the operation holds while open (swarm:<id>, ...); None: it holds nothing.
+    sa.Column("resource", sa.String(), nullable=True),
     sa.PrimaryKeyConstraint("correlation_id", name="pk_operations"),
     sa.CheckConstraint(
         "status IN ('accepted', 'dispatched', 'succeeded', 'failed', 'timed_out')",
         name="ck_operations_status",
     ),
     sa.Index(
-        "uq_operations_open_lifecycle",
-        "swarm_id",
+        "uq_operations_open_resource",
+        "resource",
         unique=True,
-        sqlite_where=sa.text(OPEN_LIFECYCLE_WHERE),
-        postgresql_where=sa.text(OPEN_LIFECYCLE_WHERE),
+        sqlite_where=sa.text(OPEN_WHERE),
+        postgresql_where=sa.text(OPEN_WHERE),
     ),
     sa.Index("ix_operations_status_deadline", "status", "deadline"),
 )

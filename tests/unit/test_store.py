@@ -110,7 +110,7 @@ async def test_migrations_run_twice(db_url: str) -> None:
             tables = await opened.database.read(lambda c: set(sa.inspect(c).get_table_names()))
         finally:
             await opened.close()
-        assert version == ["0002"]
+        assert version == ["0003"]
         assert {"idempotency", "operations", "swarms", "components", "operation_targets"} <= tables
 
 
@@ -171,7 +171,7 @@ def test_alembic_cli_upgrade_and_check(db_url: str) -> None:
         return proc.stdout + proc.stderr
 
     alembic("upgrade", "head")
-    assert "0002 (head)" in alembic("current")
+    assert "0003 (head)" in alembic("current")
     # The migrations and schema.py describe the same tables.
     alembic("check")
 
@@ -184,16 +184,18 @@ async def test_partial_unique_index_is_enforced_by_the_database(store: Store) ->
         signal="swarm-start",
         swarm_id="sw1",
         lifecycle=True,
+        resource="swarm:sw1",
         envelope={},
         timeout_ms=1,
         deadline=T0,
         created_at=T0,
         updated_at=T0,
     )
+
     def insert_three(conn: Any) -> None:
         # Closed or non-lifecycle operations do not count.
         conn.execute(sa.insert(operations).values(correlation_id="a", status="succeeded", **row))
-        not_lifecycle = {**row, "lifecycle": False}
+        not_lifecycle = {**row, "lifecycle": False, "resource": None}
         conn.execute(sa.insert(operations).values(correlation_id="b", status="accepted", **not_lifecycle))
         conn.execute(sa.insert(operations).values(correlation_id="c", status="dispatched", **row))
 
