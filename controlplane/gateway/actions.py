@@ -2,15 +2,21 @@
 
 Every surface goes through ``submit``. The order matters:
 1. a known idempotency key is answered from its record (same body: the same envelope;
-   another body: 422) before anything else is checked, and again before any 409, so a retry
-   or a concurrent duplicate never sees a conflict caused by its own first attempt;
-2. the surface's precondition (the swarm exists, its state allows the action);
-   a conflict with an operation still open waits briefly for that operation to close, because
-   a caller reacting to an outcome event may arrive before the gateway has projected it;
-3. the record and the operation are stored in one transaction, which is where concurrent
-   duplicates and a second lifecycle operation on the same swarm are refused;
-4. only then is the signal published, and a failed publish removes the record again so
-   the caller's retry starts afresh.
+   another body: 422) before anything else is checked, and again from the store before
+   any precondition failure is answered, so a retry (even one sent to another gateway)
+   never sees a conflict caused by its own first attempt;
+2. the surface's precondition (the swarm exists, its state allows the action), and the
+   resource the action holds; a conflict with an operation still open waits (on its close
+   event, bounded) for that operation to close, because a caller reacting to an outcome
+   event may arrive before this gateway has consumed it;
+3. the record, the operation and its signals are committed in the writer's next batch,
+   where concurrent duplicates and a second holder of one resource are refused;
+4. only then are the signals published and the caller answered. A publish that fails
+   undoes the record, unless a duplicate was already answered with it: then the outbox
+   publishes it later.
+
+Replays, preconditions and conflicts are answered from memory (``Ledger``, ``Swarms``,
+``Registry``); the only database work on the way is the commit the 202 depends on.
 
 A fan-out (bulk controller toggles, a config patch widened by ``commandTarget``) is one
 action with one correlation id and one signal per target; the operation closes when every
@@ -19,34 +25,33 @@ target has answered.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from controlplane.bus import Bus
-from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import (
-    ActionRequest, CommandTarget, Envelope, Outcome, Signal, TargetTopics, Watch, new_id, utcnow,
+    ActionRequest, CommandTarget, Envelope, Signal, TargetTopics, Watch, new_id, utcnow,
 )
 from controlplane.gateway import metrics
-from controlplane.gateway.middleware import ApiError
+from controlplane.gateway.context import GatewayContext, context_of
+from controlplane.gateway.dispatch import dispatch
+from controlplane.gateway.ledger import Record, Tracked, wait_closed
+from controlplane.gateway.middleware import ApiError, read_json
 from controlplane.logs import get_logger
-from controlplane.store import (
-    Busy, NewAction, OperationRow, Replayed, Started, Store, SwarmExists, SwarmRow, TargetRow,
-)
+from controlplane.store import Busy, NewAction, OperationRow, Replayed, Started, SwarmExists, SwarmRow, TargetRow
+from controlplane.store.models import OperationStatus, swarm_resource
+from controlplane.store.writer import detach
 
 log = get_logger("gateway.actions")
 
-SETTLE_POLL_S = 0.05
-
-# timeoutMs of each signal, as the specification gives them.
-SPEC_TIMEOUTS_MS = {
+# timeoutMs of each signal, as the specifications give them; surfaces add their own.
+SIGNAL_TIMEOUTS_MS: dict[str, int] = {
     "swarm-create": 120_000,
     "swarm-start": 180_000,
     "swarm-stop": 90_000,
@@ -55,6 +60,17 @@ SPEC_TIMEOUTS_MS = {
     "config-update": 60_000,
     "status-request": 10_000,
 }
+# The longest a caller may ask a request to wait for its outcome (``Prefer: wait``, ``?wait=``).
+MAX_WAIT_S = 300.0
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
+
+
+def register_signals(timeouts_ms: dict[str, int]) -> None:
+    """A surface's own signals and their timeouts; a name registered twice differently is a bug."""
+    for signal, timeout in timeouts_ms.items():
+        if SIGNAL_TIMEOUTS_MS.get(signal, timeout) != timeout:
+            raise ValueError(f"signal {signal!r} is already registered with another timeout")
+        SIGNAL_TIMEOUTS_MS[signal] = timeout
 
 
 @dataclass(frozen=True)
@@ -86,10 +102,22 @@ class Action:
     fan_out: tuple[Target, ...] | None = None  # None: one signal to the action's own scope
     command_target: CommandTarget | None = None
     key_scope: str | None = None  # where keys and operations are filed when there is no single target
+    # What the operation holds while open; a lifecycle action holds its swarm.
+    holds: str | None = None
 
     @property
     def scope(self) -> str:
         return self.key_scope or keys.scope_of(self.swarm_id, self.role, self.instance)
+
+    @property
+    def key(self) -> str:
+        return str(self.request.idempotency_key)
+
+    @property
+    def resource(self) -> str | None:
+        if self.holds is not None:
+            return self.holds
+        return swarm_resource(self.swarm_id) if self.lifecycle and self.swarm_id else None
 
     def watch(self) -> Watch | None:
         if self.info_only:
@@ -117,107 +145,161 @@ class Action:
                 for t in targets]
 
 
-def request_hash(action: Action) -> str:
-    canonical = json.dumps({"signal": action.signal, "scope": action.scope,
-                            "body": action.request.model_dump(mode="json", by_alias=True)}, sort_keys=True)
+def request_hash(signal: str, scope: str, request: ActionRequest) -> str:
+    canonical = json.dumps({"signal": signal, "scope": scope,
+                            "body": request.model_dump(mode="json", by_alias=True)}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def timeout_ms(settings: Settings, signal: str) -> int:
-    return settings.operation_timeouts_ms.get(signal, SPEC_TIMEOUTS_MS[signal])
+def timeout_ms(ctx: GatewayContext, signal: str) -> int:
+    if signal not in SIGNAL_TIMEOUTS_MS:
+        raise LookupError(f"signal {signal!r} has no timeout; a surface registers its signals with register_signals")
+    return ctx.settings.operation_timeouts_ms.get(signal, SIGNAL_TIMEOUTS_MS[signal])
 
 
-def _replay(result: Replayed, action: Action) -> web.Response:
-    if not result.same_request:
-        raise ApiError(422, "idempotency-key-reused",
-                       "idempotencyKey was already used for this action with a different request body; "
-                       "use a new key for a new request", [{"field": "idempotencyKey", "reason": "reused with another body"}])
-    metrics.IDEMPOTENT_REPLAYS.labels(action.signal).inc()
-    return web.json_response(result.envelope, status=202, headers={"Idempotent-Replayed": "true"})
+async def read_action(request: web.Request) -> dict[str, Any]:
+    """The JSON body of an action, its ``idempotencyKey`` taken from the ``Idempotency-Key``
+    header when the body has none (surfaces whose documents carry no key in their bodies)."""
+    body = await read_json(request)
+    header = request.headers.get("Idempotency-Key")
+    if header is not None:
+        header = header.strip().strip('"')
+        if "idempotencyKey" not in body:
+            body["idempotencyKey"] = header
+        elif str(body["idempotencyKey"]) != header:
+            raise ApiError(400, "idempotency-key-mismatch", "the Idempotency-Key header and the body's "
+                           "idempotencyKey differ; send one of them",
+                           [{"field": "idempotencyKey", "reason": "differs from the Idempotency-Key header"}])
+    return body
 
 
-async def submit(store: Store, bus: Bus, settings: Settings, action: Action,
+def prefer_wait(request: web.Request) -> float | None:
+    """Seconds the caller is willing to wait for the outcome (RFC 7240 ``Prefer: wait=``)."""
+    found = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return min(float(found.group(1)), MAX_WAIT_S) if found else None
+
+
+async def replay_if_known(request: web.Request, signal: str, scope: str, body: ActionRequest) -> web.Response | None:
+    """Answer a retry before a handler runs preconditions of its own (a lookup, a 404)."""
+    ctx = context_of(request)
+    digest = request_hash(signal, scope, body)
+    known = ctx.ledger.find(signal, scope, str(body.idempotency_key), digest)
+    if known is None:
+        known = await ctx.store.find_action(signal, scope, str(body.idempotency_key), digest)
+    return await _replay(request, known, signal) if known is not None else None
+
+
+async def submit(request: web.Request, action: Action,
                  precondition: Callable[[], Awaitable[None]] | None = None) -> web.Response:
-    key = str(action.request.idempotency_key)
-    digest = request_hash(action)
-    known = await store.find_action(action.signal, action.scope, key, digest)
+    ctx = context_of(request)
+    digest = request_hash(action.signal, action.scope, action.request)
+    known = ctx.ledger.find(action.signal, action.scope, action.key, digest)
     if known is not None:
-        return _replay(known, action)
+        return await _replay(request, known, action.signal)
     if precondition is not None:
         try:
             await precondition()
         except ApiError as exc:
-            if exc.status != 409:
-                raise
-            # A concurrent duplicate may have won between the lookup and the precondition.
-            known = await store.find_action(action.signal, action.scope, key, digest)
+            # The key may be known to the store only: sent first to another gateway.
+            known = await ctx.store.find_action(action.signal, action.scope, action.key, digest)
             if known is not None:
-                return _replay(known, action)
-            if not await _settled(store, settings, action.swarm_id):
+                return await _replay(request, known, action.signal)
+            if exc.status != 409 or not await _settled(ctx, action):
                 raise
             await precondition()
+    holder = ctx.ledger.holder(action.resource)
+    if holder is not None and not await _settled(ctx, action):
+        raise _busy(action, holder.op)
 
     correlation_id = new_id()
-    envelope = Envelope(correlation_id=correlation_id, idempotency_key=key, watch=action.watch(),
-                        targets=action.target_topics(), timeout_ms=timeout_ms(settings, action.signal))
-    new = NewAction(action=action.signal, target=action.scope, idempotency_key=key, request_hash=digest,
+    envelope = Envelope(correlation_id=correlation_id, idempotency_key=action.key, watch=action.watch(),
+                        targets=action.target_topics(), timeout_ms=timeout_ms(ctx, action.signal))
+    signals = action.signals(correlation_id, action.key, envelope.timeout_ms)
+    new = NewAction(action=action.signal, target=action.scope, idempotency_key=action.key, request_hash=digest,
                     correlation_id=correlation_id, envelope=envelope.to_dict(), signal=action.signal,
                     swarm_id=action.swarm_id, lifecycle=action.lifecycle, timeout_ms=envelope.timeout_ms,
-                    created_at=utcnow(), retention_s=settings.idempotency_retention_s,
-                    targets=tuple(t.scope for t in action.fan_out or ()))
-    result = await store.begin_action(new, create_swarm=action.create_swarm)
-    if isinstance(result, Busy) and await _settled(store, settings, action.swarm_id):
+                    created_at=utcnow(), retention_s=ctx.settings.idempotency_retention_s,
+                    targets=tuple(t.scope for t in action.fan_out or ()), resource=action.resource,
+                    signals=[s.to_dict() for s in signals])
+    result = await ctx.store.begin_action(new, create_swarm=action.create_swarm)
+    if isinstance(result, Busy) and await _settled(ctx, action):
         if precondition is not None:
             await precondition()
-        result = await store.begin_action(new, create_swarm=action.create_swarm)
+        result = await ctx.store.begin_action(new, create_swarm=action.create_swarm)
     if isinstance(result, Replayed):
-        return _replay(result, action)
+        return await _replay(request, result, action.signal)
     if isinstance(result, Busy):
-        raise ApiError(409, "operation-in-progress",
-                       f"swarm {action.swarm_id!r} has an operation in progress ({result.active.signal}, "
-                       f"correlationId {result.active.correlation_id}); retry when it has finished",
-                       activeOperation=operation_view(result.active))
+        raise _busy(action, result.active)
     if isinstance(result, SwarmExists):
         raise ApiError(409, "swarm-exists", f"swarm {action.swarm_id!r} already exists (status {result.swarm.status})",
                        currentState=result.swarm.status)
     assert isinstance(result, Started)
 
-    signals = action.signals(correlation_id, key, envelope.timeout_ms)
-    results = await asyncio.gather(*(bus.publish(s.routing_key(), s) for s in signals), return_exceptions=True)
-    failed = [(s, r) for s, r in zip(signals, results) if isinstance(r, BaseException)]
-    if signals and len(failed) == len(signals):
-        await store.forget_action(correlation_id)
-        log.error("signal publish failed", signal=action.signal, error=str(failed[0][1]), correlation_id=correlation_id)
+    tracked = ctx.ledger.add(result.operation, Record(new.envelope, correlation_id, digest, new.expires_at),
+                             new.targets)
+    if action.create_swarm is not None:
+        ctx.swarms.put(action.create_swarm)
+    if not signals:  # an empty fan-out: nothing to wait for
+        ctx.ledger.finish(tracked, OperationStatus.SUCCEEDED, {"targets": {}})
+        detach(ctx.store.set_operation_status(correlation_id, OperationStatus.SUCCEEDED, {"targets": {}}),
+               "close empty fan-out")
+    elif not await dispatch(ctx, tracked) and not tracked.answered:
+        ctx.ledger.forget(tracked)
+        if action.create_swarm is not None:
+            ctx.swarms.drop(action.create_swarm.id)
+        await ctx.store.forget_action(correlation_id)
         raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal; retry with the "
                        "same idempotencyKey") from None
-    await store.set_operation_status(correlation_id, "dispatched")
-    for sig, exc in failed:  # part of a fan-out went out: the rest is answered as failed, not retried
-        outcome = Outcome.for_signal(sig, result="error", phase="gateway", code="broker-unavailable",
-                                     message=f"the broker did not accept the signal: {exc}", retryable=True)
-        await store.record_outcome(correlation_id, sig.signal, sig.scope, "failed", outcome.to_dict())
-    if action.fan_out == ():
-        await store.set_operation_status(correlation_id, "succeeded", {"targets": {}})
-    metrics.SIGNALS_PUBLISHED.labels(action.signal).inc(len(signals) - len(failed))
-    log.info("signal published", signal=action.signal, scope=action.scope, correlation_id=correlation_id,
-             idempotency_key=key, targets=len(signals))
-    return web.json_response(envelope.to_dict(), status=202)
+    return await _answer(request, tracked, new.envelope, 202)
 
 
-async def _settled(store: Store, settings: Settings, swarm_id: str | None) -> bool:
-    """Wait (bounded) until ``swarm_id`` has no open lifecycle operation.
+async def _replay(request: web.Request, known: Replayed, signal: str) -> web.Response:
+    if not known.same_request:
+        raise ApiError(422, "idempotency-key-reused",
+                       "idempotencyKey was already used for this action with a different request body; "
+                       "use a new key for a new request", [{"field": "idempotencyKey", "reason": "reused with another body"}])
+    metrics.IDEMPOTENT_REPLAYS.labels(signal).inc()
+    ctx = context_of(request)
+    tracked = ctx.ledger.get(known.correlation_id)
+    if tracked is not None:
+        tracked.answered = True
+        if tracked.op.is_open and not await dispatch(ctx, tracked):
+            raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal yet; it is "
+                           "kept and published when the broker is back; retry with the same idempotencyKey")
+    return await _answer(request, tracked, known.envelope, 202, {"Idempotent-Replayed": "true"})
 
-    True means a re-check is worth it: what the caller collided with may have just closed
-    (its outcome projected between the first check and now).
+
+async def _answer(request: web.Request, tracked: Tracked | None, envelope: dict[str, Any], status: int,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """The envelope, or — when the caller asked to wait and the operation closed in time —
+    the closed operation with 200."""
+    wait_s = prefer_wait(request)
+    if wait_s is not None and tracked is not None and await wait_closed(tracked, wait_s):
+        return web.json_response(tracked_view(tracked), status=200,
+                                 headers={**(headers or {}), "Preference-Applied": f"wait={wait_s:g}"})
+    return web.json_response(envelope, status=status, headers=headers)
+
+
+def _busy(action: Action, active: OperationRow) -> ApiError:
+    what = f"swarm {action.swarm_id!r}" if action.swarm_id and action.lifecycle else repr(action.resource)
+    return ApiError(409, "operation-in-progress",
+                    f"{what} has an operation in progress ({active.signal}, correlationId {active.correlation_id}); "
+                    "retry when it has finished", activeOperation=operation_view(active))
+
+
+async def _settled(ctx: GatewayContext, action: Action) -> bool:
+    """Wait (bounded, on its close event) until the holder of ``action``'s resource is done.
+
+    True means a re-check is worth it: what the caller collided with may have just closed.
     """
-    if not swarm_id:
-        return False
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.conflict_settle_ms / 1000
-    while await store.open_lifecycle_operation(swarm_id) is not None:
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(SETTLE_POLL_S)
-    return True
+    holder = ctx.ledger.holder(action.resource)
+    if holder is None:
+        return action.resource is not None
+    return await wait_closed(holder, ctx.settings.conflict_settle_ms / 1000)
+
+
+def tracked_view(tracked: Tracked) -> dict[str, Any]:
+    return operation_view(tracked.op, sorted(tracked.targets.values(), key=lambda t: t.target))
 
 
 def operation_view(op: OperationRow, targets: list[TargetRow] | None = None) -> dict[str, Any]:

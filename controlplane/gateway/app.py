@@ -1,7 +1,8 @@
 """The gateway's aiohttp application: routes of every surface, health and metrics.
 
-``open_gateway`` wires store, bus, catalogue and tracker together; ``build_app`` only
-builds the application around them, so tests and ``controlplane up`` share one path.
+``open_gateway`` loads the gateway's memory from the store (idempotency records, open
+operations, swarms, the registry), starts the tracker and builds the application around
+them, so tests and ``controlplane up`` share one path.
 """
 
 from __future__ import annotations
@@ -9,19 +10,26 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 
+import sqlalchemy as sa
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
-from controlplane.gateway.context import CTX, GatewayContext
-from controlplane.gateway.events import stream_events
+from controlplane.contract.models import utcnow
+from controlplane.gateway.context import CTX, GatewayContext, context_of
+from controlplane.gateway.events import EventHub, stream_events
+from controlplane.gateway.ledger import Ledger
 from controlplane.gateway.middleware import make_middlewares
 from controlplane.gateway.openapi import Op, document
+from controlplane.gateway.readmodels import Swarms
+from controlplane.gateway.registry import Registry
 from controlplane.gateway.surfaces import components, swarms
 from controlplane.gateway.tracker import Tracker
 from controlplane.scenarios import load_catalog
-from controlplane.store import open_store
+from controlplane.store import Store, open_store
+
+READY_PROBE_S = 2.0
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -29,13 +37,18 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    """Ready when a confirmed publish goes through and the store answers a query."""
+    ctx = context_of(request)
     checks: dict[str, str] = {}
-    checks["broker"] = "ok" if not ctx.bus.connection.is_closed else "down"
     try:
-        await ctx.store.get_swarm("readyz-probe")
-        checks["store"] = "ok"
+        await ctx.bus.probe(READY_PROBE_S)
+        checks["broker"] = "ok"
     except Exception as exc:  # the probe reports, it does not fail
+        checks["broker"] = f"down: {type(exc).__name__}"
+    try:
+        await ctx.store.database.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
+        checks["store"] = "ok"
+    except Exception as exc:
         checks["store"] = f"down: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ready" if ready else "not-ready", "checks": checks}, status=200 if ready else 503)
@@ -47,7 +60,10 @@ async def metrics_view(_: web.Request) -> web.Response:
 
 BASE_OPERATIONS = [
     Op("GET", "/healthz", "Liveness", tags=("health",)),
-    Op("GET", "/readyz", "Readiness: broker and store", statuses=(200, 503), tags=("health",)),
+    Op("GET", "/readyz", "Readiness: a confirmed publish to the broker, a store query", statuses=(200, 503),
+       tags=("health",)),
+    Op("GET", "/api/events", "Events as Server-Sent Events, filtered by AMQP topic patterns", statuses=(200, 400),
+       tags=("events",), query=("topics", "lastEventId")),
 ]
 
 
@@ -68,15 +84,41 @@ def build_app(ctx: GatewayContext) -> web.Application:
     return app
 
 
+async def load_context(settings: Settings, bus: Bus, store: Store) -> GatewayContext:
+    """The gateway's memory, loaded from what the store committed."""
+    ledger = Ledger()
+    ledger.load(await store.live_records(utcnow()), await store.open_operations(), await store.open_targets())
+    swarm_views = Swarms(store)
+    await swarm_views.load()
+    registry = Registry(store, swarm_views)
+    await registry.load()
+    return GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir),
+                          events=EventHub(), ledger=ledger, swarms=swarm_views, registry=registry)
+
+
 @asynccontextmanager
 async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Application]:
-    """Store open, tracker running, application built; everything closed on exit."""
+    """Store open, memory loaded, tracker running, application built; everything closed on exit."""
     store = await open_store(settings.database_url.get_secret_value())
-    tracker = Tracker(store, bus, settings.idempotency_retention_s, settings.gateway_name)
+    ctx: GatewayContext | None = None
+    tracker: Tracker | None = None
     try:
-        await tracker.start()
-        yield build_app(GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir),
-                                         events=tracker.events))
+        ctx = await load_context(settings, bus, store)
+        ctx.registry.start()
+        tracker = await Tracker(ctx).start()
+        yield build_app(ctx)
     finally:
-        await tracker.stop()
+        if tracker is not None:
+            await tracker.stop()
+        if ctx is not None:
+            close = getattr(ctx.events, "close", None)
+            if close is not None:
+                await close() if _is_coroutine(close) else close()
+            await ctx.registry.stop()
         await store.close()
+
+
+def _is_coroutine(fn: object) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn)

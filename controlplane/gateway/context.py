@@ -9,6 +9,9 @@ from aiohttp import web
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.gateway.events import EventHub
+from controlplane.gateway.ledger import Ledger
+from controlplane.gateway.readmodels import Swarms
+from controlplane.gateway.registry import Registry
 from controlplane.scenarios import Catalog
 from controlplane.store import Store
 
@@ -20,6 +23,14 @@ class GatewayContext:
     bus: Bus
     catalog: Catalog
     events: EventHub
+    ledger: Ledger
+    swarms: Swarms
+    registry: Registry
 
 
 CTX = web.AppKey("controlplane", GatewayContext)
+
+
+def context_of(request: web.Request) -> GatewayContext:
+    """The shared context, from the app or any parent of a mounted sub-app."""
+    return request.config_dict[CTX]

@@ -12,12 +12,14 @@ controller sees exited or missing is ``failed`` at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Any
 
 from controlplane.contract import keys
 from controlplane.contract.models import Status, SwarmStatus, utcnow
 from controlplane.gateway import metrics
+from controlplane.gateway.readmodels import Swarms
 from controlplane.logs import get_logger
 from controlplane.store import ComponentRow, ControllerView, RegistryBatch, StatusReport, Store
 
@@ -70,12 +72,17 @@ def component_view(row: ComponentRow, interval_s: float, now: datetime | None = 
 
 
 class Registry:
-    """Buffers status events and saves them in batches; reads go straight to the store."""
+    """Components in memory, answered from memory; the store gets a batch per flush."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, swarms: Swarms) -> None:
         self.store = store
+        self.swarms = swarms
+        self._rows: dict[tuple[str, str], ComponentRow] = {}
         self._batch = RegistryBatch()
         self._flusher: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        self._rows = {(r.role, r.instance): r for r in await self.store.list_components()}
 
     def start(self) -> Registry:
         self._flusher = asyncio.create_task(self._flush_forever(), name="registry-flush")
@@ -90,22 +97,76 @@ class Registry:
         except Exception as exc:  # shutting down: the next status interval refills the registry
             log.warning("last registry flush failed", error=repr(exc))
 
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, role: str, instance: str) -> ComponentRow | None:
+        return self._rows.get((role, instance))
+
+    def list(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
+        rows = [r for r in self._rows.values()
+                if (swarm_id is None or r.swarm_id == swarm_id) and (role is None or r.role == role)]
+        return sorted(rows, key=lambda r: (r.swarm_id or "", r.role, r.instance))
+
+    # --- changes ------------------------------------------------------------------------------
+
     def observe(self, status: Status) -> None:
-        """Take one status event; only the latest per component is kept until the next flush."""
+        """Take one status event: memory at once, the store at the next flush.
+
+        The rules are the store's (``save_registry``): reports from swarms not known are
+        dropped, so a late status cannot bring back a removed swarm; a settled controller's
+        bee list is the truth about membership.
+        """
         metrics.STATUS_EVENTS.labels(status.role, status.kind).inc()
-        if not status.swarm_id:
+        if not status.swarm_id or self.swarms.get(status.swarm_id) is None:
             return
         now = utcnow()
-        self._batch.reports[(status.role, status.instance)] = StatusReport(
+        report = StatusReport(
             role=status.role, instance=status.instance, swarm_id=status.swarm_id, enabled=status.enabled,
             state=status.state, totals=status.totals, queue_stats=status.queue_stats,
             data=_without_bees(status), version=status.version, seen_at=now)
+        self._batch.reports[(status.role, status.instance)] = report
+        previous = self._rows.get((status.role, status.instance))
+        self._rows[(status.role, status.instance)] = ComponentRow(
+            role=report.role, instance=report.instance, swarm_id=report.swarm_id, enabled=report.enabled,
+            state=report.state, container_state=previous.container_state if previous else None,
+            totals=report.totals, queue_stats=report.queue_stats, data=report.data, version=report.version,
+            first_seen=previous.first_seen if previous else now, last_seen=now)
         if status.role == keys.CONTROLLER_ROLE:
             bees = status.data.get("bees")
-            self._batch.controllers[status.swarm_id] = ControllerView(
-                role=status.role, instance=status.instance, swarm_id=status.swarm_id, seen_at=now,
-                enabled=status.enabled, bees=bees if isinstance(bees, list) else [],
-                settled=status.state != SwarmStatus.CREATING)
+            view = ControllerView(role=status.role, instance=status.instance, swarm_id=status.swarm_id, seen_at=now,
+                                  enabled=status.enabled, bees=bees if isinstance(bees, list) else [],
+                                  settled=status.state != SwarmStatus.CREATING)
+            self._batch.controllers[status.swarm_id] = view
+            self._apply_controller_view(view)
+
+    def _apply_controller_view(self, view: ControllerView) -> None:
+        self.swarms.update(view.swarm_id, persist=False, bees=view.bees, last_heartbeat=view.seen_at,
+                           enabled=view.enabled, updated_at=view.seen_at)
+        listed = [b for b in view.bees if b.get("role") and b.get("instance")]
+        for bee in listed:
+            key = (bee["role"], bee["instance"])
+            row = self._rows.get(key)
+            if row is None:
+                self._rows[key] = ComponentRow(
+                    role=bee["role"], instance=bee["instance"], swarm_id=view.swarm_id,
+                    enabled=bool(bee.get("enabled")), state="unknown", container_state=bee.get("state"),
+                    totals={}, queue_stats={}, data={}, version=None, first_seen=view.seen_at, last_seen=None)
+            else:
+                self._rows[key] = dataclasses.replace(row, container_state=bee.get("state"))
+        if view.settled:
+            keep = {b["instance"] for b in listed}
+            for key, row in list(self._rows.items()):
+                if (row.swarm_id == view.swarm_id and row.instance not in keep
+                        and key != (view.role, view.instance)
+                        and (row.last_seen is None or row.last_seen < view.seen_at)):
+                    del self._rows[key]
+
+    def forget_swarm(self, swarm_id: str) -> None:
+        """A removed swarm's components leave with it (the store deletes them with the swarm)."""
+        for key in [k for k, r in self._rows.items() if r.swarm_id == swarm_id]:
+            del self._rows[key]
+        self._batch.reports = {k: r for k, r in self._batch.reports.items() if r.swarm_id != swarm_id}
+        self._batch.controllers.pop(swarm_id, None)
 
     async def flush(self) -> None:
         batch, self._batch = self._batch, RegistryBatch()

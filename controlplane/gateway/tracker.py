@@ -1,12 +1,17 @@
 """Follows every operation to its outcome and keeps the gateway's read models current.
 
-Outcome events close operations (by correlation id, signal and target) and move the swarm
-read model; every status event goes to the registry, and a ``status-full`` sent in answer to
-a status request closes that request's operation. A sweeper times out operations whose
-deadline passed and publishes ``ev.error.<signal>.<scope>`` with ``code: "timeout"`` on the
-very topic the caller was told to watch (for a fan-out: on each silent target's topic).
-Closing is a compare-and-set in the store, so with several gateways exactly one publishes
-each timeout.
+Each gateway consumes every event from a queue of its own. Outcome events close
+operations (by correlation id, signal and target) and move the swarm read model; status
+events go to the registry, and a ``status-full`` sent in answer to a status request closes
+that request's operation. Memory changes at once; the store follows through the writer's
+next batch, so a thousand outcomes cost a few transactions, and an outcome that matches
+no open operation costs none.
+
+A sweeper times out operations whose deadline passed and publishes
+``ev.error.<signal>.<scope>`` with ``code: "timeout"`` on the very topic the caller was told
+to watch (for a fan-out: on each silent target's topic). The store's compare-and-set
+decides, so with several gateways exactly one publishes each timeout. The sweeper also
+runs the outbox for operations kept after a failed publish.
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from controlplane.bus import Bus, Consumer
+from controlplane.bus import Consumer
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Scope, Status, SwarmStatus, utcnow
-from controlplane.gateway import metrics
-from controlplane.gateway.events import EventHub
-from controlplane.gateway.registry import Registry
+from controlplane.gateway.context import GatewayContext
+from controlplane.gateway.dispatch import close_target, count_finished, republish_pending
+from controlplane.gateway.ledger import Tracked
 from controlplane.logs import get_logger
-from controlplane.store import OperationRow, Store
+from controlplane.store import OPEN_STATUSES, OperationRow
 
 log = get_logger("gateway.tracker")
 
@@ -31,18 +36,16 @@ PURGE_INTERVAL_S = 600
 
 
 class Tracker:
-    def __init__(self, store: Store, bus: Bus, retention_s: int, gateway_name: str) -> None:
-        self.store, self.bus, self.retention_s = store, bus, retention_s
-        self.gateway_name = gateway_name
-        self.events = EventHub()
-        self.registry = Registry(store)
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
         self._consumer: Consumer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> Tracker:
-        self.registry.start()
-        decl = self.bus.topology.templates.gateway_queue.render(instance=self.gateway_name)
-        self._consumer = await self.bus.consume(decl, self._on_event, prefetch=64)
+        ctx = self.ctx
+        decl = ctx.bus.topology.templates.gateway_queue.render(instance=ctx.settings.gateway_name)
+        self._consumer = await ctx.bus.consume(decl, self._on_event, prefetch=256)
+        await republish_pending(ctx)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="operation-sweeper")
         return self
 
@@ -52,28 +55,21 @@ class Tracker:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.cancel()
-        await self.registry.stop()
 
     # --- events ----------------------------------------------------------------------------
 
     async def _on_event(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
-        self.events.publish(routing_key, body)
         parsed = keys.parse_key(routing_key)
+        self.ctx.events.publish(routing_key, body)
         if parsed.kind in ("status-full", "status-delta"):
             status = Status.model_validate(body)
-            self.registry.observe(status)
+            self.ctx.registry.observe(status)
             if status.kind == "status-full" and message.correlation_id:
-                await self._on_status_answer(status, message.correlation_id)
+                # A status request is answered by the component's status-full, not by ev.ready.
+                close_target(self.ctx, message.correlation_id, "status-request",
+                             keys.component_scope(status.role, status.instance), "succeeded", status.to_dict())
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             await self._on_outcome(Outcome.model_validate(body))
-
-    async def _on_status_answer(self, status: Status, correlation_id: str) -> None:
-        """A status request is answered by the component's ``status-full``, not by ``ev.ready``."""
-        scope = keys.component_scope(status.role, status.instance)
-        recorded = await self.store.record_outcome(correlation_id, "status-request", scope, "succeeded",
-                                                   status.to_dict())
-        if recorded.closed is not None:
-            self._finished(recorded.closed)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
         # The read model moves first, so once an operation reads as closed its swarm shows the
@@ -81,19 +77,15 @@ class Tracker:
         if outcome.signal.startswith("swarm-") and outcome.scope.swarm_id:
             await self._project_swarm(outcome)
         status = "succeeded" if outcome.result == "success" else "failed"
-        recorded = await self.store.record_outcome(outcome.correlation_id, outcome.signal, outcome.scope.key(),
-                                                   status, outcome.to_dict())
-        if recorded.closed is not None:
-            self._finished(recorded.closed)
-
-    def _finished(self, op: OperationRow) -> None:
-        metrics.OPERATIONS_FINISHED.labels(op.signal, op.status).inc()
-        metrics.OPERATION_SECONDS.labels(op.signal).observe((utcnow() - op.created_at).total_seconds())
+        close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(), status, outcome.to_dict())
 
     async def _project_swarm(self, outcome: Outcome) -> None:
-        swarm_id = outcome.scope.swarm_id or ""
+        swarms, swarm_id = self.ctx.swarms, outcome.scope.swarm_id or ""
         if outcome.signal == "swarm-remove" and outcome.result == "success":
-            await self.store.delete_swarm(swarm_id)
+            swarms.delete(swarm_id)
+            self.ctx.registry.forget_swarm(swarm_id)
+            return
+        if await swarms.find(swarm_id) is None:
             return
         fields: dict[str, Any] = {}
         if outcome.state.status:
@@ -107,7 +99,7 @@ class Tracker:
         else:
             fields["last_error"] = {"signal": outcome.signal, "code": outcome.code, "message": outcome.message,
                                     "correlationId": outcome.correlation_id, "ts": outcome.ts.isoformat()}
-        await self.store.update_swarm(swarm_id, **fields)
+        swarms.update(swarm_id, **fields)
 
     # --- timeouts ----------------------------------------------------------------------------
 
@@ -117,9 +109,9 @@ class Tracker:
         while True:
             try:
                 await self.sweep()
+                await republish_pending(self.ctx)
                 if loop.time() - last_purge > PURGE_INTERVAL_S:
-                    now = utcnow()
-                    await self.store.purge_expired(now, finished_before=now - timedelta(seconds=self.retention_s))
+                    await self.purge()
                     last_purge = loop.time()
             except asyncio.CancelledError:
                 raise
@@ -127,31 +119,40 @@ class Tracker:
                 log.exception("operation sweep failed")
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
+    async def purge(self) -> None:
+        now = utcnow()
+        self.ctx.ledger.purge(now)
+        await self.ctx.store.purge_expired(
+            now, finished_before=now - timedelta(seconds=self.ctx.settings.idempotency_retention_s))
+
     async def sweep(self) -> None:
-        for op in await self.store.due_operations(utcnow()):
-            targets = await self.store.operation_targets(op.correlation_id)
-            if targets:
-                for target in targets:
-                    if target.status in ("accepted", "dispatched"):
-                        await self._time_out(op, target.target)
+        for tracked in self.ctx.ledger.due(utcnow()):
+            if tracked.targets:
+                for target in [t.target for t in tracked.targets.values() if t.status in OPEN_STATUSES]:
+                    await self._time_out(tracked, target)
                 continue
-            outcome = await self._time_out(op, op.target)
+            outcome = await self._time_out(tracked, tracked.op.target)
+            op = tracked.op
             if outcome is not None and op.signal == "swarm-create" and op.swarm_id:
-                await self.store.update_swarm(op.swarm_id, status=SwarmStatus.FAILED, last_error={
+                self.ctx.swarms.update(op.swarm_id, status=SwarmStatus.FAILED, last_error={
                     "signal": op.signal, "code": "timeout", "message": outcome.message,
                     "correlationId": op.correlation_id})
 
-    async def _time_out(self, op: OperationRow, target: str) -> Outcome | None:
-        """Close ``target`` of ``op`` as timed out and say so on its error topic; None when an
-        outcome or another gateway got there first."""
+    async def _time_out(self, tracked: Tracked, target: str) -> Outcome | None:
+        """Close ``target`` as timed out and say so on its error topic; None when an outcome or
+        another gateway got there first."""
+        ctx, op = self.ctx, tracked.op
         outcome = timeout_outcome(op, target)
-        recorded = await self.store.record_outcome(op.correlation_id, op.signal, target, "timed_out", outcome.to_dict())
+        closed = ctx.ledger.close(op.correlation_id, op.signal, target, "timed_out", outcome.to_dict())
+        if not closed.moved:
+            return None
+        if closed.closed is not None:
+            count_finished(closed.closed)
+        recorded = await ctx.store.record_outcome(op.correlation_id, op.signal, target, "timed_out", outcome.to_dict())
         if not recorded.moved:
             return None
-        await self.bus.publish(outcome.routing_key(), outcome)
+        await ctx.bus.publish(outcome.routing_key(), outcome)
         log.warning("operation timed out", signal=op.signal, target=target, correlation_id=op.correlation_id)
-        if recorded.closed is not None:
-            self._finished(recorded.closed)
         return outcome
 
 

@@ -17,9 +17,9 @@ from controlplane.contract.models import (
     ControllersConfigRequest,
     Envelope,
 )
-from controlplane.gateway.actions import Action, Target, submit
-from controlplane.gateway.context import CTX, GatewayContext
-from controlplane.gateway.middleware import ApiError, read_json, require_slug
+from controlplane.gateway.actions import Action, Target, read_action, replay_if_known, submit
+from controlplane.gateway.context import GatewayContext, context_of
+from controlplane.gateway.middleware import ApiError, require_slug
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.registry import HEALTH_RANK, component_view
 from controlplane.store import ComponentRow
@@ -32,8 +32,8 @@ def _component_path(request: web.Request) -> tuple[str, str]:
     return require_slug("role", request.match_info["role"]), require_slug("instance", request.match_info["instance"])
 
 
-async def _registered(ctx: GatewayContext, role: str, instance: str) -> ComponentRow:
-    row = await ctx.store.get_component(role, instance)
+def _registered(ctx: GatewayContext, role: str, instance: str) -> ComponentRow:
+    row = ctx.registry.get(role, instance)
     if row is None:
         raise ApiError(404, "unknown-component", f"no component {role}.{instance} is registered; the registry knows "
                        "the controllers and bees that have reported status (GET /api/components)")
@@ -44,43 +44,52 @@ def _target(row: ComponentRow) -> Target:
     return Target(row.role, row.instance, row.swarm_id)
 
 
-async def _fan_out(ctx: GatewayContext, addressed: ComponentRow, command_target: CommandTarget) -> tuple[Target, ...]:
-    store = ctx.store
+def _fan_out(ctx: GatewayContext, addressed: ComponentRow, command_target: CommandTarget) -> tuple[Target, ...]:
+    registry = ctx.registry
     if command_target == CommandTarget.SWARM:
-        rows = await store.list_components(swarm_id=addressed.swarm_id)
+        rows = registry.list(swarm_id=addressed.swarm_id)
     elif command_target == CommandTarget.ROLE:
-        rows = await store.list_components(role=addressed.role)
+        rows = registry.list(role=addressed.role)
     else:
-        rows = await store.list_components()
+        rows = registry.list()
     return tuple(_target(r) for r in rows)
 
 
 async def update_config(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     role, instance = _component_path(request)
-    body = ComponentConfigRequest.model_validate(await read_json(request))
-    addressed = await _registered(ctx, role, instance)
-    fan_out = None if body.command_target == CommandTarget.INSTANCE else await _fan_out(ctx, addressed, body.command_target)
+    body = ComponentConfigRequest.model_validate(await read_action(request))
+    replayed = await replay_if_known(request, "config-update", keys.component_scope(role, instance), body)
+    if replayed is not None:
+        return replayed
+    addressed = _registered(ctx, role, instance)
+    fan_out = None if body.command_target == CommandTarget.INSTANCE else _fan_out(ctx, addressed, body.command_target)
     action = Action(signal="config-update", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
                     args={"patch": body.patch}, fan_out=fan_out, command_target=body.command_target)
-    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+    return await submit(request, action)
 
 
 async def request_status(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     role, instance = _component_path(request)
-    body = ActionRequest.model_validate(await read_json(request))
-    addressed = await _registered(ctx, role, instance)
+    body = ActionRequest.model_validate(await read_action(request))
+    replayed = await replay_if_known(request, "status-request", keys.component_scope(role, instance), body)
+    if replayed is not None:
+        return replayed
+    addressed = _registered(ctx, role, instance)
     action = Action(signal="status-request", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
                     info_only=True)
-    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+    return await submit(request, action)
 
 
 async def toggle_controllers(request: web.Request) -> web.Response:
     """``sig.config-update.swarm-controller.<instance>`` with ``{"enabled": ...}`` to each target."""
-    ctx = request.app[CTX]
-    body = ControllersConfigRequest.model_validate(await read_json(request))
-    registered = {r.instance: r for r in await ctx.store.list_components(role=keys.CONTROLLER_ROLE)}
+    ctx = context_of(request)
+    body = ControllersConfigRequest.model_validate(await read_action(request))
+    replayed = await replay_if_known(request, "config-update", CONTROLLERS_SCOPE, body)
+    if replayed is not None:
+        return replayed
+    registered = {r.instance: r for r in ctx.registry.list(role=keys.CONTROLLER_ROLE)}
     if body.targets:
         wanted = [t.partition(".")[2] for t in body.targets]
         unknown = [i for i in wanted if i not in registered]
@@ -95,11 +104,11 @@ async def toggle_controllers(request: web.Request) -> web.Response:
     action = Action(signal="config-update", request=body, args={"patch": {"enabled": body.enabled}},
                     fan_out=tuple(_target(r) for r in rows), command_target=CommandTarget.INSTANCE,
                     key_scope=CONTROLLERS_SCOPE)
-    return await submit(ctx.store, ctx.bus, ctx.settings, action)
+    return await submit(request, action)
 
 
 async def list_components(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     query = request.rel_url.query
     for field in ("swarmId", "role"):
         if field in query:
@@ -108,7 +117,7 @@ async def list_components(request: web.Request) -> web.Response:
     if wanted_health is not None and wanted_health not in HEALTH_RANK:
         raise ApiError(400, "invalid-health", f"health must be one of {', '.join(HEALTH_RANK)}",
                        [{"field": "health", "reason": "unknown health"}])
-    rows = await ctx.store.list_components(swarm_id=query.get("swarmId"), role=query.get("role"))
+    rows = ctx.registry.list(swarm_id=query.get("swarmId"), role=query.get("role"))
     views = [component_view(r, ctx.settings.status_interval_s) for r in rows]
     if wanted_health is not None:
         views = [v for v in views if v["health"] == wanted_health]
@@ -116,9 +125,9 @@ async def list_components(request: web.Request) -> web.Response:
 
 
 async def get_component(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     role, instance = _component_path(request)
-    row = await _registered(ctx, role, instance)
+    row = _registered(ctx, role, instance)
     return web.json_response(component_view(row, ctx.settings.status_interval_s))
 
 

@@ -16,12 +16,14 @@ from controlplane.contract import keys
 from controlplane.contract.models import (
     ActionRequest, CreateSwarmRequest, Envelope, SwarmPlan, SwarmStatus, TemplateRequest, utcnow,
 )
-from controlplane.gateway.actions import Action, operation_view, submit
-from controlplane.gateway.context import CTX, GatewayContext
-from controlplane.gateway.middleware import ApiError, read_json, require_slug
+from controlplane.gateway.actions import MAX_WAIT_S, Action, operation_view, read_action, submit, tracked_view
+from controlplane.gateway.context import GatewayContext, context_of
+from controlplane.gateway.ledger import wait_closed
+from controlplane.gateway.middleware import ApiError, require_slug
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.registry import component_view, health, worst
 from controlplane.store import ComponentRow, OperationRow, SwarmRow
+from controlplane.store.models import swarm_resource
 
 S = SwarmStatus
 # Which swarm states each action may start from.
@@ -38,9 +40,9 @@ def _swarm_id(request: web.Request) -> str:
 
 
 async def create_swarm(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     swarm_id = _swarm_id(request)
-    body = CreateSwarmRequest.model_validate(await read_json(request))
+    body = CreateSwarmRequest.model_validate(await read_action(request))
     template = ctx.catalog.get(body.template_id)
 
     async def precondition() -> None:
@@ -48,7 +50,7 @@ async def create_swarm(request: web.Request) -> web.Response:
             raise ApiError(422, "unknown-template", f"templateId {body.template_id!r} names no known template; "
                            f"known: {', '.join(sorted(ctx.catalog.templates)) or 'none'}",
                            [{"field": "templateId", "reason": "unknown template"}])
-        existing = await ctx.store.get_swarm(swarm_id)
+        existing = await ctx.swarms.find(swarm_id)
         if existing is not None and existing.status not in (S.REMOVED, S.FAILED):
             raise ApiError(409, "swarm-exists", f"swarm {swarm_id!r} already exists (status {existing.status})",
                            currentState=existing.status)
@@ -61,21 +63,21 @@ async def create_swarm(request: web.Request) -> web.Response:
     action = Action(signal="swarm-create", request=body, swarm_id=swarm_id, lifecycle=True, create_swarm=row,
                     args={"templateId": body.template_id, "swarmPlan": plan,
                           **({"controllerImage": template.controller_image} if template and template.controller_image else {})})
-    return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
+    return await submit(request, action, precondition)
 
 
 def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        ctx = request.app[CTX]
+        ctx = context_of(request)
         swarm_id = _swarm_id(request)
-        body = model.model_validate(await read_json(request))
+        body = model.model_validate(await read_action(request))
         args: dict[str, Any] = {}
         if isinstance(body, TemplateRequest):
             _check_images(ctx, body.swarm_plan)
             args = {"swarmPlan": body.swarm_plan.model_dump(mode="json", by_alias=True)}
 
         async def precondition() -> None:
-            swarm = await ctx.store.get_swarm(swarm_id)
+            swarm = await ctx.swarms.find(swarm_id)
             if swarm is None:
                 raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
             if swarm.status not in ALLOWED_FROM[signal]:
@@ -83,7 +85,7 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
                                f"from {', '.join(sorted(ALLOWED_FROM[signal]))}", currentState=swarm.status)
 
         action = Action(signal=signal, request=body, swarm_id=swarm_id, lifecycle=True, args=args)
-        return await submit(ctx.store, ctx.bus, ctx.settings, action, precondition)
+        return await submit(request, action, precondition)
 
     return handler
 
@@ -139,28 +141,28 @@ def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None
     }
 
 
+def _active(ctx: GatewayContext, swarm_id: str) -> OperationRow | None:
+    holder = ctx.ledger.holder(swarm_resource(swarm_id))
+    return holder.op if holder is not None else None
+
+
 async def list_swarms(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    active = {op.swarm_id: op for op in await ctx.store.open_operations() if op.lifecycle}
-    swarms = await ctx.store.list_swarms()
-    by_swarm: dict[str | None, list[ComponentRow]] = {}
-    for row in await ctx.store.list_components():
-        by_swarm.setdefault(row.swarm_id, []).append(row)
-    return web.json_response([swarm_view(ctx, s, active.get(s.id), by_swarm.get(s.id, [])) for s in swarms])
+    ctx = context_of(request)
+    return web.json_response([swarm_view(ctx, s, _active(ctx, s.id), ctx.registry.list(swarm_id=s.id))
+                              for s in ctx.swarms.all()])
 
 
 async def get_swarm(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     swarm_id = _swarm_id(request)
-    swarm = await ctx.store.get_swarm(swarm_id)
+    swarm = await ctx.swarms.find(swarm_id)
     if swarm is None:
         raise ApiError(404, "unknown-swarm", f"swarm {swarm_id!r} does not exist")
-    active = await ctx.store.open_lifecycle_operation(swarm_id)
-    return web.json_response(swarm_view(ctx, swarm, active, await ctx.store.list_components(swarm_id=swarm_id)))
+    return web.json_response(swarm_view(ctx, swarm, _active(ctx, swarm_id), ctx.registry.list(swarm_id=swarm_id)))
 
 
 async def list_templates(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    ctx = context_of(request)
     return web.json_response({
         "templates": [
             {"id": t.id, "name": t.name, "description": t.description, "controllerImage": t.controller_image,
@@ -175,10 +177,25 @@ async def list_templates(request: web.Request) -> web.Response:
 
 
 async def get_operation(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    op = await ctx.store.get_operation(request.match_info["correlationId"])
+    """One operation; ``?wait=<seconds>`` long-polls until it closes or the wait ends."""
+    ctx = context_of(request)
+    correlation_id = request.match_info["correlationId"]
+    wait = request.rel_url.query.get("wait")
+    try:
+        wait_s = min(float(wait), MAX_WAIT_S) if wait is not None else 0.0
+        if wait_s < 0 or wait_s != wait_s:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid-wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}",
+                       [{"field": "wait", "reason": "not a non-negative number"}]) from None
+    tracked = ctx.ledger.get(correlation_id)
+    if tracked is not None:
+        if wait_s:
+            await wait_closed(tracked, wait_s)
+        return web.json_response(tracked_view(tracked))
+    op = await ctx.store.get_operation(correlation_id)
     if op is None:
-        raise ApiError(404, "unknown-operation", f"no operation with correlationId {request.match_info['correlationId']!r}")
+        raise ApiError(404, "unknown-operation", f"no operation with correlationId {correlation_id!r}")
     return web.json_response(operation_view(op, await ctx.store.operation_targets(op.correlation_id)))
 
 
@@ -197,8 +214,8 @@ OPERATIONS = [
     Op("GET", "/api/swarms", "List swarms", tags=("swarms",)),
     Op("GET", "/api/swarms/{swarmId}", "One swarm: status, health, bees", statuses=(200, 400, 404), tags=("swarms",)),
     Op("GET", "/api/templates", "Scenario templates and invalid scenario files", tags=("swarms",)),
-    Op("GET", "/api/operations/{correlationId}", "One operation and its outcome", statuses=(200, 404),
-       tags=("operations",)),
+    Op("GET", "/api/operations/{correlationId}", "One operation and its outcome; ?wait=<s> long-polls",
+       statuses=(200, 400, 404), tags=("operations",), query=("wait",)),
 ]
 
 
