@@ -1,6 +1,7 @@
 """RabbitMQ access: one robust connection per process, confirmed publishing, acking consumers."""
 
-from controlplane.bus.connection import Bus, Consumer
-from controlplane.bus.rpc import Requester, reply
+from controlplane.bus.connection import POISON, BrokerUnavailable, Bus, Consumer, Handler, Poison
+from controlplane.bus.rpc import Requester, RequesterClosed, reply
 
-__all__ = ["Bus", "Consumer", "Requester", "reply"]
+__all__ = ["POISON", "BrokerUnavailable", "Bus", "Consumer", "Handler", "Poison", "Requester", "RequesterClosed",
+           "reply"]

@@ -6,10 +6,17 @@ life of the process. It retries restoring only channels that consume, though: a 
 channel whose restore met a broker still starting up stays closed. So publishing heals its
 own channel, retrying for a bounded time. Publishing waits for the broker's confirm;
 consumers ack only after the handler returned, so a crash mid-work means redelivery, not loss.
+
+A consumer must never wedge: a message left unacked holds a prefetch slot for good, and
+enough of them silence the queue. So every delivery ends acked or dead-lettered. What can
+never succeed (a body that is not a JSON object, a handler that says the message is poison)
+is dead-lettered at once; anything else is taken as transient and retried in-process with
+backoff, for a bounded time, before it is dead-lettered too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import suppress
 from datetime import datetime, timezone
@@ -18,9 +25,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from pydantic import ValidationError
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, retry_if_exception_type,
+                      stop_after_delay, stop_before_delay, wait_exponential)
 
+from controlplane.bus.metrics import DEAD_LETTERED, DeadLetterReason
 from controlplane.contract import keys
 from controlplane.contract.models import Wire, new_id
 from controlplane.contract.topology import ExchangeDecl, QueueDecl, Topology
@@ -39,7 +50,22 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     RuntimeError,  # aio-pika: "Connection was not opened" while reconnecting
 )
 
+# How long a consumer retries a handler that keeps failing before it dead-letters the message.
+HANDLER_RETRY_S = 30.0
+
 Handler = Callable[[str, dict[str, Any], AbstractIncomingMessage], Awaitable[None]]
+
+
+class Poison(Exception):
+    """Raised by a handler for a message that can never be handled: it is dead-lettered at once."""
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker connection is down, or the broker did not confirm a probe in time."""
+
+
+# Handler errors no retry can cure: the same message would fail the same way again.
+POISON: tuple[type[BaseException], ...] = (Poison, ValidationError, keys.InvalidKey, RecursionError)
 
 
 class Bus:
@@ -103,6 +129,48 @@ class Bus:
             raise RuntimeError("bus is not connected")
         return self._connection
 
+    @property
+    def name(self) -> str:
+        """The connection name the broker and its management UI show for this process."""
+        return self._name
+
+    @property
+    def ready(self) -> bool:
+        """True only while the broker connection is really open.
+
+        ``connection.is_closed`` turns True only on a deliberate close: while aio-pika is
+        reconnecting it stays False. The ``connected`` event is cleared the moment the
+        transport is lost and set again once a new one is open, and the transport's own
+        AMQP connection tells whether it is still reading and writing.
+        """
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        transport = connection.transport
+        return transport is not None and transport.connection.is_opened
+
+    async def probe(self, timeout: float = 2.0) -> None:
+        """Prove the broker answers: publish a confirmed, transient message it will drop.
+
+        Nothing binds ``probe.*`` on ``ph.control``, so the message goes nowhere, but the
+        broker confirms it only when the connection, the channel and the broker all work.
+        Raises ``BrokerUnavailable`` when the bus is not ready or no confirm came in time.
+        """
+        if not self.ready:
+            raise BrokerUnavailable(f"broker connection {self._name!r} is down or reconnecting")
+        message = aio_pika.Message(b"{}", content_type="application/json",
+                                   delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                                   message_id=new_id(), app_id=self._name)
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await self._publishing_channel()
+                exchange = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
+                await exchange.publish(message, routing_key=f"probe.{self._name}", mandatory=False)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"broker did not confirm a probe within {timeout:g}s") from exc
+        except Exception as exc:
+            raise BrokerUnavailable(f"broker probe failed: {exc!r}") from exc
+
     async def channel(self, prefetch: int = 0) -> AbstractRobustChannel:
         ch = await self.connection.channel()
         if prefetch:
@@ -155,12 +223,17 @@ class Bus:
     # --- publishing -----------------------------------------------------------------
 
     async def publish(self, routing_key: str, body: Wire | dict[str, Any], *, correlation_id: str | None = None,
-                      exchange: str = keys.CONTROL_EXCHANGE, reply_to: str | None = None) -> None:
+                      exchange: str = keys.CONTROL_EXCHANGE, reply_to: str | None = None,
+                      expiration: float | None = None) -> None:
         """Publish JSON persistently and wait for the broker's confirm.
 
         While the connection is being restored the publish is retried, for a bounded time;
         a receiver may then see a message twice, which idempotency keys make harmless.
+        ``expiration`` (seconds) lets the broker drop a command nobody took in time, so one
+        whose caller was already told "timeout" is not run late.
         """
+        if expiration is not None and expiration < 0:
+            raise ValueError(f"expiration must not be negative, got {expiration}")
         payload = body.to_json() if isinstance(body, Wire) else json.dumps(body).encode()
         message = aio_pika.Message(
             payload,
@@ -171,6 +244,7 @@ class Bus:
             timestamp=datetime.now(timezone.utc),
             reply_to=reply_to,
             app_id=self._name,
+            expiration=expiration,
         )
         async for attempt in self._retrying():
             with attempt:
@@ -182,36 +256,102 @@ class Bus:
 
     # --- consuming ------------------------------------------------------------------
 
-    async def consume(self, decl: QueueDecl, handler: Handler, prefetch: int = 16) -> Consumer:
+    async def consume(self, decl: QueueDecl, handler: Handler, prefetch: int = 16,
+                      retry_s: float = HANDLER_RETRY_S) -> Consumer:
         """Declare ``decl`` and feed its messages to ``handler``, one task per message.
 
-        A body that is not a JSON object is rejected without requeue: the queue's
-        dead-letter exchange keeps it for an operator. A handler that raises gets one
-        redelivery; a second failure dead-letters the message.
+        The message is acked once the handler returns. A body that is not a JSON object,
+        or a handler raising ``Poison``, a pydantic ``ValidationError`` or ``InvalidKey``, is
+        dead-lettered at once (the queue's dead-letter exchange keeps it for an operator).
+        Any other handler error is retried with backoff for ``retry_s`` seconds, then the
+        message is dead-lettered. A redelivered message is handled like any other.
         """
         channel = await self.channel(prefetch)
         queue = await self.declare_queue(decl, channel)
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            try:
-                body = json.loads(message.body)
-                if not isinstance(body, dict):
-                    raise ValueError("body is not a JSON object")
-            except ValueError as exc:
-                log.warning("message dead-lettered", queue=decl.name, routing_key=message.routing_key, reason=str(exc))
-                await message.reject(requeue=False)
-                return
-            try:
-                await handler(message.routing_key or "", body, message)
-            except Exception:
-                log.exception("handler failed", queue=decl.name, routing_key=message.routing_key,
-                              redelivered=message.redelivered)
-                await message.reject(requeue=not message.redelivered)
-                return
-            await message.ack()
-
-        tag = await queue.consume(on_message)
+        tag = await queue.consume(deliverer(decl.name, handler, retry_s))
         return Consumer(channel, queue, tag)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object a message carries; ``ValueError`` for anything else."""
+    try:
+        body = json.loads(raw)
+    except RecursionError as exc:  # json's C scanner recurses once per nesting level
+        raise ValueError("body is nested too deeply") from exc
+    if not isinstance(body, dict):
+        raise ValueError("body is not a JSON object")
+    return body
+
+
+def deliverer(queue: str, handler: Handler,
+              retry_s: float = HANDLER_RETRY_S) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """The consume callback for ``queue``: each delivery ends acked or dead-lettered."""
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        with structlog.contextvars.bound_contextvars(queue=queue, routing_key=message.routing_key,
+                                                     message_id=message.message_id,
+                                                     correlation_id=message.correlation_id):
+            try:
+                await _deliver(handler, retry_s, message)
+            except Exception as exc:
+                # A fault of the delivery itself must still not leave the message unacked.
+                log.exception("message delivery failed")
+                await _dead_letter(message, "handler-failed", repr(exc))
+
+    return on_message
+
+
+async def _deliver(handler: Handler, retry_s: float, message: AbstractIncomingMessage) -> None:
+    try:
+        body = parse_body(message.body)
+    except ValueError as exc:  # also UnicodeDecodeError: not text at all
+        await _dead_letter(message, "unparseable", str(exc))
+        return
+    try:
+        async for attempt in _handler_retrying(retry_s):
+            with attempt:
+                await handler(message.routing_key or "", body, message)
+    except POISON as exc:
+        await _dead_letter(message, "invalid", f"{type(exc).__name__}: {exc}")
+        return
+    except Exception as exc:
+        log.error("handler kept failing", retry_s=retry_s, exc_info=exc)
+        await _dead_letter(message, "handler-failed", f"{type(exc).__name__}: {exc}")
+        return
+    await message.ack()
+
+
+def _handler_retrying(retry_s: float) -> AsyncRetrying:
+    """Retry a transient handler failure (store busy, broker blip) with backoff, for ``retry_s``.
+
+    Cancellation is never retried: it means the channel is closing, and the broker will
+    deliver the message again.
+    """
+    return AsyncRetrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, POISON)),
+        stop=stop_before_delay(retry_s), wait=wait_exponential(multiplier=0.1, max=5), reraise=True,
+        before_sleep=_log_retry,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    outcome = state.outcome
+    error = repr(outcome.exception()) if outcome is not None else None
+    log.warning("handler failed, retrying", attempt=state.attempt_number, error=error,
+                next_in_s=round(state.upcoming_sleep, 2))
+
+
+async def _dead_letter(message: AbstractIncomingMessage, reason: DeadLetterReason, detail: str) -> None:
+    """Reject without requeue, so the queue's dead-letter exchange takes the message."""
+    if message.processed:
+        return
+    try:
+        await message.reject(requeue=False)
+    except Exception as exc:  # the channel is gone: the broker redelivers the message instead
+        log.warning("could not dead-letter message", reason=reason, error=repr(exc))
+        return
+    DEAD_LETTERED.labels(reason).inc()
+    log.warning("message dead-lettered", reason=reason, detail=detail[:500], redelivered=message.redelivered)
 
 
 class Consumer:

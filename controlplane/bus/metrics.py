@@ -1,0 +1,16 @@
+"""Prometheus metrics of the bus, served with the process's others at ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from prometheus_client import Counter
+
+DeadLetterReason = Literal["unparseable", "invalid", "handler-failed"]
+DEAD_LETTER_REASONS: Final[tuple[DeadLetterReason, ...]] = ("unparseable", "invalid", "handler-failed")
+
+DEAD_LETTERED = Counter("cp_messages_dead_lettered_total",
+                        "Messages a consumer rejected to the dead-letter exchange", ["reason"])
+# Every series exists from the start, so a rate over it reads 0 rather than "no data".
+for _reason in DEAD_LETTER_REASONS:
+    DEAD_LETTERED.labels(_reason)
