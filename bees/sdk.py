@@ -3,7 +3,9 @@
 A worker only says what one unit of work is (``tick`` for producers, ``handle`` for
 consumers) and which config it accepts. Connecting, obeying ``config-update`` and
 ``status-request``, switching work on and off and reporting status are the same for every
-bee, so they live here once.
+bee, so they live here once. Signals are served by the signal server every receiver shares;
+the bee's config and switch are kept in its last-value queue, so a restarted container
+carries on where it was rather than where its environment started it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pydantic import BaseModel
 
 from controlplane.bus import Bus, Consumer
 from controlplane.contract import keys
-from controlplane.contract.dedup import OutcomeMemory
-from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
+from controlplane.contract.models import OutcomeState, Signal, Status, utcnow
+from controlplane.contract.receiver import Failure, SignalServer
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
+from controlplane.controller import snapshot
 from controlplane.logs import configure, get_logger
 from bees.env import BeeEnv, load_env_or_exit
 from bees.patching import ConfigRejected, apply_patch, config_context, parse_config
@@ -150,7 +153,10 @@ class Bee(Generic[C]):
         self.ctx: BeeContext[C] = BeeContext(env, parse_config(worker.Config, env.bee_config, self._validation))
         self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
         self._bus: Bus | None = None
-        self._outcomes = OutcomeMemory()
+        self._server: SignalServer | None = None
+        # What this container was started with: a snapshot of another starting point (a bee
+        # replaced by a new spec) is not this bee's state.
+        self._base = snapshot.fingerprint(env.bee_config, env.enabled)
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._switch = asyncio.Lock()
@@ -180,10 +186,13 @@ class Bee(Generic[C]):
         control: Consumer | None = None
         set_up = False
         try:
+            await self._restore()
             await self._declare_work()
             await self.worker.setup(self.ctx)
             set_up = True
-            control = await bus.consume(self.control_queue(), self._on_control, prefetch=1)
+            self._server = SignalServer(bus, f"{env.role}.{env.instance}", commands={"config-update": self._apply},
+                                        queries={"status-request": self._status_request}, state=self._state)
+            control = await bus.consume(self.control_queue(), self._server.on_message, prefetch=1)
             await self._sync_work_consumer()
             self._last_at = self.ctx.now()
             await self._publish_status("status-full")
@@ -199,6 +208,8 @@ class Bee(Generic[C]):
                 if consumer is not None:
                     with suppress(Exception):
                         await consumer.cancel()
+            if self._server is not None:
+                await self._server.close()
             for task in self._draining:
                 task.cancel()
             await asyncio.gather(*self._draining, return_exceptions=True)
@@ -237,6 +248,9 @@ class Bee(Generic[C]):
 
     def control_queue(self) -> QueueDecl:
         return self.topology.templates.bee_queue.render(role=self.env.role, instance=self.env.instance)
+
+    def state_queue(self) -> QueueDecl:
+        return self.topology.templates.state_queue.render(role=self.env.role, instance=self.env.instance)
 
     def work_queue(self, suffix: str) -> QueueDecl:
         keys.check_slug(suffix, "queue suffix")
@@ -339,39 +353,18 @@ class Bee(Generic[C]):
 
     # --- control signals ------------------------------------------------------------
 
-    async def _on_control(self, routing_key: str, body: dict[str, Any], _message: AbstractIncomingMessage) -> None:
-        env = self.env
-        sig = Signal.model_validate(body)
-        # The binding is exact, so the signal is ours whatever its body says about scope;
-        # filling the scope in keeps the outcome's routing key on this bee.
-        sig = sig.model_copy(update={"swarm_id": sig.swarm_id or env.swarm_id, "role": env.role,
-                                     "instance": env.instance})
-        log = self.log.bind(signal=sig.signal, correlation_id=sig.correlation_id)
-        if sig.signal == "config-update":
-            await self._config_update(sig)
-        elif sig.signal == "status-request":
-            await self._publish_status("status-full", correlation_id=sig.correlation_id)
-        else:
-            log.warning("signal ignored", routing_key=routing_key)
+    async def _status_request(self, sig: Signal) -> None:
+        await self._publish_status("status-full", correlation_id=sig.correlation_id)
 
-    async def _config_update(self, sig: Signal) -> None:
-        assert self._bus is not None
-        outcome = self._outcomes.get(sig.idempotency_key)
-        if outcome is None:
-            outcome = await self._apply(sig)
-            self._outcomes.remember(sig.idempotency_key, outcome)
-        else:
-            self.log.info("repeated signal, outcome re-emitted", idempotency_key=sig.idempotency_key)
-        await self._bus.publish(outcome.routing_key(), outcome)
-
-    async def _apply(self, sig: Signal) -> Outcome:
+    async def _apply(self, sig: Signal) -> OutcomeState:
+        """``config-update``: merge the patch, let the worker act on it, remember the result."""
         try:
             config, enabled = apply_patch(self.worker.Config, self.ctx.config, sig.args.get("patch"),
                                           self._validation)
         except ConfigRejected as exc:
             self.log.warning("config rejected", reason=exc.message)
-            return Outcome.for_signal(sig, result="error", code="invalid-config", message=exc.message,
-                                      retryable=False, details={"errors": exc.errors}, state=self._state())
+            raise Failure("invalid-config", exc.message, "config-update", details={"errors": exc.errors},
+                          state=self._state()) from None
         previous, self.ctx.config = self.ctx.config, config
         if enabled is not None:
             self.ctx.enabled = enabled
@@ -382,12 +375,39 @@ class Bee(Generic[C]):
             failure = exc
         await self._sync_work_consumer()
         self._changed.set()
+        await self._save_state()
         if failure is not None:
             self.log.warning("config applied, worker failed to act on it", error=repr(failure))
-            return Outcome.for_signal(sig, result="error", code="apply-failed", message=str(failure) or repr(failure),
-                                      retryable=True, state=self._state())
+            raise Failure("apply-failed", str(failure) or repr(failure), "config-update", retryable=True,
+                          state=self._state())
         self.log.info("config applied", enabled=self.ctx.enabled)
-        return Outcome.for_signal(sig, result="success", state=self._state())
+        return self._state()
+
+    # --- state kept across restarts ---------------------------------------------------
+
+    async def _restore(self) -> None:
+        """Take back the config and switch a previous container of this bee left."""
+        assert self._bus is not None
+        kept = await snapshot.load(self._bus, self.state_queue(), base=self._base)
+        if kept is None:
+            return
+        try:
+            config = parse_config(self.worker.Config, kept.config or {}, self._validation)
+        except ConfigRejected as exc:  # the worker's rules changed since: start from the env
+            self.log.warning("kept config no longer valid, starting from the environment", reason=exc.message)
+            return
+        self.ctx.config = config
+        if kept.enabled is not None:
+            self.ctx.enabled = kept.enabled
+        self.log.info("state restored", enabled=self.ctx.enabled)
+
+    async def _save_state(self) -> None:
+        assert self._bus is not None
+        try:
+            await snapshot.save(self._bus, self.state_queue(), snapshot.Snapshot(
+                enabled=self.ctx.enabled, config=self._config_json(), base=self._base))
+        except Exception as exc:  # the change itself stands; the next one saves again
+            self.log.warning("state not saved", error=repr(exc))
 
     def _state(self) -> OutcomeState:
         return OutcomeState(status=self.ctx.state, enabled=self.ctx.enabled,

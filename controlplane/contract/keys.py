@@ -18,6 +18,8 @@ CONTROL_EXCHANGE = "ph.control"
 DEAD_LETTER_EXCHANGE = "ph.control.dlx"
 DEAD_LETTER_QUEUE = "ph.control.dead-letter"
 HOST_CONTROLLER_QUEUE = "ph.control.host-controller"
+# Replies the host controller waits for (controller handshakes), apart from its commands.
+HOST_CONTROLLER_REPLIES_QUEUE = "ph.control.host-controller.replies"
 
 CONTROLLER_ROLE = "swarm-controller"
 SWARM_SIGNALS = ("swarm-create", "swarm-start", "swarm-stop", "swarm-remove", "swarm-template")
@@ -121,6 +123,16 @@ def gateway_queue(gateway: str) -> str:
 def component_queue(role: str, instance: str) -> str:
     """Control queue of one controller or bee: where its signals arrive."""
     return f"ph.control.{component_scope(role, instance)}"
+
+
+def replies_queue(role: str, instance: str) -> str:
+    """Where a component receives the replies its handlers wait for, apart from its signals."""
+    return f"{component_queue(role, instance)}.replies"
+
+
+def state_queue(role: str, instance: str) -> str:
+    """A component's last-value queue: its latest state, read back when it restarts."""
+    return f"ph.control.state.{component_scope(role, instance)}"
 
 
 def controller_instance(swarm_id: str) -> str:

@@ -43,7 +43,9 @@ class QueueDecl(BaseModel):
 class Templates(BaseModel):
     gateway_queue: QueueDecl
     swarm_controller_queue: QueueDecl
+    swarm_controller_replies_queue: QueueDecl
     bee_queue: QueueDecl
+    state_queue: QueueDecl
     hive_exchange: ExchangeDecl
     work_queue: QueueDecl
 

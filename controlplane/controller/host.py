@@ -4,6 +4,12 @@ It launches a swarm-controller per swarm (as a task of this process, or as a con
 the project's image), turns the controller's handshake into the outcome of the create, tears
 the controller down after a remove, and on start re-adopts every swarm it finds running by
 its containers' labels. It never destroys anything at start-up.
+
+Creates run side by side (one at a time per swarm). The handshakes they wait for arrive on
+a queue of their own, ``ph.control.host-controller.replies``: were they queued behind the
+creates, a full prefetch of creates would wait for handshakes that could never be delivered.
+A host controller that stops abandons the creates in flight; their signals go back to the
+queue and the next host controller, having re-adopted the swarm, answers them.
 """
 
 from __future__ import annotations
@@ -14,22 +20,16 @@ from collections import defaultdict
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from controlplane.bus import Bus, Consumer
 from controlplane.config import Settings
 from controlplane.contract import keys
-from controlplane.contract.dedup import OutcomeMemory
-from controlplane.contract.models import (
-    Outcome,
-    OutcomeState,
-    Signal,
-    SwarmPlan,
-    SwarmStatus,
-)
-from controlplane.controller.swarm import (
-    SwarmController,
-    plan_from_containers,
-    teardown_swarm,
-)
+from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
+from controlplane.contract.receiver import Done, Failure, SignalServer, remaining_s
+from controlplane.controller.plan import plan_from_containers, teardown_swarm
+from controlplane.controller.replies import Replies
+from controlplane.controller.swarm import SwarmController
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
     ContainerInfo,
@@ -46,27 +46,48 @@ log = get_logger("host-controller")
 _FORWARDED = ("bee_network", "allow_host_network", "allow_privileged", "allowed_mounts", "project_image",
               "bee_ready_timeout_s", "status_interval_s", "log_format", "log_level")
 
+# A create without a deadline waits this long for the handshake.
+CREATE_WAIT_S = 120.0
+# The create's outcome must reach the caller before its deadline: stop waiting this much earlier.
+HANDSHAKE_MARGIN_S = 5.0
+
 
 class HostController:
     def __init__(self, bus: Bus, runtime: DockerRuntime, settings: Settings) -> None:
         self.bus, self.runtime, self.settings = bus, runtime, settings
         self.owner = settings.instance_id
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self._handshakes: dict[str, asyncio.Future[Outcome]] = {}
-        self._outcomes = OutcomeMemory()
-        self._create_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._consumer: Consumer | None = None
+        self._handshakes: Replies[str, Outcome] = Replies("controller handshakes")
+        # The latest handshake of each swarm's controller: a create redelivered after a host
+        # controller restart finds the adopted controller's answer here.
+        self._ready: dict[str, Outcome] = {}
+        self._swarm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._consumers: list[Consumer] = []
+        self.server = SignalServer(
+            bus, f"host-controller.{self.owner}",
+            commands={"swarm-create": self._create, "swarm-remove": self._remove_orphan},
+            state=lambda: OutcomeState(status=SwarmStatus.FAILED),
+            # Creates of different swarms run side by side; one swarm's signals one at a time.
+            lock_for=lambda sig: self._swarm_locks[sig.swarm_id or ""])
 
     async def start(self) -> HostController:
+        topology = self.bus.topology
+        # Replies first: an adopted controller's handshake must find a consumer.
+        replies = topology.queue(keys.HOST_CONTROLLER_REPLIES_QUEUE)
+        self._consumers.append(await self.bus.consume(replies, self._on_reply, prefetch=64))
         await self.adopt()
-        decl = self.bus.topology.queue(keys.HOST_CONTROLLER_QUEUE)
-        self._consumer = await self.bus.consume(decl, self._on_message, prefetch=32)
+        commands = topology.queue(keys.HOST_CONTROLLER_QUEUE)
+        self._consumers.append(await self.bus.consume(commands, self.server.on_message, prefetch=32))
         return self
 
     async def stop(self) -> None:
-        """Stop serving; the swarms keep running and the next host controller adopts them."""
-        if self._consumer is not None:
-            await self._consumer.cancel()
+        """Stop serving; the swarms keep running and the next host controller adopts them.
+        Creates in flight are abandoned unanswered: their signals go back to the queue."""
+        for consumer in self._consumers:
+            await consumer.cancel()
+        self._consumers.clear()
+        await self.server.close()
+        self._handshakes.fail_all()
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -91,21 +112,19 @@ class HostController:
             log.info("re-adopted swarms", swarms=sorted(by_swarm))
         return sorted(by_swarm)
 
-    # --- messages -------------------------------------------------------------------------
+    # --- replies --------------------------------------------------------------------------
 
-    async def _on_message(self, routing_key: str, body: dict[str, Any], _message: Any) -> None:
+    async def _on_reply(self, routing_key: str, body: dict[str, Any], _message: Any) -> None:
         parsed = keys.parse_key(routing_key)
-        if parsed.kind == "sig" and parsed.signal == "swarm-create":
-            await self._create(Signal.model_validate(body))
-        elif parsed.kind == "sig" and parsed.signal == "swarm-remove":
-            await self._remove_orphan(Signal.model_validate(body))
-        elif parsed.signal == keys.CONTROLLER_ROLE and parsed.kind in ("ready", "error"):
+        if parsed.signal == keys.CONTROLLER_ROLE and parsed.kind in ("ready", "error"):
             outcome = Outcome.model_validate(body)
-            future = self._handshakes.get(outcome.scope.swarm_id or "")
-            if future is not None and not future.done():
-                future.set_result(outcome)
+            swarm_id = outcome.scope.swarm_id or parsed.swarm_id or ""
+            self._ready[swarm_id] = outcome
+            self._handshakes.resolve(swarm_id, outcome)
         elif parsed.kind == "ready" and parsed.signal == "swarm-remove" and parsed.swarm_id:
             await self._retire(parsed.swarm_id)
+
+    # --- signals --------------------------------------------------------------------------
 
     def controller_alive(self, swarm_id: str) -> bool:
         task = self.tasks.get(swarm_id)
@@ -117,65 +136,63 @@ class HostController:
         info = await self.runtime.get(keys.container_name(swarm_id, "ctl"))
         return info is not None and info.state == "running"
 
-    async def _create(self, sig: Signal) -> None:
-        # One create per swarm at a time: a duplicate delivery (after a reconnect, or a retried
-        # publish) waits for the first and is then answered from memory.
-        async with self._create_locks[sig.swarm_id or ""]:
-            remembered = self._outcomes.get(sig.idempotency_key)
-            if remembered is not None:
-                await self.bus.publish(remembered.routing_key(), remembered)
-                return
-            await self._launch_and_await_handshake(sig)
-
-    async def _launch_and_await_handshake(self, sig: Signal) -> None:
+    async def _create(self, sig: Signal) -> Done:
+        """Launch the swarm's controller and answer with its handshake. A failed create
+        leaves nothing behind, so the swarm may be created again under the same id."""
         swarm_id = sig.swarm_id or ""
-        timeout_s = max(float(sig.args.get("timeoutMs", 120_000)) / 1000 - 5, 1)
-        handshake = asyncio.get_running_loop().create_future()
-        self._handshakes[swarm_id] = handshake
         try:
-            plan = SwarmPlan.model_validate(sig.args.get("swarmPlan", {}))
-            await self._launch(swarm_id, plan, sig)
-            reply = await asyncio.wait_for(handshake, timeout_s)
-            if reply.result == "success":
-                outcome = Outcome.for_signal(sig, result="success", state=reply.state, details=reply.details)
-            else:
-                outcome = Outcome.for_signal(sig, result="error", state=reply.state, details=reply.details,
-                                             phase=reply.phase, code=reply.code, message=reply.message,
-                                             retryable=reply.retryable)
-        except asyncio.TimeoutError:
-            outcome = self._create_error(sig, "controller-timeout",
-                                         f"swarm-controller did not hand-shake within {timeout_s:g}s", retryable=True)
-        except ContainerRuntimeError as exc:
-            outcome = self._create_error(sig, "controller-launch-failed", str(exc), retryable=True)
-        except Exception as exc:  # never leave the caller waiting for a timeout on a bug
-            log.exception("swarm create failed", swarm_id=swarm_id)
-            outcome = self._create_error(sig, "internal-error", f"{type(exc).__name__}: {exc}")
-        finally:
-            self._handshakes.pop(swarm_id, None)
-        if outcome.result == "error":
+            reply = await self._controller_ready(sig)
+            if reply.result != "success":
+                raise Failure(reply.code or "controller-failed", reply.message or "the swarm-controller failed",
+                              reply.phase or "apply", bool(reply.retryable), state=reply.state,
+                              details=reply.details)
+        except Exception:
             await self._retire(swarm_id)
             await teardown_swarm(self.bus, self.runtime, swarm_id)
-        self._outcomes.remember(sig.idempotency_key, outcome)
-        await self.bus.publish(outcome.routing_key(), outcome)
-        log.info("swarm create finished", swarm_id=swarm_id, result=outcome.result, code=outcome.code,
-                 correlation_id=sig.correlation_id)
+            await self._delete_controller_queues(swarm_id)
+            raise
+        log.info("swarm created", swarm_id=swarm_id, correlation_id=sig.correlation_id)
+        return Done(reply.state, reply.details)
 
-    def _create_error(self, sig: Signal, code: str, message: str, retryable: bool = False) -> Outcome:
-        return Outcome.for_signal(sig, result="error", state=OutcomeState(status=SwarmStatus.FAILED),
-                                  phase="launch", code=code, message=message, retryable=retryable)
+    async def _controller_ready(self, sig: Signal) -> Outcome:
+        """The handshake of the swarm's controller, launching it unless it already runs."""
+        swarm_id = sig.swarm_id or ""
+        timeout_s = max(remaining_s(sig, CREATE_WAIT_S) - HANDSHAKE_MARGIN_S, 1.0)
+        handshake = self._handshakes.expect(swarm_id)  # before launching: the answer may be quick
+        try:
+            known = self._ready.get(swarm_id)
+            if known is not None and known.result == "success" and await self._controller_running(swarm_id):
+                # A create redelivered to a restarted host controller: the controller it
+                # re-adopted has answered already.
+                return known
+            try:
+                plan = SwarmPlan.model_validate(sig.args.get("swarmPlan", {}))
+            except ValidationError as exc:
+                raise Failure("invalid-plan", f"swarmPlan: {exc}", "launch", state=_failed()) from None
+            await self._launch(swarm_id, plan, sig)
+            return await asyncio.wait_for(handshake, timeout_s)
+        except asyncio.TimeoutError:
+            raise Failure("controller-timeout", f"swarm-controller did not hand-shake within {timeout_s:g}s",
+                          "launch", retryable=True, state=_failed()) from None
+        except ContainerRuntimeError as exc:
+            raise Failure("controller-launch-failed", str(exc), "launch", retryable=True, state=_failed()) from None
+        finally:
+            handshake.cancel()
 
-    async def _remove_orphan(self, sig: Signal) -> None:
+    async def _remove_orphan(self, sig: Signal) -> Done | None:
         """Remove a swarm whose controller is gone; a live controller answers for itself."""
         swarm_id = sig.swarm_id or ""
         if await self._controller_running(swarm_id):
-            return
+            return None
         await self._retire(swarm_id)
         await teardown_swarm(self.bus, self.runtime, swarm_id)
-        await self.bus.delete_queue(self.bus.topology.templates.swarm_controller_queue.render(
-            swarm_id=swarm_id, instance=keys.controller_instance(swarm_id)).name)
-        outcome = Outcome.for_signal(sig, result="success", state=OutcomeState(status=SwarmStatus.REMOVED),
-                                     details={"removedBy": "host-controller"})
-        await self.bus.publish(outcome.routing_key(), outcome)
+        await self._delete_controller_queues(swarm_id)
+        return Done(OutcomeState(status=SwarmStatus.REMOVED), {"removedBy": "host-controller"})
+
+    async def _delete_controller_queues(self, swarm_id: str) -> None:
+        instance = keys.controller_instance(swarm_id)
+        await self.bus.delete_queue(keys.component_queue(keys.CONTROLLER_ROLE, instance))
+        await self.bus.delete_queue(keys.replies_queue(keys.CONTROLLER_ROLE, instance))
 
     # --- controller runtimes ---------------------------------------------------------------
 
@@ -200,6 +217,7 @@ class HostController:
 
     async def _retire(self, swarm_id: str) -> None:
         """Tear the controller runtime down (after a remove, or a failed create)."""
+        self._ready.pop(swarm_id, None)
         task = self.tasks.get(swarm_id)
         if task is not None and not task.done():
             try:
@@ -231,6 +249,10 @@ class HostController:
             network=self.settings.bee_network,
             mounts=(Mount(socket, "/var/run/docker.sock"),),
         )
+
+
+def _failed() -> OutcomeState:
+    return OutcomeState(status=SwarmStatus.FAILED)
 
 
 def _env_value(value: Any) -> str:

@@ -73,3 +73,18 @@ def test_wire_models_speak_camel_case() -> None:
     outcome = Outcome.for_signal(sig, result="error", code="timeout")
     assert outcome.routing_key() == "ev.error.swarm-start.alpha"
     assert outcome.scope == Scope(swarm_id="alpha")
+
+
+def test_queue_names_agree_between_keys_and_topology() -> None:
+    from controlplane.contract.topology import default_topology
+
+    templates = default_topology().templates
+    assert keys.state_queue("generator", "a-gen") == "ph.control.state.generator.a-gen" == \
+        templates.state_queue.render(role="generator", instance="a-gen").name
+    assert templates.state_queue.arguments == {"x-max-length": 1, "x-overflow": "drop-head"}
+    assert keys.replies_queue(keys.CONTROLLER_ROLE, "alpha") == "ph.control.swarm-controller.alpha.replies" == \
+        templates.swarm_controller_replies_queue.render(instance="alpha").name
+    replies = default_topology().queue(keys.HOST_CONTROLLER_REPLIES_QUEUE)
+    assert {b.key for b in replies.bindings} >= {"ev.ready.swarm-controller.*", "ev.error.swarm-controller.*"}
+    commands = default_topology().queue(keys.HOST_CONTROLLER_QUEUE)
+    assert not [b for b in commands.bindings if b.key.startswith("ev.")], "commands and replies never share a queue"

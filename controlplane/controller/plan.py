@@ -1,0 +1,117 @@
+"""What a swarm is made of in Docker and RabbitMQ: container specs, the plan read back from
+labels, and the teardown that removes it all.
+
+Module functions, because the host controller needs them without a swarm-controller: to
+re-adopt a swarm from its containers' labels, and to clean up after a controller that died.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from controlplane.bus import Bus
+from controlplane.config import Settings
+from controlplane.contract import keys
+from controlplane.contract.models import SUT_NAME, BeeSpec, SutSpec, SwarmPlan
+from controlplane.runtime.docker import ContainerInfo, ContainerSpec, DockerRuntime
+from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for, managed_labels
+
+
+def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: str,
+                       sut_url: str | None = None) -> ContainerSpec:
+    instance = keys.bee_instance(swarm_id, bee.name)
+    env = dict(bee.env)
+    if sut_url:
+        env["CP_SUT_URL"] = sut_url
+    # The control plane's own variables win over a plan's env: a plan cannot redirect a bee.
+    env.update({
+        "CP_AMQP_URL": settings.container_amqp_url(),
+        "CP_SWARM_ID": swarm_id,
+        "CP_ROLE": bee.role,
+        "CP_INSTANCE": instance,
+        "CP_BEE_CONFIG": _json(bee.config),
+        "CP_ENABLED": "true" if bee.enabled else "false",
+        "CP_STATUS_INTERVAL_S": str(settings.status_interval_s),
+    })
+    if bee.work.in_:
+        env["CP_WORK_IN"] = bee.work.in_
+    if bee.work.out:
+        env["CP_WORK_OUT"] = bee.work.out
+    return ContainerSpec(
+        name=keys.container_name(swarm_id, bee.name),
+        image=bee.image,
+        labels=managed_labels("bee", owner, swarm_id=swarm_id, role=bee.role, instance=instance,
+                              spec_json=bee.model_dump_json(by_alias=True)),
+        env=env,
+        command=["python", "-m", f"bees.{bee.role.replace('-', '_')}"] if bee.image == settings.project_image else None,
+        network=settings.bee_network,
+    )
+
+
+def sut_container_spec(settings: Settings, swarm_id: str, sut: SutSpec, owner: str) -> ContainerSpec:
+    env = {**sut.env, "CP_SUT_PORT": str(sut.port), "CP_SUT_HOST": "0.0.0.0"}
+    command = sut.command or (["python", "-m", "bees.sut"] if sut.image == settings.project_image else None)
+    return ContainerSpec(
+        name=keys.container_name(swarm_id, SUT_NAME),
+        image=sut.image,
+        labels=managed_labels("sut", owner, swarm_id=swarm_id, spec_json=sut.model_dump_json(by_alias=True)),
+        env=env,
+        command=command,
+        network=settings.bee_network,
+    )
+
+
+def sut_url(settings: Settings, sut: SutSpec, info: ContainerInfo) -> str:
+    """Where bees reach the SUT: loopback when everything shares the host network."""
+    host = "127.0.0.1" if settings.bee_network == "host" or not info.ip else info.ip
+    return f"http://{host}:{sut.port}"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: SwarmPlan | None = None) -> None:
+    """Remove everything a swarm owns in Docker and RabbitMQ; parts already gone are fine.
+
+    What to remove is read from the bees' labels as well as the plan, so this also cleans
+    up after a controller that died half-way.
+    """
+    containers = [i for i in await runtime.list(filter_for(swarm_id=swarm_id)) if i.labels.get(KIND) in ("bee", "sut")]
+    suffixes = plan.work_suffixes() if plan else set()
+    labelled = plan_from_containers(containers)
+    if labelled is not None:
+        suffixes |= labelled.work_suffixes()
+    for info in containers:
+        await runtime.remove(info.id)
+        role, instance = info.labels.get(ROLE), info.labels.get(INSTANCE)
+        if role and instance:
+            await delete_component_queues(bus, role, instance)
+    for suffix in suffixes:
+        await bus.delete_queue(keys.hive_queue(swarm_id, suffix))
+    await bus.delete_exchange(keys.hive_exchange(swarm_id))
+    # The controller's remembered state goes with its swarm: a swarm created again under
+    # the same id starts afresh. Its control and reply queues go when it stops consuming.
+    await bus.delete_queue(keys.state_queue(keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id)))
+
+
+async def delete_component_queues(bus: Bus, role: str, instance: str) -> None:
+    """A bee's control queue and its remembered state."""
+    await bus.delete_queue(keys.component_queue(role, instance))
+    await bus.delete_queue(keys.state_queue(role, instance))
+
+
+def plan_from_containers(containers: Iterable[ContainerInfo]) -> SwarmPlan | None:
+    """Rebuild a swarm's plan from its containers' labels (for re-adoption); None without bees."""
+    containers = list(containers)
+    bees = [BeeSpec.model_validate_json(info.labels[SPEC]) for info in containers
+            if info.labels.get(KIND) == "bee" and info.labels.get(SPEC)]
+    suts = [SutSpec.model_validate_json(info.labels[SPEC]) for info in containers
+            if info.labels.get(KIND) == "sut" and info.labels.get(SPEC)]
+    return SwarmPlan(bees=bees, sut=suts[0] if suts else None) if bees else None
+
+
+async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
+    return plan_from_containers(await runtime.list(filter_for(swarm_id=swarm_id)))
