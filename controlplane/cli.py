@@ -5,6 +5,7 @@
   controlplane host-controller     the host controller alone
   controlplane swarm-controller ID one swarm's controller (what the host launches in a container)
   controlplane watch PATTERN       print events from ph.control matching a topic pattern
+                                   (over AMQP, or with --url through the gateway's SSE stream)
   controlplane topology export     RabbitMQ definitions for the management UI
 """
 
@@ -15,10 +16,12 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import aio_pika
+import aiohttp
 import click
 from aiohttp import web
 
@@ -31,6 +34,7 @@ from controlplane.contract.topology import definitions, load_topology
 from controlplane.controller.host import HostController
 from controlplane.controller.swarm import SwarmController, plan_from_labels
 from controlplane.gateway.app import open_gateway
+from controlplane.gateway.events import KEEPALIVE_S
 from controlplane.runtime.docker import DockerRuntime
 
 log = logs.get_logger("cli")
@@ -162,8 +166,18 @@ def swarm_controller(swarm_id: str) -> None:
 @main.command()
 @click.argument("pattern", default="#")
 @click.option("--count", type=int, default=0, help="Exit after this many events (0: run until interrupted).")
-def watch(pattern: str, count: int) -> None:
-    """Print events on ph.control whose routing key matches PATTERN (AMQP topic syntax)."""
+@click.option("--url", default=None, metavar="URL",
+              help="Watch through the gateway's event stream at URL (e.g. http://127.0.0.1:8080) instead of AMQP.")
+@click.option("--api-key", envvar="CP_API_KEY", default=None, help="Bearer key, when the gateway protects reads.")
+def watch(pattern: str, count: int, url: str | None, api_key: str | None) -> None:
+    """Print events on ph.control whose routing key matches PATTERN (AMQP topic syntax).
+
+    PATTERN may list several patterns separated by commas with --url. Each event is one JSON
+    line: {"routingKey": ..., "body": ...}.
+    """
+    if url is not None:
+        _run(lambda stop: _watch_gateway(url, pattern, count, api_key, stop))
+        return
     settings = load_settings_or_exit()
 
     async def run(stop: asyncio.Event) -> None:
@@ -182,20 +196,114 @@ def watch(pattern: str, count: int) -> None:
                     body = json.loads(message.body)
                 except ValueError:
                     body = message.body.decode(errors="replace")
-                click.echo(json.dumps({"routingKey": message.routing_key, "body": body}), nl=True)
-                sys.stdout.flush()
+                _print_event(message.routing_key or "", body)
                 seen += 1
                 if count and seen >= count:
                     done.set()
 
             await queue.consume(on_message, no_ack=True)
             click.echo(f"watching {pattern!r} on {keys.CONTROL_EXCHANGE}", err=True)
-            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(done.wait())]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+            await _until_first(stop, done)
 
     _run(run)
+
+
+def _print_event(routing_key: str, body: object) -> None:
+    click.echo(json.dumps({"routingKey": routing_key, "body": body}))
+    sys.stdout.flush()
+
+
+async def _until_first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+
+
+class _GatewayRefused(Exception):
+    """The gateway answered with an error no retry can fix (bad pattern, missing key)."""
+
+
+async def _watch_gateway(url: str, pattern: str, count: int, api_key: str | None, stop: asyncio.Event) -> None:
+    """Follow ``GET /api/events`` until interrupted or ``count`` events were printed."""
+    follow = asyncio.create_task(_follow_stream(url, pattern, count, api_key))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({follow, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (follow, stopper):
+        task.cancel()
+    outcome, _ = await asyncio.gather(follow, stopper, return_exceptions=True)
+    if isinstance(outcome, _GatewayRefused):
+        raise click.ClickException(str(outcome))
+
+
+async def _follow_stream(url: str, pattern: str, count: int, api_key: str | None) -> None:
+    """Print the stream's events; reconnect with Last-Event-ID when it ends (gateway restart,
+    or this client fell behind), as a browser's EventSource does."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint = url.rstrip("/") + "/api/events"
+    last_id: str | None = None
+    seen, delay, announced = 0, 0.5, False
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=3 * KEEPALIVE_S)
+    # Lines up to 1 MiB: a status event with large data is still one SSE line.
+    async with aiohttp.ClientSession(timeout=timeout, read_bufsize=1 << 20) as session:
+        while True:
+            request_headers = {**headers, **({"Last-Event-ID": last_id} if last_id else {})}
+            try:
+                async with session.get(endpoint, params={"topics": pattern}, headers=request_headers) as resp:
+                    if 400 <= resp.status < 500:
+                        raise _GatewayRefused(f"{resp.status}: {await resp.text()}")
+                    resp.raise_for_status()
+                    if not announced:
+                        click.echo(f"watching {pattern!r} on {endpoint}", err=True)
+                        announced = True
+                    delay = 0.5
+                    async for frame in _sse_frames(resp.content):
+                        if frame.event == "gap":
+                            click.echo(f"events were missed; the stream resumes at {frame.data}", err=True)
+                            continue
+                        if frame.id is not None:
+                            last_id = frame.id
+                        event = json.loads(frame.data)
+                        _print_event(event["routingKey"], event["body"])
+                        seen += 1
+                        if count and seen >= count:
+                            return
+                click.echo("event stream ended; reconnecting", err=True)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                click.echo(f"event stream interrupted ({exc or type(exc).__name__}); retrying in {delay:.1f}s",
+                           err=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+@dataclass
+class _Frame:
+    id: str | None = None
+    event: str = "message"
+    data: str = ""
+
+
+async def _sse_frames(content: aiohttp.StreamReader) -> AsyncIterator[_Frame]:
+    """Server-Sent Events frames from a response body; comments (keep-alives) are skipped."""
+    frame, data = _Frame(), []
+    async for raw in content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                frame.data = "\n".join(data)
+                yield frame
+            frame, data = _Frame(), []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            frame.event = value
+        elif name == "id":
+            frame.id = value
 
 
 @main.group()
