@@ -1,34 +1,44 @@
-"""Config-update benchmark: REST config patches and the bulk controller toggle, each against a
+"""Config-update benchmark: the gateway's hot path, measured from outside, each figure against a
 bare aio-pika reference measured in the same run, on the same broker.
 
     .venv/bin/python -m bench.config_update [--quick] [--n 300] [--warmup 20] [--levels 1,8,32]
                                              [--bees 8] [--fanout 100,1000] [--rounds 3]
-                                             [--store-timing] [--json FILE]
+                                             [--early-n 50] [--http-n 500] [--http-c 20]
+                                             [--pg-levels 1,32] [--parts sqlite,fanout,postgres]
+                                             [--json FILE]
 
-It runs the gateway in this process (aiohttp ``AppRunner`` + ``TCPSite`` on a free port of
-127.0.0.1, with its tracker and registry) on a temporary SQLite database and a RabbitMQ vhost
-of its own. No host controller and no containers: the targets are in-process generator bees
-and simulated swarm-controllers. It measures:
+The gateway runs as a process of its own (``python -m controlplane.cli gateway``, configured by
+``CP_*`` variables, on a free port of 127.0.0.1) and is reached only over HTTP and AMQP, the way
+a caller reaches it; nothing here imports or wraps its internals. Each part gets a RabbitMQ vhost
+and a database of its own. Swarms are created through ``POST /api/swarms/{id}/create``, answered
+by a stand-in host controller, and their components register by their own status events. The
+parts:
 
-1. config-update round trip: ``POST /api/components/generator/<instance>/config`` with a new
-   idempotency key and a ``{"ratePerSec": n}`` patch, until the matching
-   ``ev.ready.config-update.generator.<instance>`` (same correlationId) reaches a watcher bound
-   before the first POST. Closed loop at concurrency 1, 8 and 32, spread over 8 in-process
-   bees (``bees.generator.Generator``, ratePerSec 0, disabled: they only answer control
-   signals). Reference: the same Signal and Outcome bodies as a bare aio-pika request/reply
-   to 8 responders of the bees' shape (one durable queue each, prefetch 1), same concurrency.
-2. bulk toggle fan-out: ``POST /api/controllers/config {"enabled": false}`` without targets,
-   to 100 and 1,000 simulated swarm-controllers (a swarm row each and one
-   ``ev.status-full.swarm-controller.<instance>``), answered by one aio-pika consumer; time
-   to the 202, to the last ``ev.ready.config-update.swarm-controller.*`` of the correlationId,
-   to the tracker committing the operation's close, and to ``GET /api/operations/{cid}``
-   reading ``succeeded``. Reference: the same responder answering the same N signals sent by a
-   bare aio-pika publisher.
+1. config update: ``POST /api/components/generator/<instance>/config`` with a new key and a
+   ``{"ratePerSec": n}`` patch, until the matching ``ev.ready.config-update.generator.<instance>``
+   (same correlationId) reaches a watcher bound before the first POST. Closed loop at each
+   concurrency, spread over 8 generator bees (``bees.generator.Generator``, disabled, ratePerSec
+   0: they only answer control signals) in this process. Reference: the same Signal and Outcome
+   bodies as a bare aio-pika request/reply to 8 responders of the bees' shape (one durable queue
+   each, prefetch 1, confirmed reply before the ack), same concurrency.
+2. outcome before the 202: 50 more config updates at concurrency 1; how many outcome events
+   reached the watcher before the 202 reached the caller.
+3. idempotent replay: the same key and body re-POSTed, against ``GET /healthz``, both at
+   concurrency 20 from the HTTP load client (``bench.httpload``).
+4. registration and bulk toggle, for each N (100 and 1,000), on a fresh gateway: N simulated
+   swarm-controllers publish one ``ev.status-full.swarm-controller.<instance>`` each, timed until
+   ``GET /api/components?role=swarm-controller`` lists all N; then ``POST /api/controllers/config
+   {"enabled": false}`` without targets, answered by one aio-pika consumer, timed to the 202, to
+   the first and the last of the N ``ev.ready``, and to ``GET /api/operations/{cid}`` reading
+   ``succeeded``. Reference: the same responder answering the same N signals from a bare
+   publisher, until the last ``ev.ready``.
+5. two gateways on one PostgreSQL database (a scratch database, dropped afterwards), with the
+   config updates of part 1 sent to them in turn; reference: the bare request/reply, same run.
 
 The callers and the watcher run in a process of their own (this module with ``--client``),
-the fan-out responder in another (``--responder``), so the gateway's event loop cannot delay
-their clocks; all stamp with ``time.perf_counter()``, which processes on Linux share. The
-vhost, the bees and the database are removed at the end, also after a failure.
+the fan-out responder in another (``--responder``), so neither the gateway's nor the bees' event
+loop can delay their clocks; all stamp with ``time.perf_counter()``, which processes on Linux
+share. Vhosts, databases and processes are removed at the end, also after a failure.
 """
 
 from __future__ import annotations
@@ -45,28 +55,35 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import aiohttp
 
-from bench.common import BROKER, MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, run_and_print
+from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, GatewayProcess, environment, gateway_process, ms,
+                          progress, replay_against_healthz, run_and_print, scratch_postgres_database)
 from bench.httpload import percentile
 from controlplane.contract import keys
-from controlplane.contract.models import CommandTarget, Outcome, OutcomeState, Signal, new_id
+from controlplane.contract.models import (CommandTarget, Outcome, OutcomeState, Signal, Status, SwarmStatus,
+                                          new_id)
 
 
 ROLE = "generator"
 SIGNAL = "config-update"
+TEMPLATE = "generator-demo"         # any shipped template: the stand-in host controller only answers
 TIMEOUT_MS = 60_000                 # the config-update timeoutMs the gateway puts on its signals
 BEE_STATUS_INTERVAL_S = 1.0
+# Simulated controllers report once; a long interval keeps them healthy for the whole part.
+FANOUT_STATUS_INTERVAL_S = 600.0
 RESPONDER_PREFETCH = 64             # the fan-out responder: one consumer, this many unacked at once
-POLL_S = 0.1                        # GET /api/operations/{cid} every this often until it reads succeeded
+CREATE_CONCURRENCY = 16             # swarms are created (untimed) by this many callers
+POLL_S = 0.1                        # GET /api/operations/{cid} again after an open answer, until all N
+FAST_POLL_S = 0.01                  # ev.ready are in; then after this long
+REGISTER_POLL_S = 0.02              # GET /api/components?role=swarm-controller this often
+HTTP_WARMUP = 100
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
 
 
 def outcome_patterns(role: str) -> list[str]:
@@ -86,16 +103,16 @@ def persistent(body: bytes, correlation_id: str) -> aio_pika.Message:
                             correlation_id=correlation_id)
 
 
-def answerer(exchange: aio_pika.abc.AbstractExchange, answered: Counter[str] | None = None
+def answerer(exchange: aio_pika.abc.AbstractExchange, answered: Counter[str] | None = None, status: str = "idle"
              ) -> Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]:
-    """A responder's handler: the signal's success outcome on ``outcome.routing_key()``,
-    confirmed by the broker, then the ack."""
+    """A responder's handler: the signal's success outcome (``state.status`` = ``status``) on
+    ``outcome.routing_key()``, confirmed by the broker, then the ack."""
 
     async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         sig = Signal.model_validate_json(message.body)
         patch = sig.args.get("patch") or {}
         outcome = Outcome.for_signal(sig, result="success",
-                                     state=OutcomeState(status="idle", enabled=bool(patch.get("enabled", False))))
+                                     state=OutcomeState(status=status, enabled=bool(patch.get("enabled", False))))
         await exchange.publish(persistent(outcome.to_json(), sig.correlation_id), routing_key=outcome.routing_key())
         await message.ack()
         if answered is not None:
@@ -173,11 +190,11 @@ async def watch_queue(connection: aio_pika.abc.AbstractConnection, seen: Seen,
     await queue.consume(seen.on_message, no_ack=True)
 
 
-async def closed_loop(n: int, concurrency: int, one: Callable[[int], Awaitable[dict[str, float]]]) -> list[dict[str, float]]:
+async def closed_loop(n: int, concurrency: int, one: Callable[[int], Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
     """``n`` calls of ``one(i)`` by ``concurrency`` callers, each starting its next call when
     the previous one has finished."""
     counter = itertools.count()
-    out: list[dict[str, float]] = []
+    out: list[dict[str, Any]] = []
 
     async def caller() -> None:
         while (i := next(counter)) < n:
@@ -187,7 +204,13 @@ async def closed_loop(n: int, concurrency: int, one: Callable[[int], Awaitable[d
     return out
 
 
-def level_figures(calls: list[dict[str, float]]) -> dict[str, Any]:
+def level_figures(all_calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency percentiles and completions per second of the calls that succeeded; the others
+    are counted under ``errors``."""
+    calls = [c for c in all_calls if "failed" not in c]
+    failed = Counter(c["failed"] for c in all_calls if "failed" in c)
+    if not calls:
+        raise BenchError(f"all {len(all_calls)} calls failed: {dict(failed)}")
     total = [c["done"] - c["sent"] for c in calls]
     span = max(c["done"] for c in calls) - min(c["sent"] for c in calls)
     figures: dict[str, Any] = {
@@ -200,12 +223,15 @@ def level_figures(calls: list[dict[str, float]]) -> dict[str, Any]:
         figures["accepted_p50"] = ms(percentile(accepted, 50))
         figures["accepted_p99"] = ms(percentile(accepted, 99))
         figures["event_before_202"] = sum(c["done"] < c["answered"] for c in calls)
+    figures["errors"] = sum(failed.values())
+    figures["error_kinds"] = dict(failed)
     return figures
 
 
 async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
-    """Part 1, client side: gateway and bare round trips at each concurrency."""
-    base, instances, swarm_id = job["base"], job["instances"], job["swarm_id"]
+    """Parts 1, 2 and 5, client side: gateway and bare round trips at each concurrency (the
+    gateway's requests go to the job's gateways in turn), then the outcome-before-202 count."""
+    bases, instances, swarm_id = job["bases"], job["instances"], job["swarm_id"]
     seen = Seen()
     connection = await aio_pika.connect(job["amqp_url"], client_properties={"connection_name": "bench-cu-client"})
     async with connection:
@@ -217,16 +243,17 @@ async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
         async with aiohttp.ClientSession(connector=connector) as http:
 
-            async def via_gateway(i: int) -> dict[str, float]:
+            async def via_gateway(i: int) -> dict[str, Any]:
                 instance = instances[i % len(instances)]
+                base = bases[i % len(bases)]
                 payload = json.dumps({"idempotencyKey": str(uuid.uuid4()), "patch": {"ratePerSec": i % 100 + 1}})
                 sent = time.perf_counter()
                 async with http.post(f"{base}/api/components/{ROLE}/{instance}/config", data=payload,
                                      headers=JSON_HEADERS) as resp:
                     answer = await resp.json()
                     answered = time.perf_counter()
-                if resp.status != 202:
-                    raise BenchError(f"POST config {instance}: {resp.status} {answer}")
+                if resp.status != 202:  # counted and shown with the figures; the run goes on
+                    return {"sent": sent, "answered": answered, "failed": f"{resp.status} {answer.get('error')}"}
                 expected = keys.ready_key(SIGNAL, keys.component_scope(ROLE, instance))
                 if (answer.get("watch") or {}).get("successTopic") != expected:
                     raise BenchError(f"POST config {instance}: envelope watches {answer.get('watch')}, not {expected}")
@@ -249,17 +276,54 @@ async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
                 runs = [("gateway", via_gateway), ("bare", bare_request)]
                 for name, one in runs if index % 2 == 0 else runs[::-1]:  # alternate which goes first
                     warmup = max(job["warmup"], 2 * level)
-                    progress(f"concurrency {level}: {name}, {warmup} warm-up + {job['n']} measured")
+                    progress(f"{job['label']}, concurrency {level}: {name}, {warmup} warm-up + {job['n']} measured")
                     await closed_loop(warmup, level, one)
                     row[name] = level_figures(await closed_loop(job["n"], level, one))
                 row["ratio_p50"] = row["gateway"]["p50"] / row["bare"]["p50"]
                 row["ratio_per_s"] = row["gateway"]["per_s"] / row["bare"]["per_s"]
                 results.append(row)
-    return {"levels": results, "duplicates": seen.duplicates}
+            early: dict[str, Any] | None = None
+            if job.get("early_n"):
+                progress(f"{job['label']}: {job['early_n']} config updates at concurrency 1, outcome before the 202?")
+                early = level_figures(await closed_loop(job["early_n"], 1, via_gateway))
+    return {"levels": results, "early": early, "duplicates": seen.duplicates}
+
+
+async def client_register(job: dict[str, Any]) -> dict[str, Any]:
+    """Part 4a, client side: every simulated controller publishes its first status at once (with
+    publisher confirms, as the bus does), timed until the registry lists all of them."""
+    base, n = job["base"], len(job["instances"])
+    statuses = [Status(kind="status-full", role=keys.CONTROLLER_ROLE, instance=instance, swarm_id=swarm_id,
+                       enabled=True, state=SwarmStatus.RUNNING.value, data={"bees": []})
+                for instance, swarm_id in zip(job["instances"], job["swarm_ids"], strict=True)]
+    connection = await aio_pika.connect(job["amqp_url"], client_properties={"connection_name": "bench-cu-statuses"})
+    async with connection, aiohttp.ClientSession() as http:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(keys.CONTROL_EXCHANGE, type="topic", durable=True)
+        started = time.perf_counter()
+        await asyncio.gather(*(exchange.publish(
+            aio_pika.Message(s.to_json(), content_type="application/json"), routing_key=s.routing_key())
+            for s in statuses))
+        published = time.perf_counter()
+        polls, listed, slowest = 0, 0, 0.0
+        deadline = started + max(60.0, n * 0.1)
+        while time.perf_counter() < deadline:
+            asked = time.perf_counter()
+            listed = len(await registered(http, base, keys.CONTROLLER_ROLE))
+            answered = time.perf_counter()
+            polls += 1
+            slowest = max(slowest, answered - asked)
+            if listed >= n:
+                return {"published": published - started, "listed": answered - started, "polls": polls,
+                        "slowest_get": slowest}
+            # Listing N components is not free: poll at most a third of the time.
+            await asyncio.sleep(max(REGISTER_POLL_S, 2 * (answered - asked)))
+    raise BenchError(f"GET /api/components?role={keys.CONTROLLER_ROLE} lists {listed} of {n} after "
+                     f"{deadline - started:.0f} s")
 
 
 async def client_fanout(job: dict[str, Any]) -> dict[str, Any]:
-    """Part 2, client side: the bulk toggle through the gateway and the bare reference, in
+    """Part 4b, client side: the bulk toggle through the gateway and the bare reference, in
     alternating order. The responder (``--responder``) answers both from a process of its own."""
     base, instances, n = job["base"], job["instances"], len(job["instances"])
     seen = Seen()
@@ -288,20 +352,21 @@ async def client_fanout(job: dict[str, Any]) -> dict[str, Any]:
                 if {t["successTopic"] for t in targets} != expected:
                     raise BenchError("the 202 envelope's targets are not the registered controllers")
                 cid = envelope["correlationId"]
-                polling = asyncio.create_task(poll_operation(http, base, cid, timeout))
+                all_in = asyncio.Event()
+                polling = asyncio.create_task(poll_operation(http, base, cid, timeout, all_in))
                 try:
                     last = await seen.wait(cid, n, timeout)
+                    all_in.set()
                     succeeded, op, polls = await polling
                 finally:
                     polling.cancel()
                 if set(seen.ready[cid]) != expected:
                     raise BenchError(f"the ev.ready keys of {cid} are not the registered controllers'")
                 done_targets = Counter(t["status"] for t in op.get("targets") or [])
-                if done_targets != Counter({"succeeded": n}):
+                if done_targets and done_targets != Counter({"succeeded": n}):
                     raise BenchError(f"operation {cid} succeeded with targets {dict(done_targets)}")
                 return {"accepted": accepted - sent, "first": seen.first(cid) - sent, "all": last - sent,
-                        "succeeded": succeeded - sent, "polls": polls, "window": [sent, succeeded],
-                        "cid": cid, "sent": sent}
+                        "succeeded": succeeded - sent, "polls": polls}
 
             async def bare_fanout() -> dict[str, Any]:
                 cid, key = new_id(), new_id()
@@ -329,6 +394,36 @@ async def client_fanout(job: dict[str, Any]) -> dict[str, Any]:
                     pair[name] = await run()
                 rounds.append(pair)
     return {"targets": n, "rounds": rounds, "duplicates": seen.duplicates}
+
+
+async def poll_operation(http: aiohttp.ClientSession, base: str, cid: str, timeout: float,
+                         all_in: asyncio.Event) -> tuple[float, dict[str, Any], int]:
+    """``GET /api/operations/{cid}?wait=...`` until it reads succeeded. The gateway holds a
+    long-poll until the operation closes, so the answer says when a caller learns it; should
+    an answer come back open (a gateway without ``?wait``), the next GET follows after
+    ``POLL_S``, or ``FAST_POLL_S`` once the watcher has all N outcomes (``all_in``). Returns
+    (when the answer that said succeeded arrived, the operation, how many GETs it took)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    polls = 0
+    last: dict[str, Any] = {}
+    while (remaining := deadline - loop.time()) > 0:
+        async with http.get(f"{base}/api/operations/{cid}", params={"wait": f"{min(remaining, 60):.0f}"}) as resp:
+            last = await resp.json()
+            seen_at = time.perf_counter()
+        polls += 1
+        if resp.status != 200:
+            raise BenchError(f"GET /api/operations/{cid}: {resp.status} {last}")
+        if last["status"] == "succeeded":
+            return seen_at, last, polls
+        if last["status"] in ("failed", "timed_out"):
+            raise BenchError(f"operation {cid} ended {last['status']}: {last.get('outcome')}")
+        try:
+            await asyncio.wait_for(all_in.wait(), POLL_S) if not all_in.is_set() else await asyncio.sleep(FAST_POLL_S)
+        except TimeoutError:
+            pass
+    open_targets = Counter(t["status"] for t in last.get("targets") or [])
+    raise BenchError(f"operation {cid} still {last.get('status')} after {timeout:g}s (targets: {dict(open_targets)})")
 
 
 async def responder_main(amqp_url: str, exchange_names: list[str]) -> None:
@@ -377,39 +472,24 @@ async def responder_process(amqp_url: str, exchange_names: list[str]) -> AsyncIt
                 await proc.wait()
 
 
-async def poll_operation(http: aiohttp.ClientSession, base: str, cid: str,
-                         timeout: float) -> tuple[float, dict[str, Any], int]:
-    """Poll ``GET /api/operations/{cid}`` until it reads succeeded: (when the answer that said
-    so arrived, the operation, how many GETs it took)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    polls = 0
-    last: dict[str, Any] = {}
-    while loop.time() < deadline:
-        async with http.get(f"{base}/api/operations/{cid}") as resp:
-            last = await resp.json()
-            seen_at = time.perf_counter()
-        polls += 1
-        if resp.status != 200:
-            raise BenchError(f"GET /api/operations/{cid}: {resp.status} {last}")
-        if last["status"] == "succeeded":
-            return seen_at, last, polls
-        if last["status"] in ("failed", "timed_out"):
-            raise BenchError(f"operation {cid} ended {last['status']}: {last.get('outcome')}")
-        await asyncio.sleep(POLL_S)
-    open_targets = Counter(t["status"] for t in last.get("targets") or [])
-    raise BenchError(f"operation {cid} still {last.get('status')} after {timeout:g}s (targets: {dict(open_targets)})")
-
-
 def client_main() -> None:
     """``--client``: read one job (JSON) from stdin, print its figures (JSON) to stdout."""
     job = json.loads(sys.stdin.read())
-    run = {"levels": client_levels, "fanout": client_fanout}[job["mode"]]
+    run = {"levels": client_levels, "register": client_register, "fanout": client_fanout}[job["mode"]]
     print(json.dumps(asyncio.run(run(job))), flush=True)
 
 
+async def registered(http: aiohttp.ClientSession, base: str, role: str, swarm_id: str | None = None) -> list[dict[str, Any]]:
+    params = {"role": role, **({"swarmId": swarm_id} if swarm_id else {})}
+    async with http.get(f"{base}/api/components", params=params) as resp:
+        body = await resp.json()
+        if resp.status != 200:
+            raise BenchError(f"GET /api/components: {resp.status} {body}")
+    return body["components"]
+
+
 # =====================================================================================
-# The benchmark process: gateway, bees, bare responders, simulated controllers.
+# The benchmark process: vhosts, databases, gateway processes, bees, stand-in controllers.
 # =====================================================================================
 
 
@@ -423,37 +503,87 @@ async def run_client(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out)
 
 
-def bench_settings(vhost: str, owner: str, tmp: Path) -> Any:
-    from controlplane.config import Settings
+@dataclass(frozen=True)
+class Deployment:
+    """One part's world: a vhost, a database, and the gateway processes serving it."""
 
-    return Settings(amqp_url=f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}",
-                    database_url=f"sqlite+aiosqlite:///{tmp / 'controlplane.db'}", instance_id=owner,
-                    status_interval_s=BEE_STATUS_INTERVAL_S, log_level="WARNING")
+    amqp_url: str
+    gateways: list[GatewayProcess]
+
+    @property
+    def bases(self) -> list[str]:
+        return [g.base for g in self.gateways]
 
 
 @asynccontextmanager
-async def gateway(settings: Any) -> AsyncIterator[tuple[str, Any, Any]]:
-    """The gateway on a free port of 127.0.0.1; yields (base URL, its store, a bus of its own)."""
-    from aiohttp import web
+async def deployment(management: Any, tmp: Path, label: str, owner: str, *, gateways: int = 1,
+                     database_url: str | None = None, status_interval_s: float = BEE_STATUS_INTERVAL_S
+                     ) -> AsyncIterator[Deployment]:
+    """A scratch vhost, ``gateways`` gateway processes on one database (a SQLite file of the
+    test suite's kind unless ``database_url`` is given), and the stand-in host controller."""
+    from tests.conftest import make_settings
 
-    from controlplane.bus import Bus
-    from controlplane.contract.topology import load_topology
-    from controlplane.gateway.app import open_gateway
-    from controlplane.gateway.context import CTX
+    async with management.scratch_vhost("cp-bench") as vhost, AsyncExitStack() as stack:
+        folder = tmp / label
+        folder.mkdir()
+        settings = make_settings(vhost, owner, folder)
+        amqp_url = settings.amqp_url.get_secret_value()
+        common = {"amqp_url": amqp_url,
+                  "database_url": database_url or settings.database_url.get_secret_value(),
+                  "instance_id": owner, "status_interval_s": status_interval_s, "log_level": "WARNING"}
+        started: list[GatewayProcess] = []
+        for i in range(gateways):  # one after the other: the first one migrates the database
+            name = f"{label}-{'ab'[i] if gateways > 1 else 'gw'}"
+            progress(f"start gateway {name}")
+            started.append(await stack.enter_async_context(
+                gateway_process(name, {**common, "gateway_id": name}, folder)))
+        await stack.enter_async_context(stand_in_host(amqp_url))
+        yield Deployment(amqp_url=amqp_url, gateways=started)
 
-    async with AsyncExitStack() as stack:
-        topology = load_topology(settings.topology_file)
-        bus = await Bus(settings.amqp_url.get_secret_value(), topology, "bench-gateway").connect()
-        stack.push_async_callback(bus.close)
-        app = await stack.enter_async_context(open_gateway(settings, bus))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        # The statuses of simulated controllers go out on a connection of their own.
-        publisher = await Bus(settings.amqp_url.get_secret_value(), topology, "bench-publisher").connect()
-        stack.push_async_callback(publisher.close)
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app[CTX].store, publisher
+
+@asynccontextmanager
+async def stand_in_host(amqp_url: str) -> AsyncIterator[None]:
+    """Answers each ``sig.swarm-create`` at once, from a queue of its own, with
+    ``ev.ready.swarm-create`` (status Ready): the swarm exists for the gateway, no container runs."""
+    connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": "bench-cu-host"})
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=RESPONDER_PREFETCH)
+        exchange = await channel.declare_exchange(keys.CONTROL_EXCHANGE, type="topic", durable=True)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=keys.signal_key("swarm-create", "*"))
+
+        await queue.consume(answerer(exchange, status=SwarmStatus.READY.value))
+        yield
+    finally:
+        await connection.close()
+
+
+async def create_swarms(http: aiohttp.ClientSession, base: str, swarm_ids: list[str]) -> None:
+    """``POST /api/swarms/{id}/create`` for each id (untimed), until ``GET /api/swarms`` shows
+    them all Ready."""
+    pending = iter(swarm_ids)
+
+    async def caller() -> None:
+        for swarm_id in pending:
+            body = {"idempotencyKey": str(uuid.uuid4()), "templateId": TEMPLATE}
+            async with http.post(f"{base}/api/swarms/{swarm_id}/create", json=body) as resp:
+                if resp.status != 202:
+                    raise BenchError(f"POST create {swarm_id}: {resp.status} {await resp.text()}")
+
+    await asyncio.gather(*(caller() for _ in range(CREATE_CONCURRENCY)))
+    wanted = set(swarm_ids)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(60.0, len(swarm_ids) * 0.1)
+    ready: set[str] = set()
+    while loop.time() < deadline:
+        async with http.get(f"{base}/api/swarms") as resp:
+            listed = await resp.json()
+        ready = {s["swarmId"] for s in listed if s.get("status") == SwarmStatus.READY.value} & wanted
+        if ready == wanted:
+            return
+        await asyncio.sleep(0.2)
+    raise BenchError(f"{len(ready)} of {len(wanted)} created swarms read Ready on GET /api/swarms")
 
 
 @asynccontextmanager
@@ -504,15 +634,6 @@ async def bare_responders(amqp_url: str, exchange_name: str, instances: list[str
         await connection.close()
 
 
-async def registered(http: aiohttp.ClientSession, base: str, role: str, swarm_id: str | None = None) -> list[dict[str, Any]]:
-    params = {"role": role, **({"swarmId": swarm_id} if swarm_id else {})}
-    async with http.get(f"{base}/api/components", params=params) as resp:
-        body = await resp.json()
-        if resp.status != 200:
-            raise BenchError(f"GET /api/components: {resp.status} {body}")
-    return body["components"]
-
-
 async def wait_registered(http: aiohttp.ClientSession, base: str, role: str, count: int, swarm_id: str | None = None,
                           timeout: float = 60, tasks: list[asyncio.Task[None]] | None = None) -> float:
     """Until GET /api/components?role= lists exactly ``count``; returns the seconds it took."""
@@ -529,155 +650,116 @@ async def wait_registered(http: aiohttp.ClientSession, base: str, role: str, cou
     raise BenchError(f"GET /api/components?role={role} lists {len(listed)}, not {count}, after {timeout:g}s")
 
 
-class ClosedAt:
-    """When the tracker closed each operation: wraps ``record_outcome`` on the gateway store's
-    instance and stamps ``time.perf_counter()`` when a call returns the operation it closed
-    (its transaction has committed then). Polling GET /api/operations cannot tell this
-    closely while the tracker is busy."""
-
-    def __init__(self, store: Any) -> None:
-        self.at: dict[str, float] = {}
-        record_outcome = store.record_outcome
-
-        async def stamped(correlation_id: str, *args: Any, **kwargs: Any) -> Any:
-            recorded = await record_outcome(correlation_id, *args, **kwargs)
-            if recorded.closed is not None:
-                self.at[correlation_id] = time.perf_counter()
-            return recorded
-
-        store.record_outcome = stamped
+@asynccontextmanager
+async def bees_of_a_swarm(http: aiohttp.ClientSession, world: Deployment, swarm_id: str,
+                          count: int) -> AsyncIterator[list[str]]:
+    """A created swarm with ``count`` bees that every gateway of ``world`` lists."""
+    await create_swarms(http, world.bases[0], [swarm_id])
+    progress(f"start {count} generator bees and wait for the registry to list them")
+    async with running_bees(world.amqp_url, swarm_id, count) as (instances, tasks):
+        for base in world.bases:
+            await wait_registered(http, base, ROLE, count, swarm_id, tasks=tasks)
+        yield instances
+        progress("stop the bees")
 
 
-class StoreTimer:
-    """``--store-timing``: wraps the gateway store's methods on the instance and times each
-    call with ``time.perf_counter()``, so calls can be attributed to the client's time windows."""
-
-    METHODS = ("find_action", "begin_action", "set_operation_status", "record_outcome", "get_component",
-               "list_components", "get_operation", "operation_targets", "save_registry", "due_operations")
-
-    def __init__(self, store: Any) -> None:
-        self.calls: list[tuple[float, str, float]] = []  # (started, method, seconds)
-        for name in self.METHODS:
-            setattr(store, name, self._wrap(name, getattr(store, name)))
-
-    def _wrap(self, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await method(*args, **kwargs)
-            finally:
-                self.calls.append((started, name, time.perf_counter() - started))
-
-        return timed
-
-    def within(self, windows: list[list[float]]) -> dict[str, dict[str, float]]:
-        """Calls that started inside any of ``windows``, by method: n, p50 and p99 in ms."""
-        by_name: dict[str, list[float]] = {}
-        for started, name, seconds in self.calls:
-            if any(lo <= started <= hi for lo, hi in windows):
-                by_name.setdefault(name, []).append(seconds)
-        return {name: {"n": len(v), "p50": ms(percentile(v, 50)), "p99": ms(percentile(v, 99))}
-                for name, v in sorted(by_name.items())}
+async def config_updates(http: aiohttp.ClientSession, world: Deployment, run_id: str, label: str,
+                         args: argparse.Namespace, levels: list[int], early_n: int = 0) -> dict[str, Any]:
+    """Parts 1 and 2 (or 5) on ``world``: the levels job, run while its bees are up."""
+    swarm_id = f"bcu-{label}-{run_id}"
+    async with bees_of_a_swarm(http, world, swarm_id, args.bees) as instances:
+        bare_exchange = f"bench.cu-{label}-{run_id}"
+        async with bare_responders(world.amqp_url, bare_exchange, instances):
+            cpu = [g.cpu_seconds() for g in world.gateways]
+            figures = await run_client({
+                "mode": "levels", "label": label, "amqp_url": world.amqp_url, "bases": world.bases,
+                "swarm_id": swarm_id, "instances": instances, "bare_exchange": bare_exchange, "levels": levels,
+                "n": args.n, "warmup": args.warmup, "early_n": early_n})
+            figures["gateway_cpu_s"] = sum(g.cpu_seconds() for g in world.gateways) - sum(cpu)
+    return figures
 
 
-async def register_controllers(store: Any, publisher: Any, http: aiohttp.ClientSession, base: str, run_id: str,
-                               n: int) -> tuple[list[str], list[str], dict[str, float]]:
-    """N simulated swarm-controllers: a swarm row each, then one status-full each."""
-    from controlplane.contract.models import Status, SwarmStatus
-    from controlplane.store import SwarmRow
+async def replays(http: aiohttp.ClientSession, world: Deployment, run_id: str, args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    """Part 3: one config update, then the same key and body again and again, against /healthz."""
+    base = world.bases[0]
+    swarm_id = f"brp-{run_id}"
+    async with bees_of_a_swarm(http, world, swarm_id, 1) as instances:
+        url = f"{base}/api/components/{ROLE}/{instances[0]}/config"
+        body = {"idempotencyKey": str(uuid.uuid4()), "patch": {"ratePerSec": 7}}
+        async with http.post(url, json=body) as resp:
+            if resp.status != 202:
+                raise BenchError(f"POST config for the replay key: {resp.status} {await resp.text()}")
+        await asyncio.sleep(0.5)  # its outcome comes and goes before the timed replays
+        progress(f"idempotent replays: {args.rounds} x ({args.http_n} replays + {args.http_n} healthz), "
+                 f"concurrency {args.http_c}")
+        figures = await replay_against_healthz(base, {"method": "POST", "url": url, "body": body}, args.http_n,
+                                               args.http_c, args.rounds, HTTP_WARMUP)
+    replay_rps = median([r["rps"] for r in figures["replay"]])
+    health_rps = median([r["rps"] for r in figures["healthz"]])
+    return {**figures, "replay_rps": replay_rps, "healthz_rps": health_rps, "ratio": replay_rps / health_rps}
 
+
+async def fanout(http: aiohttp.ClientSession, world: Deployment, run_id: str, n: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Part 4 for one N: create N swarms, register their controllers by status, toggle them."""
+    base = world.bases[0]
     swarm_ids = [f"bfc-{run_id}-{i}" for i in range(n)]
     instances = [keys.controller_instance(s) for s in swarm_ids]
-    started = time.perf_counter()
-    for swarm_id, instance in zip(swarm_ids, instances, strict=True):
-        await store.upsert_swarm(SwarmRow(id=swarm_id, template_id="bench", status=SwarmStatus.RUNNING.value,
-                                          controller_instance=instance))
-    rows = time.perf_counter() - started
-    statuses = [Status(kind="status-full", role=keys.CONTROLLER_ROLE, instance=instance, swarm_id=swarm_id,
-                       enabled=True, state=SwarmStatus.RUNNING.value, data={"bees": []})
-                for swarm_id, instance in zip(swarm_ids, instances, strict=True)]
-    started = time.perf_counter()
-    await asyncio.gather(*(publisher.publish(s.routing_key(), s) for s in statuses))
-    await wait_registered(http, base, keys.CONTROLLER_ROLE, n, timeout=max(60.0, n * 0.1))
-    return swarm_ids, instances, {"swarm_rows_s": rows, "status_to_listed_s": time.perf_counter() - started}
-
-
-async def unregister_controllers(store: Any, http: aiohttp.ClientSession, base: str, swarm_ids: list[str]) -> None:
-    for swarm_id in swarm_ids:
-        await store.delete_swarm(swarm_id)
-    await wait_registered(http, base, keys.CONTROLLER_ROLE, 0)
+    progress(f"create {n} swarms (untimed)")
+    await create_swarms(http, base, swarm_ids)
+    progress(f"register {n} simulated swarm-controllers by their first status")
+    registration = await run_client({"mode": "register", "amqp_url": world.amqp_url, "base": base,
+                                     "instances": instances, "swarm_ids": swarm_ids})
+    bare_exchange = f"bench.fan-{run_id}-{n}"
+    async with responder_process(world.amqp_url, [keys.CONTROL_EXCHANGE, bare_exchange]) as answered:
+        figures = await run_client({"mode": "fanout", "amqp_url": world.amqp_url, "base": base,
+                                    "instances": instances, "swarm_ids": swarm_ids, "bare_exchange": bare_exchange,
+                                    "rounds": args.rounds})
+    runs = 2 * (args.rounds + 1)  # gateway and bare, warm-up included
+    if answered.get("answered") != runs * n or answered.get("signals") != runs:
+        raise BenchError(f"the responder answered {answered}, not {runs} x {n} signals")
+    return {**figures, "registration": registration, "responder": answered}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from controlplane.bus.management import Management
-    from controlplane.contract.models import SwarmStatus
-    from controlplane.store import SwarmRow
 
     run_id = uuid.uuid4().hex[:6]
+    owner = f"bench-{run_id}"
     tmp = Path(tempfile.mkdtemp(prefix="cp-bench-cu-"))
     results: dict[str, Any] = {}
     started = time.perf_counter()
     try:
-        async with Management(MANAGEMENT) as management:
+        async with Management(MANAGEMENT) as management, aiohttp.ClientSession() as http:
             overview = await management.overview()
             results["environment"] = environment(
                 f"RabbitMQ {overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})")
-            async with management.scratch_vhost("cp-bench") as vhost, AsyncExitStack() as stack:
-                settings = bench_settings(vhost, f"bench-{run_id}", tmp)
-                amqp_url = settings.amqp_url.get_secret_value()
-                base, store, publisher = await stack.enter_async_context(gateway(settings))
-                closed_at = ClosedAt(store)
-                timer = StoreTimer(store) if args.store_timing else None
-                http = await stack.enter_async_context(aiohttp.ClientSession())
 
-                # 1. config-update round trips to in-process bees
-                swarm_id = f"bcu-{run_id}"
-                await store.upsert_swarm(SwarmRow(id=swarm_id, template_id="bench", status=SwarmStatus.RUNNING.value))
-                progress(f"start {args.bees} generator bees and wait for the registry to list them")
-                async with running_bees(amqp_url, swarm_id, args.bees) as (instances, tasks):
-                    await wait_registered(http, base, ROLE, args.bees, swarm_id, tasks=tasks)
-                    bare_exchange = f"bench.cu-{run_id}"
-                    async with bare_responders(amqp_url, bare_exchange, instances):
-                        results["config_update"] = await run_client({
-                            "mode": "levels", "amqp_url": amqp_url, "base": base, "swarm_id": swarm_id,
-                            "instances": instances, "bare_exchange": bare_exchange, "levels": args.levels,
-                            "n": args.n, "warmup": args.warmup})
-                    progress("stop the bees")
-                await store.delete_swarm(swarm_id)
+            if "sqlite" in args.parts:
+                progress("parts 1-3: one gateway on SQLite")
+                async with deployment(management, tmp, "sqlite", owner) as world:
+                    results["config_update"] = await config_updates(http, world, run_id, "sqlite", args,
+                                                                     args.levels, args.early_n)
+                    results["replay"] = await replays(http, world, run_id, args)
 
-                # 2. bulk toggle fan-out to simulated swarm-controllers
-                results["fanout"] = []
-                for n in args.fanout:
-                    progress(f"register {n} simulated swarm-controllers")
-                    swarm_ids, controllers, registration = await register_controllers(
-                        store, publisher, http, base, run_id, n)
-                    bare_exchange = f"bench.fan-{run_id}-{n}"
-                    async with responder_process(amqp_url, [keys.CONTROL_EXCHANGE, bare_exchange]) as answered:
-                        figures = await run_client({
-                            "mode": "fanout", "amqp_url": amqp_url, "base": base, "instances": controllers,
-                            "swarm_ids": swarm_ids, "bare_exchange": bare_exchange, "rounds": args.rounds})
-                    for pair in figures["rounds"]:
-                        g = pair["gateway"]
-                        g["closed"] = closed_at.at[g["cid"]] - g["sent"]
-                    runs = 2 * (args.rounds + 1)  # gateway and bare, warm-up included
-                    if answered.get("answered") != runs * n or answered.get("signals") != runs:
-                        raise BenchError(f"the responder answered {answered}, not {runs} x {n} signals")
-                    results["fanout"].append({**figures, "registration": registration, "responder": answered})
-                    await unregister_controllers(store, http, base, swarm_ids)
-                if timer:
-                    results["store_timing"] = {
-                        **{f"config-update c={row['concurrency']}": timer.within([row["gateway"]["window"]])
-                           for row in results["config_update"]["levels"]},
-                        **{f"fan-out N={fan['targets']}": timer.within([r["gateway"]["window"] for r in fan["rounds"]])
-                           for fan in results["fanout"]},
-                    }
+            results["fanout"] = []
+            for n in args.fanout if "fanout" in args.parts else ():
+                progress(f"part 4: registration and bulk toggle to {n}, on a fresh gateway")
+                async with deployment(management, tmp, f"fan-{n}", owner,
+                                      status_interval_s=FANOUT_STATUS_INTERVAL_S) as world:
+                    results["fanout"].append(await fanout(http, world, run_id, n, args))
+
+            if "postgres" in args.parts:
+                progress("part 5: two gateways on PostgreSQL")
+                async with scratch_postgres_database() as url, \
+                        deployment(management, tmp, "pg", owner, gateways=2, database_url=url) as world:
+                    results["postgres"] = await config_updates(http, world, run_id, "pg", args, args.pg_levels)
             progress("cleaning up")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["runtime_s"] = time.perf_counter() - started
     return results
-
-
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -687,20 +769,10 @@ def median(values: list[float]) -> float:
     return percentile(values, 50)
 
 
-def render(results: dict[str, Any], args: argparse.Namespace) -> str:
-    env = results["environment"]
-    lines = [
-        (f"controlplane config-update benchmark, {env['date']}, code {env['code']} "
-         f"(1-minute load average at start: {env['loadavg_1m']:.2f})"),
-        (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, "
-         f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
-        "",
-        (f"1. Config update, closed loop, spread over {args.bees} bees: POST /api/components/generator/<instance>/config "
-         "-> ev.ready.config-update.generator.<instance> on a watcher"),
-        (f"  {'concurrency':<12} {'path':<30} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'max ms':>8} "
-         f"{'done/s':>8}"),
-    ]
-    for row in results["config_update"]["levels"]:
+def level_lines(part: dict[str, Any]) -> list[str]:
+    lines = [f"  {'concurrency':<12} {'path':<30} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'max ms':>8} "
+             f"{'done/s':>8}"]
+    for row in part["levels"]:
         g, b = row["gateway"], row["bare"]
         c = str(row["concurrency"])
         lines += [
@@ -709,16 +781,74 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"  {'':<12} {'  POST -> 202':<30} {'':>5} {g['accepted_p50']:>8.1f} {g['accepted_p99']:>8.1f}",
             f"  {'':<12} {'bare aio-pika request/reply':<30} {b['n']:>5} {b['p50']:>8.1f} {b['p99']:>8.1f} "
             f"{b['mean']:>8.1f} {b['max']:>8.1f} {b['per_s']:>8.0f}",
-            (f"  {'':<12} ratio gateway / bare: p50 {row['ratio_p50']:.1f}x, done/s {row['ratio_per_s']:.2f}; "
-             f"ev.ready seen before the 202: {g['event_before_202']} of {g['n']}"),
+            (f"  {'':<12} gateway / bare: p50 {row['ratio_p50']:.1f}x ({g['p50'] - b['p50']:+.1f} ms), "
+             f"done/s {row['ratio_per_s']:.2f}x; ev.ready seen before the 202: {g['event_before_202']} of {g['n']}"),
         ]
+        if g["errors"]:
+            lines.append(f"  {'':<12} NOT 202 (left out of the figures above): {g['errors']} requests, "
+                         f"{g['error_kinds']}; see the gateway's log")
+    return lines
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+    env = results["environment"]
+    lines = [
+        (f"controlplane config-update benchmark, {env['date']}, code {env['code']} "
+         f"(1-minute load average at start: {env['loadavg_1m']:.2f})"),
+        (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, "
+         f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
+        "The gateway runs as a process of its own (python -m controlplane.cli gateway), reached over HTTP and AMQP only.",
+    ]
+    if "config_update" in results:
+        lines += ["", render_sqlite(results, args)]
+    if results.get("fanout"):
+        lines += ["", render_fanout(results, args)]
+    if "postgres" in results:
+        lines += ["", (f"5. Config update, two gateways on one PostgreSQL database, requests alternated between them, "
+                       f"closed loop over {args.bees} bees"),
+                  *level_lines(results["postgres"]),
+                  f"  both gateway processes' CPU during part 5: {results['postgres']['gateway_cpu_s']:.1f} s"]
+    lines += ["", summary(results), "", f"total run time: {results['runtime_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def render_sqlite(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """Parts 1 to 3."""
+    part = results["config_update"]
+    lines = [
+        (f"1. Config update, one gateway on SQLite, closed loop over {args.bees} bees: "
+         "POST /api/components/generator/<instance>/config -> ev.ready.config-update.generator.<instance> on a watcher"),
+        *level_lines(part),
+        f"  gateway process CPU during parts 1 and 2: {part['gateway_cpu_s']:.1f} s (warm-ups included)",
+    ]
+    early = part.get("early")
+    if early:
+        lines += ["", (f"2. Outcome before the 202: {early['event_before_202']} of {early['n']} config updates at "
+                       f"concurrency 1 had their ev.ready reach the watcher before the 202 reached the caller "
+                       f"(POST -> 202 p50 {early['accepted_p50']:.1f} ms, POST -> ev.ready p50 {early['p50']:.1f} ms)")]
+    rp = results["replay"]
     lines += [
         "",
-        (f"2. Bulk toggle: POST /api/controllers/config {{enabled: false}} to N simulated swarm-controllers, "
-         f"one responder; median of {args.rounds} rounds [min-max], ms from the POST (bare: from the first publish)"),
-        (f"  {'N':>5} {'path':<32} {'-> 202':>16} {'-> first ev.ready':>18} {'-> all N ev.ready':>18} "
-         f"{'-> op closed':>18} {'-> GET succeeded':>18}"),
+        (f"3. Idempotent replay: the same key and body re-POSTed to /api/components/generator/<instance>/config, "
+         f"against GET /healthz, {args.http_n} requests each at concurrency {args.http_c}, median of {args.rounds} rounds"),
+        f"  {'path':<36} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}",
     ]
+    for name, label, rate in (("replay", "POST config, replayed (202)", rp["replay_rps"]),
+                              ("healthz", "GET /healthz", rp["healthz_rps"])):
+        p50 = median([r["latency_ms"]["p50"] for r in rp[name]])
+        p99 = median([r["latency_ms"]["p99"] for r in rp[name]])
+        lines.append(f"  {label:<36} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f}")
+    lines.append(f"  ratio replay / healthz: {rp['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def render_fanout(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """Part 4."""
+    lines = [("4. Registration and bulk toggle, a fresh gateway per N: N simulated swarm-controllers report once; "
+              "POST /api/controllers/config {enabled: false}, one responder; "
+              f"median of {args.rounds} rounds [min-max], ms from the POST (bare: from the first publish)"),
+             (f"  {'N':>5} {'path':<32} {'-> 202':>16} {'-> first ev.ready':>18} {'-> all N ev.ready':>18} "
+              f"{'-> GET succeeded':>18}")]
 
     def cell(rounds: list[dict[str, Any]], side: str, field: str, width: int) -> str:
         values = [ms(r[side][field]) for r in rounds]
@@ -726,47 +856,64 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         return f"{text:>{width}}"
 
     for fan in results["fanout"]:
-        rounds, n = fan["rounds"], fan["targets"]
-        reg = fan["registration"]
+        rounds, n, reg = fan["rounds"], fan["targets"], fan["registration"]
+        bare_all = median([r["bare"]["all"] for r in rounds])
         lines += [
             (f"  {n:>5} {'gateway':<32} {cell(rounds, 'gateway', 'accepted', 16)} {cell(rounds, 'gateway', 'first', 18)} "
-             f"{cell(rounds, 'gateway', 'all', 18)} {cell(rounds, 'gateway', 'closed', 18)} "
-             f"{cell(rounds, 'gateway', 'succeeded', 18)}"),
+             f"{cell(rounds, 'gateway', 'all', 18)} {cell(rounds, 'gateway', 'succeeded', 18)}"),
             (f"  {'':>5} {'bare publisher (all published)':<32} {cell(rounds, 'bare', 'published', 16)} "
              f"{cell(rounds, 'bare', 'first', 18)} {cell(rounds, 'bare', 'all', 18)}"),
-            (f"  {'':>5} medians against the bare all N ev.ready: gateway all N ev.ready "
-             f"{median([r['gateway']['all'] for r in rounds]) / median([r['bare']['all'] for r in rounds]):.1f}x, "
-             f"op closed {median([r['gateway']['closed'] for r in rounds]) / median([r['bare']['all'] for r in rounds]):.1f}x"),
-            (f"  {'':>5} op closed: when the tracker's record_outcome committed the close; GET: polled every "
-             f"{POLL_S * 1000:.0f} ms after each answer, median {median([r['gateway']['polls'] for r in rounds]):.0f} GETs"),
-            (f"  {'':>5} registration (untimed above): {reg['swarm_rows_s']:.1f} s for {n} swarm rows, "
-             f"{reg['status_to_listed_s']:.1f} s from the statuses to GET /api/components listing {n}"),
+            (f"  {'':>5} against the bare all N ev.ready: gateway all N ev.ready "
+             f"{median([r['gateway']['all'] for r in rounds]) / bare_all:.2f}x, "
+             f"GET succeeded {median([r['gateway']['succeeded'] for r in rounds]) / bare_all:.2f}x"),
+            (f"  {'':>5} GET /api/operations/{{cid}}?wait=60 sent after the 202, again (after {POLL_S * 1000:.0f} ms, "
+             f"{FAST_POLL_S * 1000:.0f} ms once all N ev.ready were in) while it answers open; median "
+             f"{median([r['gateway']['polls'] for r in rounds]):.0f} GETs"),
+            (f"  {'':>5} registration: {reg['listed']:.2f} s from the first of N statuses to GET /api/components "
+             f"listing all {n} (all published after {reg['published']:.2f} s; {reg['polls']} GETs, the slowest "
+             f"{ms(reg['slowest_get']):.0f} ms, each {REGISTER_POLL_S * 1000:.0f} ms or twice its time after the last)"),
         ]
-    if "store_timing" in results:
-        lines += ["", "Store calls of the gateway during the gateway runs (--store-timing):",
-                  f"  {'run':<22} {'method':<22} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8}"]
-        for phase, by_name in results["store_timing"].items():
-            for name, f in by_name.items():
-                lines.append(f"  {phase:<22} {name:<22} {f['n']:>6} {f['p50']:>8.2f} {f['p99']:>8.2f}")
-    lines += ["", "Summary (bulk toggle: medians of the rounds, and their ratio)",
-              f"  {'figure':<58} {'gateway':>10} {'bare':>10} {'ratio':>8}"]
-    for row in results["config_update"]["levels"]:
-        g, b, c = row["gateway"], row["bare"], row["concurrency"]
-        lines += [f"  {f'config update c={c}, p50 ms':<58} {g['p50']:>10.1f} {b['p50']:>10.1f} {row['ratio_p50']:>7.1f}x",
-                  f"  {f'config update c={c}, completed/s':<58} {g['per_s']:>10.0f} {b['per_s']:>10.0f} "
-                  f"{row['ratio_per_s']:>8.2f}"]
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, Any]) -> str:
+    """Each goal's figure beside its reference from the same run; nothing is asserted."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for part, where in (("config_update", "SQLite, 1 gateway"), ("postgres", "PostgreSQL, 2 gateways")):
+        for row in (results.get(part) or {}).get("levels", []):
+            g, b, c = row["gateway"], row["bare"], row["concurrency"]
+            goal_p50 = "<= bare + 3 ms" if part == "config_update" and c == 1 else "report"
+            goal_rate = ">= 0.8x" if part == "config_update" and c == 32 else "report"
+            failed = f" ({g['errors']} not 202)" if g["errors"] else ""
+            rows += [(f"config update c={c}, p50 ms ({where}){failed}", f"{g['p50']:.1f}", f"{b['p50']:.1f}",
+                      f"{g['p50'] - b['p50']:+.1f} ms", goal_p50),
+                     (f"config updates completed/s c={c} ({where})", f"{g['per_s']:.0f}", f"{b['per_s']:.0f}",
+                      f"{row['ratio_per_s']:.2f}x", goal_rate)]
+    if "replay" in results:
+        rp = results["replay"]
+        rows.append(("idempotent replay req/s (ref: GET /healthz)", f"{rp['replay_rps']:.0f}",
+                     f"{rp['healthz_rps']:.0f}", f"{rp['ratio']:.2f}x", ">= 0.5x"))
     for fan in results["fanout"]:
         rounds, n = fan["rounds"], fan["targets"]
-        # The 202 goes with the bare publisher's last confirm; the rest with its last ev.ready.
-        for label, field, bare_field in (("202 (bare: all published)", "accepted", "published"),
-                                         ("all N ev.ready", "all", "all"), ("op closed", "closed", "all"),
-                                         ("GET reads succeeded", "succeeded", "all")):
-            value = median([ms(r["gateway"][field]) for r in rounds])
-            reference = median([ms(r["bare"][bare_field]) for r in rounds])
-            lines.append(f"  {f'bulk toggle N={n}, POST -> {label}, ms':<58} {value:>10.0f} {reference:>10.0f} "
-                         f"{value / reference:>7.1f}x")
-    lines += ["", f"total run time: {results['runtime_s']:.0f} s"]
-    return "\n".join(lines)
+        value, reference = (median([ms(r["gateway"]["succeeded"]) for r in rounds]),
+                            median([ms(r["bare"]["all"]) for r in rounds]))
+        rows.append((f"bulk toggle N={n}: POST -> GET succeeded, ms (ref: bare all ev.ready)", f"{value:.0f}",
+                     f"{reference:.0f}", f"{value / reference:.2f}x", "<= 1.5x"))
+    for fan in results["fanout"]:
+        n = fan["targets"]
+        rows.append((f"{n} controllers: first status -> all listed, s", f"{fan['registration']['listed']:.2f}", "-",
+                     "-", "< 1 s" if n >= 1000 else "report"))
+    early = (results.get("config_update") or {}).get("early")
+    if early:
+        rows.append(("outcome event before the 202", f"{early['event_before_202']} of {early['n']}", "-", "-", "0"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    head = ("figure", "gateway", "reference", "ratio", "goal")
+    widths = [max(w, len(h)) for w, h in zip(widths, head, strict=True)]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  " + "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
+
+    return "\n".join(["Summary against the goals (each reference measured in the same run)", fmt(head), *map(fmt, rows)])
 
 
 def int_list(text: str) -> list[int]:
@@ -782,19 +929,28 @@ def main() -> None:
         return
 
     parser = argparse.ArgumentParser(prog="python -m bench.config_update", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short run: n 60, fan-out to 100 only, 1 round")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: n 60, levels 1,32, fan-out to 100 only, 1 round, 200 replays")
     parser.add_argument("--n", type=int, default=None, help="measured requests per concurrency and path (default 300)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per concurrency and path (default 20)")
-    parser.add_argument("--levels", type=int_list, default=[1, 8, 32], help="concurrencies (default 1,8,32)")
+    parser.add_argument("--levels", type=int_list, default=None, help="concurrencies (default 1,8,32)")
+    parser.add_argument("--early-n", type=int, default=50, help="config updates counted for outcome-before-202 (50)")
     parser.add_argument("--bees", type=int, default=8, help="generator bees the patches are spread over (default 8)")
-    parser.add_argument("--fanout", type=int_list, default=None, help="controllers per bulk toggle (default 100,1000)")
-    parser.add_argument("--rounds", type=int, default=None, help="bulk toggles per size, median reported (default 3)")
-    parser.add_argument("--store-timing", action="store_true", help="also time the gateway's store calls")
+    parser.add_argument("--http-n", type=int, default=None, help="replays and healthz requests per round (default 500)")
+    parser.add_argument("--http-c", type=int, default=20, help="replay and healthz concurrency (default 20)")
+    parser.add_argument("--fanout", type=int_list, default=None, help="controllers per bulk toggle (100,1000)")
+    parser.add_argument("--rounds", type=int, default=None, help="bulk toggles and replay rounds, median reported (3)")
+    parser.add_argument("--pg-levels", type=int_list, default=None, help="concurrencies on PostgreSQL (default 1,32)")
+    parser.add_argument("--parts", type=lambda t: set(t.split(",")), default={"sqlite", "fanout", "postgres"},
+                        help="which parts to run: sqlite (1-3), fanout (4), postgres (5); default all")
     parser.add_argument("--json", type=Path, help="also write the raw figures to this file")
     args = parser.parse_args()
     args.n = args.n or (60 if args.quick else 300)
+    args.levels = args.levels or ([1, 32] if args.quick else [1, 8, 32])
+    args.pg_levels = args.pg_levels or [1, 32]
     args.fanout = args.fanout or ([100] if args.quick else [100, 1000])
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.http_n = args.http_n or (200 if args.quick else 500)
     run_and_print(args, run, render)
 
 

@@ -41,7 +41,8 @@ import aiohttp
 import docker
 from aiohttp import web
 
-from bench.common import MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, run_and_print
+from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, replay_against_healthz,
+                          run_and_print)
 from bench.httpload import percentile
 from controlplane.bus import Bus
 from controlplane.bus.management import Management
@@ -425,31 +426,9 @@ def remove_reference_containers(client: docker.DockerClient, run_id: str) -> Non
 # --- 3. gateway throughput -----------------------------------------------------------------------
 
 
-async def http_load(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run the jobs in a client process of their own; one result per job."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.httpload", json.dumps(jobs), cwd=str(REPO_ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise BenchError(f"load client failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-
-
 async def throughput(base: str, swarm_id: str, key: str, n: int, concurrency: int, rounds: int) -> dict[str, Any]:
-    replay = {"method": "POST", "url": f"{base}/api/swarms/{swarm_id}/start", "body": {"idempotencyKey": key},
-              "concurrency": concurrency, "expect_status": 202, "expect_header": ["Idempotent-Replayed", "true"]}
-    health = {"method": "GET", "url": f"{base}/healthz", "concurrency": concurrency, "expect_status": 200}
-    jobs = [{**health, "name": "warmup-healthz", "n": HTTP_WARMUP}, {**replay, "name": "warmup-replay", "n": HTTP_WARMUP}]
-    for r in range(rounds):  # alternate the order so drift does not favour one side
-        pair = [{**health, "name": "healthz", "n": n}, {**replay, "name": "replay", "n": n}]
-        jobs += pair if r % 2 == 0 else pair[::-1]
-    results = [res for res in await http_load(jobs) if not res["name"].startswith("warmup")]
-    for res in results:
-        if res["errors"]:
-            raise BenchError(f"{res['name']}: {res['errors']} of {res['n']} requests failed: {res['first_errors']}")
-    return {"healthz": [r for r in results if r["name"] == "healthz"],
-            "replay": [r for r in results if r["name"] == "replay"]}
+    replay = {"method": "POST", "url": f"{base}/api/swarms/{swarm_id}/start", "body": {"idempotencyKey": key}}
+    return await replay_against_healthz(base, replay, n, concurrency, rounds, HTTP_WARMUP)
 
 
 def median(values: list[float]) -> float:

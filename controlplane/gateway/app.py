@@ -20,7 +20,7 @@ from controlplane.contract.models import utcnow
 from controlplane.gateway.context import CTX, GatewayContext, context_of
 from controlplane.gateway.events import EventHub, stream_events
 from controlplane.gateway.ledger import Ledger
-from controlplane.gateway.middleware import make_middlewares
+from controlplane.gateway.middleware import make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
@@ -71,6 +71,7 @@ def build_app(ctx: GatewayContext) -> web.Application:
     api_key = ctx.settings.api_key.get_secret_value() if ctx.settings.api_key else None
     app = web.Application(middlewares=make_middlewares(api_key, ctx.settings.protect_reads), client_max_size=1 << 20)
     app[CTX] = ctx
+    app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
                     web.get("/api/events", stream_events)])
     app.add_routes(swarms.routes())
@@ -111,14 +112,6 @@ async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Applic
         if tracker is not None:
             await tracker.stop()
         if ctx is not None:
-            close = getattr(ctx.events, "close", None)
-            if close is not None:
-                await close() if _is_coroutine(close) else close()
+            ctx.events.close()  # open streams end, so shutdown is not held by a watching client
             await ctx.registry.stop()
         await store.close()
-
-
-def _is_coroutine(fn: object) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(fn)

@@ -75,19 +75,30 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+REQUEST_ID = "request_id"
+
+
+async def tag_stream(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a stream sends its headers before the middleware sees it."""
+    if REQUEST_ID in request and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
 def make_middlewares(api_key: str | None, protect_reads: bool) -> list[Callable[..., Any]]:
     expected = api_key.encode() if api_key else None
 
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        request_id = request[REQUEST_ID] = request.headers.get("X-Request-Id") or str(uuid.uuid4())
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, method=request.method, path=request.path)
         started = time.perf_counter()
         response = await handler(request)
-        response.headers["X-Request-Id"] = request_id
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+        if not isinstance(response, web.Response):  # a stream: its lifetime is not a request's latency
+            return response
+        response.headers["X-Request-Id"] = request_id
         metrics.HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
         return response
 

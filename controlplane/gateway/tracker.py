@@ -43,6 +43,10 @@ class Tracker:
 
     async def start(self) -> Tracker:
         ctx = self.ctx
+        # The static queues exist before any signal goes out, whichever process started first:
+        # a signal published before its receiver's queue is declared would be dropped.
+        for static in ctx.bus.topology.queues:
+            await ctx.bus.declare_queue(static)
         decl = ctx.bus.topology.templates.gateway_queue.render(instance=ctx.settings.gateway_name)
         self._consumer = await ctx.bus.consume(decl, self._on_event, prefetch=256)
         await republish_pending(ctx)
@@ -60,7 +64,6 @@ class Tracker:
 
     async def _on_event(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
         parsed = keys.parse_key(routing_key)
-        self.ctx.events.publish(routing_key, body)
         if parsed.kind in ("status-full", "status-delta"):
             status = Status.model_validate(body)
             self.ctx.registry.observe(status)
@@ -70,6 +73,8 @@ class Tracker:
                              keys.component_scope(status.role, status.instance), "succeeded", status.to_dict())
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             await self._on_outcome(Outcome.model_validate(body))
+        # Streamed once it is understood and projected: a retried delivery is not streamed twice.
+        self.ctx.events.publish(routing_key, body)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
         # The read model moves first, so once an operation reads as closed its swarm shows the
