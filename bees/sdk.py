@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from controlplane.bus import Bus, Consumer
 from controlplane.contract import keys
-from controlplane.contract.models import OutcomeState, Signal, Status, utcnow
+from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
 from controlplane.contract.receiver import Failure, SignalServer
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
 from controlplane.controller import snapshot
@@ -191,7 +191,8 @@ class Bee(Generic[C]):
             await self.worker.setup(self.ctx)
             set_up = True
             self._server = SignalServer(bus, f"{env.role}.{env.instance}", commands={"config-update": self._apply},
-                                        queries={"status-request": self._status_request}, state=self._state)
+                                        queries={"status-request": self._status_request}, state=self._state,
+                                        after=self._after_command)
             control = await bus.consume(self.control_queue(), self._server.on_message, prefetch=1)
             await self._sync_work_consumer()
             self._last_at = self.ctx.now()
@@ -375,7 +376,6 @@ class Bee(Generic[C]):
             failure = exc
         await self._sync_work_consumer()
         self._changed.set()
-        await self._save_state()
         if failure is not None:
             self.log.warning("config applied, worker failed to act on it", error=repr(failure))
             raise Failure("apply-failed", str(failure) or repr(failure), "config-update", retryable=True,
@@ -400,6 +400,11 @@ class Bee(Generic[C]):
         if kept.enabled is not None:
             self.ctx.enabled = kept.enabled
         self.log.info("state restored", enabled=self.ctx.enabled)
+
+    async def _after_command(self, _sig: Signal, _outcome: Outcome) -> None:
+        """The outcome is out; the signal is acked once the state a restart must find is saved
+        (a crash before that redelivers the signal, which applies the same patch again)."""
+        await self._save_state()
 
     async def _save_state(self) -> None:
         assert self._bus is not None

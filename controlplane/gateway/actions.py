@@ -11,9 +11,10 @@ Every surface goes through ``submit``. The order matters:
    event may arrive before this gateway has consumed it;
 3. the record, the operation and its signals are committed in the writer's next batch,
    where concurrent duplicates and a second holder of one resource are refused;
-4. only then are the signals published and the caller answered. A publish that fails
-   undoes the record, unless a duplicate was already answered with it: then the outbox
-   publishes it later.
+4. only then are the signals published and the caller answered: the answer waits for the
+   commit, not for the broker's confirm, since a signal not confirmed is published again
+   by the outbox (``dispatch``). A broker that is down is refused before anything is
+   committed (503).
 
 Replays, preconditions and conflicts are answered from memory (``Ledger``, ``Swarms``,
 ``Registry``); the only database work on the way is the commit the 202 depends on.
@@ -40,7 +41,7 @@ from controlplane.contract.models import (
 )
 from controlplane.gateway import metrics
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.dispatch import dispatch
+from controlplane.gateway.dispatch import start_dispatch
 from controlplane.gateway.ledger import Record, Tracked, wait_closed
 from controlplane.gateway.middleware import ApiError, read_json
 from controlplane.logs import get_logger
@@ -179,14 +180,27 @@ def prefer_wait(request: web.Request) -> float | None:
     return min(float(found.group(1)), MAX_WAIT_S) if found else None
 
 
-async def replay_if_known(request: web.Request, signal: str, scope: str, body: ActionRequest) -> web.Response | None:
-    """Answer a retry before a handler runs preconditions of its own (a lookup, a 404)."""
+async def replay_if_known(request: web.Request, signal: str, scope: str, body: ActionRequest,
+                          consult_store: bool = False) -> web.Response | None:
+    """Answer a retry before a handler runs preconditions of its own (a lookup, a 404).
+
+    Memory first; ``consult_store`` also asks the store, for a handler about to refuse the
+    request (the key may have been used first through another gateway)."""
     ctx = context_of(request)
     digest = request_hash(signal, scope, body)
     known = ctx.ledger.find(signal, scope, str(body.idempotency_key), digest)
-    if known is None:
+    if known is None and consult_store:
         known = await ctx.store.find_action(signal, scope, str(body.idempotency_key), digest)
     return await _replay(request, known, signal) if known is not None else None
+
+
+async def refuse_unless_known(request: web.Request, signal: str, scope: str, body: ActionRequest,
+                              error: ApiError) -> web.Response:
+    """A handler's precondition failed: answer a retry from its key, else raise ``error``."""
+    replayed = await replay_if_known(request, signal, scope, body, consult_store=True)
+    if replayed is None:
+        raise error
+    return replayed
 
 
 async def submit(request: web.Request, action: Action,
@@ -210,6 +224,8 @@ async def submit(request: web.Request, action: Action,
     holder = ctx.ledger.holder(action.resource)
     if holder is not None and not await _settled(ctx, action):
         raise _busy(action, holder.op)
+    if not ctx.bus.ready:
+        raise _broker_down()
 
     correlation_id = new_id()
     envelope = Envelope(correlation_id=correlation_id, idempotency_key=action.key, watch=action.watch(),
@@ -243,13 +259,8 @@ async def submit(request: web.Request, action: Action,
         ctx.ledger.finish(tracked, OperationStatus.SUCCEEDED, {"targets": {}})
         detach(ctx.store.set_operation_status(correlation_id, OperationStatus.SUCCEEDED, {"targets": {}}),
                "close empty fan-out")
-    elif not await dispatch(ctx, tracked) and not tracked.answered:
-        ctx.ledger.forget(tracked)
-        if action.create_swarm is not None:
-            ctx.swarms.drop(action.create_swarm.id)
-        await ctx.store.forget_action(correlation_id)
-        raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal; retry with the "
-                       "same idempotencyKey") from None
+    else:
+        start_dispatch(ctx, tracked)  # from here on a signal not confirmed is the outbox's to send
     return await _answer(request, tracked, new.envelope, 202)
 
 
@@ -261,11 +272,8 @@ async def _replay(request: web.Request, known: Replayed, signal: str) -> web.Res
     metrics.IDEMPOTENT_REPLAYS.labels(signal).inc()
     ctx = context_of(request)
     tracked = ctx.ledger.get(known.correlation_id)
-    if tracked is not None:
-        tracked.answered = True
-        if tracked.op.is_open and not await dispatch(ctx, tracked):
-            raise ApiError(503, "broker-unavailable", "the message broker did not accept the signal yet; it is "
-                           "kept and published when the broker is back; retry with the same idempotencyKey")
+    if tracked is not None and tracked.op.is_open and not tracked.published:
+        start_dispatch(ctx, tracked)  # what the outbox would do on its next sweep
     return await _answer(request, tracked, known.envelope, 202, {"Idempotent-Replayed": "true"})
 
 
@@ -278,6 +286,11 @@ async def _answer(request: web.Request, tracked: Tracked | None, envelope: dict[
         return web.json_response(tracked_view(tracked), status=200,
                                  headers={**(headers or {}), "Preference-Applied": f"wait={wait_s:g}"})
     return web.json_response(envelope, status=status, headers=headers)
+
+
+def _broker_down() -> ApiError:
+    return ApiError(503, "broker-unavailable", "the message broker is not reachable; nothing was recorded; "
+                    "retry with the same idempotencyKey")
 
 
 def _busy(action: Action, active: OperationRow) -> ApiError:

@@ -1,12 +1,13 @@
 """Publishing an operation's signals: right after its commit, or later from the outbox.
 
-An operation's signal bodies are committed with it, so what a request could not publish
-(the broker was away, the gateway died between commit and publish) can be published later
-from the store: by a retry of the same request, by the sweeper for an operation a
-duplicate was already answered with, and at start-up for everything left unpublished.
-One publish per operation is in flight at a time; duplicates wait for it. Signals expire
-at the operation's deadline, so the broker drops a command whose caller was told
-``timeout`` instead of delivering it late.
+An operation's signal bodies are committed with it, so the caller's 202 waits for that
+commit and not for the broker's confirm of the publish (a persistent message is confirmed
+once it is on the broker's disk, which costs milliseconds). A signal not confirmed stays
+unpublished in the store, and the outbox sends it again: from the sweeper while the
+gateway runs, and at start-up for what a crashed gateway left behind. One publish per
+operation is in flight at a time; duplicates share it. Signals expire at the operation's
+deadline, so the broker drops a command whose caller was told ``timeout`` instead of
+delivering it late.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from controlplane.store.writer import detach
 log = get_logger("gateway.dispatch")
 
 
-async def dispatch(ctx: GatewayContext, tracked: Tracked) -> bool:
-    """Publish ``tracked``'s signals unless done already; False when the broker took none."""
+def start_dispatch(ctx: GatewayContext, tracked: Tracked) -> asyncio.Future[bool]:
+    """Publish ``tracked``'s signals unless done or under way; the future says whether the
+    broker confirmed any."""
     if tracked.published:
-        return True
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        done.set_result(True)
+        return done
     if tracked.dispatching is None or tracked.dispatching.done():
         tracked.dispatching = asyncio.ensure_future(_publish(ctx, tracked))
-    return await asyncio.shield(tracked.dispatching)
+    return tracked.dispatching
+
+
+async def dispatch(ctx: GatewayContext, tracked: Tracked) -> bool:
+    """``start_dispatch`` and wait for the broker's confirm."""
+    return await asyncio.shield(start_dispatch(ctx, tracked))
 
 
 async def _publish(ctx: GatewayContext, tracked: Tracked) -> bool:
@@ -48,7 +57,7 @@ async def _publish(ctx: GatewayContext, tracked: Tracked) -> bool:
                   correlation_id=op.correlation_id)
         return False
     ctx.ledger.mark_published(tracked)
-    detach(ctx.store.mark_published([op.correlation_id]), "mark published")
+    detach(ctx.store.mark_published(op.correlation_id), "mark published")
     for sig, exc in failed:  # part of a fan-out went out: the rest is answered as failed, not retried
         outcome = Outcome.for_signal(sig, result="error", phase="gateway", code="broker-unavailable",
                                      message=f"the broker did not accept the signal: {exc}", retryable=True)
@@ -62,10 +71,12 @@ async def _publish(ctx: GatewayContext, tracked: Tracked) -> bool:
 def close_target(ctx: GatewayContext, correlation_id: str, signal: str, target: str, status: str,
                  outcome: dict[str, Any]) -> None:
     """Close in memory at once; the store follows in the writer's next batch."""
+    tracked = ctx.ledger.get(correlation_id)
     recorded = ctx.ledger.close(correlation_id, signal, target, status, outcome)
-    if not recorded.moved:
+    if not recorded.moved or tracked is None:
         return  # matches no open operation here: nothing to write
-    detach(ctx.store.record_outcome(correlation_id, signal, target, status, outcome), "record outcome")
+    detach(ctx.store.close_later(correlation_id, signal, target, status, outcome, fan_out=bool(tracked.targets)),
+           "record outcome")
     if recorded.closed is not None:
         count_finished(recorded.closed)
 

@@ -49,7 +49,6 @@ class Tracked:
     op: OperationRow
     targets: dict[str, TargetRow] = field(default_factory=dict)  # a fan-out's targets
     published: bool = False  # the broker confirmed its signals
-    answered: bool = False  # a duplicate was answered with its envelope: it must not be undone
     dispatching: asyncio.Future[bool] | None = None  # the publish in flight, shared by duplicates
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -151,15 +150,6 @@ class Ledger:
     def finish(self, tracked: Tracked, status: str, outcome: dict[str, Any] | None) -> OperationRow:
         """Close an operation as a whole (an empty fan-out, or what the store says another gateway did)."""
         return self._finish(tracked, status, outcome, utcnow())
-
-    def forget(self, tracked: Tracked) -> None:
-        """Drop an operation whose begin was undone."""
-        op = tracked.op
-        self._open.pop(op.correlation_id, None)
-        self._records.pop((op.action, op.target, op.idempotency_key), None)
-        if op.resource and self._holders.get(op.resource) is tracked:
-            del self._holders[op.resource]
-        tracked.closed.set()
 
     def purge(self, now: datetime) -> int:
         """Forget records past their retention."""

@@ -55,10 +55,6 @@ class Swarms:
             detach(self._store.update_swarm(swarm_id, **fields), "update swarm")
         return row
 
-    def drop(self, swarm_id: str) -> None:
-        """Forget a row the store no longer holds (its begin was undone)."""
-        self._rows.pop(swarm_id, None)
-
     def delete(self, swarm_id: str) -> None:
         self._rows.pop(swarm_id, None)
         detach(self._store.delete_swarm(swarm_id), "delete swarm")

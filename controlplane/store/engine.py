@@ -63,6 +63,8 @@ def _tune_sqlite(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoints run apart from commits (Database.checkpoint), so no commit pays for one.
+            cursor.execute("PRAGMA wal_autocheckpoint = 0")
         finally:
             cursor.close()
 

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from controlplane.store import statements
 from controlplane.store.database import Database, open_database
 from controlplane.store.models import (
     FINAL_STATUSES,
@@ -46,9 +47,13 @@ from controlplane.store.models import (
 )
 from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
 from controlplane.store.writer import Writer
+from controlplane.logs import get_logger
 
 # A conflict whose winner then rolled back leaves nothing to report; try again this often.
 BEGIN_ATTEMPTS = 3
+HOUSEKEEPING_INTERVAL_S = 5.0
+
+log = get_logger("store")
 
 _SWARM_UPDATABLE = frozenset(f.name for f in dataclasses.fields(SwarmRow)) - {"id"}
 
@@ -70,12 +75,23 @@ class Store:
     def __init__(self, database: Database) -> None:
         self.database = database
         self.writer = Writer(database).start()
+        self._housekeeping = asyncio.create_task(self._keep_house(), name="store-housekeeping")
+
+    async def _keep_house(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            try:
+                await self.database.checkpoint()
+            except Exception as exc:  # the next round tries again
+                log.warning("store housekeeping failed", error=repr(exc))
 
     @property
     def dialect(self) -> str:
         return self.database.dialect
 
     async def close(self) -> None:
+        self._housekeeping.cancel()
+        await asyncio.gather(self._housekeeping, return_exceptions=True)
         await self.writer.stop()
         await self.database.close()
 
@@ -88,13 +104,20 @@ class Store:
     # --- actions and operations ---------------------------------------------------------
 
     async def begin_action(self, action: NewAction, create_swarm: SwarmRow | None = None) -> BeginResult:
-        """Record ``action`` (and claim ``create_swarm``) in one transaction, or say why not."""
+        """Record ``action`` (and claim ``create_swarm``) in one transaction, or say why not.
+
+        The inserts are tried first: a unique constraint refusing them is the rare path,
+        answered by reading what won (or by clearing an expired record and trying again).
+        """
         if create_swarm is not None and action.swarm_id != create_swarm.id:
             raise ValueError("create_swarm.id must equal action.swarm_id")
         for attempt in range(BEGIN_ATTEMPTS):
             try:
-                return await self.writer.submit(partial(_begin_or_conflict, action=action, create_swarm=create_swarm))
+                return await self.writer.submit(partial(_begin, action=action, create_swarm=create_swarm))
             except IntegrityError:
+                found = await self.writer.submit(partial(_conflict, action=action, create_swarm=create_swarm))
+                if found is not None:
+                    return found
                 if attempt == BEGIN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
@@ -120,9 +143,17 @@ class Store:
         return self.writer.submit(partial(_set_operation_status, correlation_id=correlation_id, status=status,
                                           outcome=outcome, now=utcnow()))
 
-    def mark_published(self, correlation_ids: list[str]) -> asyncio.Future[int]:
-        """accepted → dispatched for operations whose signals the broker confirmed."""
-        return self.writer.submit(partial(_mark_published, correlation_ids=correlation_ids, now=utcnow()))
+    def mark_published(self, correlation_id: str) -> asyncio.Future[int]:
+        """accepted → dispatched for an operation whose signals the broker confirmed (gathered:
+        every mark pending when the writer's next batch starts is one statement)."""
+        return self.writer.gather(_mark_all_published, correlation_id)
+
+    def close_later(self, correlation_id: str, signal: str, target: str, status: str, outcome: dict[str, Any],
+                    fan_out: bool) -> asyncio.Future[None]:
+        """``record_outcome`` for a caller that does not need its answer, gathered with the
+        others pending: a burst of outcomes costs one unit of the writer's next batch."""
+        return self.writer.gather(_record_outcomes, (correlation_id, signal, target, OperationStatus(status),
+                                                     outcome, fan_out))
 
     def record_outcome(self, correlation_id: str, signal: str, target: str, status: str,
                        outcome: dict[str, Any]) -> asyncio.Future[Recorded]:
@@ -187,7 +218,7 @@ class Store:
         With ``finished_before``, also delete operations that closed before then, so the
         operations table keeps a bounded history; open operations always stay.
         """
-        return self.writer.submit(partial(_purge_expired, now=now, finished_before=finished_before))
+        return self.writer.submit(partial(_purge_expired, now=now, finished_before=finished_before), bulky=True)
 
     # --- swarms ---------------------------------------------------------------------------
 
@@ -225,7 +256,7 @@ class Store:
         controller's bee list is the truth about membership: bees it no longer lists, and
         that have not reported since, leave the registry.
         """
-        return self.writer.submit(partial(_save_registry, batch=batch, upsert=self._upsert))
+        return self.writer.submit(partial(_save_registry, batch=batch, upsert=self._upsert), bulky=True)
 
     def _upsert(self, table: sa.Table, values: dict[str, Any], update: list[str]) -> Any:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
@@ -253,18 +284,6 @@ class Store:
 
 
 # --- units of work and reads, each a function of a connection ------------------------------
-
-
-def _begin_or_conflict(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
-    try:
-        with conn.begin_nested():
-            return _begin(conn, action, create_swarm)
-    except IntegrityError:
-        # Another transaction won a unique constraint; its rows are committed, read them.
-        found = _find_conflict(conn, action, create_swarm)
-        if found is None:
-            raise
-        return found
 
 
 def _forget_action(conn: Connection, correlation_id: str) -> None:
@@ -304,38 +323,72 @@ def _set_operation_status(conn: Connection, correlation_id: str, status: str, ou
     return _operation(row) if row is not None else None
 
 
-def _mark_published(conn: Connection, correlation_ids: list[str], now: datetime) -> int:
-    result = conn.execute(
-        sa.update(operations)
-        .where(operations.c.correlation_id.in_(correlation_ids), operations.c.status == OperationStatus.ACCEPTED)
-        .values(status=OperationStatus.DISPATCHED.value, updated_at=now))
-    return result.rowcount
+_LOCK_OPERATION = (sa.select(operations.c.status, operations.c.signal, operations.c.target)
+                   .where(operations.c.correlation_id == sa.bindparam("b_id")).with_for_update())
+_CLOSE_TARGET = (
+    sa.update(operation_targets)
+    .where(operation_targets.c.correlation_id == sa.bindparam("b_id"),
+           operation_targets.c.target == sa.bindparam("b_target"),
+           operation_targets.c.status.in_(OPEN_STATUSES))
+    .values(status=sa.bindparam("b_status"), outcome=sa.bindparam("b_outcome"), updated_at=sa.bindparam("b_now")))
+_HAS_TARGETS = (sa.select(operation_targets.c.target)
+                .where(operation_targets.c.correlation_id == sa.bindparam("b_id")).limit(1))
+_COUNT_TARGETS = (sa.select(operation_targets.c.status, sa.func.count())
+                  .where(operation_targets.c.correlation_id == sa.bindparam("b_id"))
+                  .group_by(operation_targets.c.status))
+_CLOSE_OPERATION = (
+    sa.update(operations).where(operations.c.correlation_id == sa.bindparam("b_id"))
+    .values(status=sa.bindparam("b_status"), outcome=sa.bindparam("b_outcome"), updated_at=sa.bindparam("b_now"))
+    .returning(*operations.c))
+
+
+def _mark_all_published(conn: Connection, correlation_ids: list[str]) -> None:
+    now = utcnow()
+    statements.execute_many(conn, statements.MARK_PUBLISHED,
+                            [{"correlation_id": cid, "now": now} for cid in correlation_ids])
+
+
+Closing = tuple[str, str, str, OperationStatus, dict[str, Any], bool]  # cid, signal, target, status, outcome, fan-out
+
+
+def _record_outcomes(conn: Connection, outcomes: list[Closing]) -> None:
+    """Outcomes the gateway already applied in memory. An operation that is not a fan-out
+    closes with one statement; a fan-out's targets close together, then it is counted once."""
+    now = utcnow()
+    statements.execute_many(conn, statements.CLOSE_SINGLE, [
+        {"correlation_id": cid, "signal": signal, "target": target, "status": final.value, "outcome": outcome,
+         "now": now} for cid, signal, target, final, outcome, fan_out in outcomes if not fan_out])
+    by_operation: dict[str, list[Closing]] = {}
+    for closing in outcomes:
+        if closing[5]:
+            by_operation.setdefault(closing[0], []).append(closing)
+    for cid, closings in by_operation.items():
+        op = conn.execute(_LOCK_OPERATION, {"b_id": cid}).first()
+        if op is None or op.status not in OPEN_STATUSES:
+            continue
+        statements.execute_many(conn, statements.CLOSE_TARGET, [
+            {"correlation_id": cid, "target": target, "status": final.value, "outcome": outcome, "now": now}
+            for _, signal, target, final, outcome, _ in closings if signal == op.signal])
+        counts: dict[str, int] = dict(conn.execute(_COUNT_TARGETS, {"b_id": cid}).all())
+        if not any(counts.get(s, 0) for s in OPEN_STATUSES):
+            _close_operation(conn, cid, fan_out_status(counts).value, {"targets": fan_out_summary(counts)}, now)
 
 
 def _record_outcome(conn: Connection, correlation_id: str, signal: str, target: str, final: OperationStatus,
                     outcome: dict[str, Any]) -> Recorded:
-    op = conn.execute(sa.select(operations).where(operations.c.correlation_id == correlation_id)
-                      .with_for_update()).first()
+    op = conn.execute(_LOCK_OPERATION, {"b_id": correlation_id}).first()
     now = utcnow()  # after the lock wait, so updatedAt is when the change was made
     if op is None or op.status not in OPEN_STATUSES or op.signal != signal:
         return Recorded(moved=False)
-    moved = conn.execute(
-        sa.update(operation_targets)
-        .where(operation_targets.c.correlation_id == correlation_id, operation_targets.c.target == target,
-               operation_targets.c.status.in_(OPEN_STATUSES))
-        .values(status=final.value, outcome=outcome, updated_at=now))
+    moved = conn.execute(_CLOSE_TARGET, {"b_id": correlation_id, "b_target": target, "b_status": final.value,
+                                         "b_outcome": outcome, "b_now": now})
     if moved.rowcount == 0:
         # Not an open target. The operation's own target closes it, unless it is a
         # fan-out (whose addressed component is one target among others).
-        fan_out = conn.execute(sa.select(operation_targets.c.target).where(
-            operation_targets.c.correlation_id == correlation_id).limit(1)).first()
-        if op.target != target or fan_out is not None:
+        if op.target != target or conn.execute(_HAS_TARGETS, {"b_id": correlation_id}).first() is not None:
             return Recorded(moved=False)
         return Recorded(True, _close_operation(conn, correlation_id, final.value, outcome, now))
-    counts: dict[str, int] = dict(conn.execute(
-        sa.select(operation_targets.c.status, sa.func.count())
-        .where(operation_targets.c.correlation_id == correlation_id)
-        .group_by(operation_targets.c.status)).all())
+    counts: dict[str, int] = dict(conn.execute(_COUNT_TARGETS, {"b_id": correlation_id}).all())
     if any(counts.get(s, 0) for s in OPEN_STATUSES):
         return Recorded(moved=True)
     return Recorded(True, _close_operation(conn, correlation_id, fan_out_status(counts).value,
@@ -445,61 +498,47 @@ def _save_registry(conn: Connection, batch: RegistryBatch, upsert: Any) -> None:
 # --- begin_action, inside its transaction -------------------------------------------------
 
 
+# Built once: a statement object's compiled form and cache key are reused on every call,
+# where building one per call cost more than running it.
+_INSERT_SWARM = sa.insert(swarms)
+_DELETE_REPLACEABLE_SWARM = sa.delete(swarms).where(
+    swarms.c.id == sa.bindparam("b_id"), swarms.c.status.in_(REPLACEABLE_SWARM_STATUSES))
+_DELETE_EXPIRED_RECORD = sa.delete(idempotency).where(
+    idempotency.c.action == sa.bindparam("b_action"), idempotency.c.target == sa.bindparam("b_target"),
+    idempotency.c.idempotency_key == sa.bindparam("b_key"), idempotency.c.expires_at < sa.bindparam("b_now"))
+
+
 def _begin(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult:
-    # A record past its retention is as good as absent; clear it so the key can be reused.
-    conn.execute(sa.delete(idempotency).where(_key_of(action), idempotency.c.expires_at < action.created_at))
-    found = _find_conflict(conn, action, create_swarm)
-    if found is not None:
-        return found
+    """Insert what accepting ``action`` means; a unique constraint refusing it raises
+    ``IntegrityError`` (a known key, a held resource, a live swarm) and ``_conflict`` says which."""
     if create_swarm is not None:
-        conn.execute(
-            sa.delete(swarms).where(
-                swarms.c.id == create_swarm.id, swarms.c.status.in_(REPLACEABLE_SWARM_STATUSES)
-            )
-        )
-        conn.execute(sa.insert(swarms).values(_swarm_values(create_swarm)))
-    conn.execute(
-        sa.insert(idempotency).values(
-            action=action.action,
-            target=action.target,
-            idempotency_key=action.idempotency_key,
-            request_hash=action.request_hash,
-            correlation_id=action.correlation_id,
-            envelope=action.envelope,
-            created_at=action.created_at,
-            expires_at=action.expires_at,
-        )
-    )
-    row = (
-        conn.execute(
-            sa.insert(operations)
-            .values(
-                correlation_id=action.correlation_id,
-                idempotency_key=action.idempotency_key,
-                action=action.action,
-                target=action.target,
-                signal=action.signal,
-                swarm_id=action.swarm_id,
-                lifecycle=action.lifecycle,
-                status=OperationStatus.ACCEPTED.value,
-                envelope=action.envelope,
-                timeout_ms=action.timeout_ms,
-                deadline=action.deadline,
-                created_at=action.created_at,
-                updated_at=action.created_at,
-                outcome=None,
-                creates_swarm=create_swarm is not None,
-                signals=action.signals,
-                resource=action.resource,
-            )
-            .returning(*operations.c)
-        )
-    ).one()
-    if action.targets:
-        conn.execute(sa.insert(operation_targets), [
-            {"correlation_id": action.correlation_id, "target": target, "status": OperationStatus.DISPATCHED.value,
-             "outcome": None, "updated_at": action.created_at} for target in action.targets])
-    return Started(_operation(row))
+        conn.execute(_DELETE_REPLACEABLE_SWARM, {"b_id": create_swarm.id})
+        conn.execute(_INSERT_SWARM, _swarm_values(create_swarm))
+    statements.execute(conn, statements.INSERT_RECORD, {
+        "action": action.action, "target": action.target, "idempotency_key": action.idempotency_key,
+        "request_hash": action.request_hash, "correlation_id": action.correlation_id, "envelope": action.envelope,
+        "created_at": action.created_at, "expires_at": action.expires_at})
+    row = OperationRow(
+        correlation_id=action.correlation_id, idempotency_key=action.idempotency_key, action=action.action,
+        target=action.target, signal=action.signal, swarm_id=action.swarm_id, lifecycle=action.lifecycle,
+        status=OperationStatus.ACCEPTED.value, envelope=action.envelope, timeout_ms=action.timeout_ms,
+        deadline=action.deadline, created_at=action.created_at, updated_at=action.created_at, outcome=None,
+        creates_swarm=create_swarm is not None, signals=action.signals, resource=action.resource)
+    statements.execute(conn, statements.INSERT_OPERATION, dataclasses.asdict(row))
+    statements.execute_many(conn, statements.INSERT_TARGET, [
+        {"correlation_id": action.correlation_id, "target": target, "status": OperationStatus.DISPATCHED.value,
+         "outcome": None, "updated_at": action.created_at} for target in action.targets])
+    return Started(row)
+
+
+def _conflict(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -> BeginResult | None:
+    """After a refused begin: what stood in the way, or None once an expired record that held
+    the key is cleared (a record past its retention is as good as absent)."""
+    found = _find_conflict(conn, action, create_swarm)
+    if found is None:
+        conn.execute(_DELETE_EXPIRED_RECORD, {"b_action": action.action, "b_target": action.target,
+                                              "b_key": action.idempotency_key, "b_now": action.created_at})
+    return found
 
 
 def _find_conflict(
@@ -548,10 +587,9 @@ def _key(action: str, target: str, idempotency_key: str) -> sa.ColumnElement[boo
 
 
 def _close_operation(conn: Connection, correlation_id: str, status: str, outcome: dict[str, Any],
-                           now: datetime) -> OperationRow:
-    row = (conn.execute(
-        sa.update(operations).where(operations.c.correlation_id == correlation_id)
-        .values(status=status, outcome=outcome, updated_at=now).returning(*operations.c))).one()
+                     now: datetime) -> OperationRow:
+    row = conn.execute(_CLOSE_OPERATION, {"b_id": correlation_id, "b_status": status, "b_outcome": outcome,
+                                          "b_now": now}).one()
     return _operation(row)
 
 

@@ -29,6 +29,8 @@ T = TypeVar("T")
 Unit = Callable[[Connection], Any]
 
 MAX_BATCH = 512
+BULKY_ITEMS = 64  # a batch (or a gathered unit) of more than this commits off the event loop
+GATHER_S = 0.02  # how long writes nobody waits on are gathered before they are committed
 
 BATCH_SIZE = Histogram("cp_store_batch_units", "Units of work committed per store transaction",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
@@ -40,28 +42,59 @@ class Writer:
     def __init__(self, database: Database, max_batch: int = MAX_BATCH) -> None:
         self._database = database
         self._max_batch = max_batch
-        self._pending: list[tuple[Unit, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Unit, asyncio.Future[Any], bool]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._groups: dict[Callable[..., Any], tuple[list[Any], asyncio.Future[Any]]] = {}
 
     def start(self) -> Writer:
         self._task = asyncio.create_task(self._run(), name="store-writer")
         return self
 
-    def submit(self, unit: Unit) -> asyncio.Future[Any]:
-        """Queue ``unit``; the future resolves once its transaction has committed."""
+    def submit(self, unit: Unit, bulky: bool = False) -> asyncio.Future[Any]:
+        """Queue ``unit``; the future resolves once its transaction has committed.
+
+        ``bulky``: a unit of many statements (a registry flush, a purge); its batch runs off
+        the event loop."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((unit, future))
+        self._pending.append((unit, future, bulky))
         self._idle.clear()
         self._wake.set()
         return future
 
+    def gather(self, fn: Callable[[Connection, list[Any]], Any], item: Any) -> asyncio.Future[Any]:
+        """Queue ``item`` for ``fn``, which takes every item gathered within ``GATHER_S`` as one
+        unit: a thousand outcomes cost one unit, not a thousand. All share one future.
+
+        For writes nobody waits on (read models kept durable): gathering them a moment keeps
+        them out of the way of the commits that requests do wait on.
+        """
+        group = self._groups.get(fn)
+        if group is None:
+            loop = asyncio.get_running_loop()
+            items: list[Any] = []
+            group = self._groups[fn] = (items, loop.create_future())
+            self._idle.clear()
+            loop.call_later(GATHER_S, self._submit_gathered, fn)
+        group[0].append(item)
+        return group[1]
+
+    def _submit_gathered(self, fn: Callable[[Connection, list[Any]], Any]) -> None:
+        group = self._groups.pop(fn, None)
+        if group is None:  # already submitted by stop()
+            return
+        items, future = group
+        committed = self.submit(_Gathered(fn, items), bulky=len(items) > BULKY_ITEMS)
+        committed.add_done_callback(lambda done: _chain(done, future))
+
     async def stop(self) -> None:
-        """Commit everything already submitted, then stop."""
+        """Commit everything already submitted or gathered, then stop."""
         if self._task is None:
             return
+        for fn in list(self._groups):
+            self._submit_gathered(fn)
         if self._pending or not self._idle.is_set():
             await self._idle.wait()
         self._task.cancel()
@@ -75,17 +108,21 @@ class Writer:
             while self._pending:
                 batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
                 await self._commit(batch)
-            self._idle.set()
+            if not self._groups:
+                self._idle.set()
 
-    async def _commit(self, batch: list[tuple[Unit, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[tuple[Unit, asyncio.Future[Any], bool]]) -> None:
         BATCH_SIZE.observe(len(batch))
+        units = [unit for unit, _, _ in batch]
+        bulky = len(batch) > BULKY_ITEMS or any(b for _, _, b in batch)
+        write = self._database.write if bulky else self._database.write_small
         try:
             with COMMIT_SECONDS.time():
-                results = await self._database.write(_apply, [unit for unit, _ in batch])
+                results = await write(_apply, units)
         except Exception as exc:  # the transaction as a whole failed: every unit in it did
             log.warning("store commit failed", units=len(batch), error=repr(exc))
             results = [(False, exc)] * len(batch)
-        for (_, future), (ok, value) in zip(batch, results):
+        for (_, future, _), (ok, value) in zip(batch, results):
             if future.done():  # its caller gave up waiting
                 continue
             if ok:
@@ -94,19 +131,46 @@ class Writer:
                 future.set_exception(value)
 
 
+class _Gathered:
+    """A unit over the items gathered for one function."""
+
+    def __init__(self, fn: Callable[[Connection, list[Any]], Any], items: list[Any]) -> None:
+        self.fn, self.items = fn, items
+
+    def __call__(self, conn: Connection) -> Any:
+        return self.fn(conn, self.items)
+
+
 def _apply(conn: Connection, units: list[Unit]) -> list[tuple[bool, Any]]:
+    # Savepoints straight on the driver's cursor: SQLAlchemy's nested transactions cost more
+    # than the statements they wrap, and these never outlive this function.
+    cursor = conn.connection.cursor()
     results: list[tuple[bool, Any]] = []
-    for unit in units:
-        savepoint = conn.begin_nested()
-        try:
-            value = unit(conn)
-        except Exception as exc:
-            savepoint.rollback()
-            results.append((False, exc))
-        else:
-            savepoint.commit()
-            results.append((True, value))
+    try:
+        for unit in units:
+            cursor.execute("SAVEPOINT unit")
+            try:
+                value = unit(conn)
+            except Exception as exc:
+                cursor.execute("ROLLBACK TO SAVEPOINT unit")
+                results.append((False, exc))
+            else:
+                results.append((True, value))
+            cursor.execute("RELEASE SAVEPOINT unit")
+    finally:
+        cursor.close()
     return results
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def detach(future: asyncio.Future[Any], what: str) -> None:

@@ -267,11 +267,11 @@ async def test_lifecycle_busy_until_first_finishes(store: Store) -> None:
 async def test_conflict_whose_winner_rolled_back_is_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     real_begin, calls = repo._begin, []
 
-    def flaky_begin(*args: Any) -> Any:
+    def flaky_begin(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         if len(calls) == 1:
             raise IntegrityError("INSERT", {}, Exception("lost a race to a transaction that rolled back"))
-        return real_begin(*args)
+        return real_begin(*args, **kwargs)
 
     monkeypatch.setattr(repo, "_begin", flaky_begin)
     await started(store, action())

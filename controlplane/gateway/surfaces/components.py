@@ -17,7 +17,7 @@ from controlplane.contract.models import (
     ControllersConfigRequest,
     Envelope,
 )
-from controlplane.gateway.actions import Action, Target, read_action, replay_if_known, submit
+from controlplane.gateway.actions import Action, Target, read_action, refuse_unless_known, replay_if_known, submit
 from controlplane.gateway.context import GatewayContext, context_of
 from controlplane.gateway.middleware import ApiError, require_slug
 from controlplane.gateway.openapi import Op
@@ -59,10 +59,14 @@ async def update_config(request: web.Request) -> web.Response:
     ctx = context_of(request)
     role, instance = _component_path(request)
     body = ComponentConfigRequest.model_validate(await read_action(request))
-    replayed = await replay_if_known(request, "config-update", keys.component_scope(role, instance), body)
+    scope = keys.component_scope(role, instance)
+    replayed = await replay_if_known(request, "config-update", scope, body)
     if replayed is not None:
         return replayed
-    addressed = _registered(ctx, role, instance)
+    try:
+        addressed = _registered(ctx, role, instance)
+    except ApiError as exc:
+        return await refuse_unless_known(request, "config-update", scope, body, exc)
     fan_out = None if body.command_target == CommandTarget.INSTANCE else _fan_out(ctx, addressed, body.command_target)
     action = Action(signal="config-update", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
                     args={"patch": body.patch}, fan_out=fan_out, command_target=body.command_target)
@@ -73,10 +77,14 @@ async def request_status(request: web.Request) -> web.Response:
     ctx = context_of(request)
     role, instance = _component_path(request)
     body = ActionRequest.model_validate(await read_action(request))
-    replayed = await replay_if_known(request, "status-request", keys.component_scope(role, instance), body)
+    scope = keys.component_scope(role, instance)
+    replayed = await replay_if_known(request, "status-request", scope, body)
     if replayed is not None:
         return replayed
-    addressed = _registered(ctx, role, instance)
+    try:
+        addressed = _registered(ctx, role, instance)
+    except ApiError as exc:
+        return await refuse_unless_known(request, "status-request", scope, body, exc)
     action = Action(signal="status-request", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
                     info_only=True)
     return await submit(request, action)
@@ -94,10 +102,11 @@ async def toggle_controllers(request: web.Request) -> web.Response:
         wanted = [t.partition(".")[2] for t in body.targets]
         unknown = [i for i in wanted if i not in registered]
         if unknown:
-            raise ApiError(404, "unknown-component", "targets name controllers the registry does not know: "
-                           + ", ".join(f"{keys.CONTROLLER_ROLE}.{i}" for i in unknown),
-                           [{"field": "targets", "reason": f"{keys.CONTROLLER_ROLE}.{i} is not registered"}
-                            for i in unknown])
+            refusal = ApiError(404, "unknown-component", "targets name controllers the registry does not know: "
+                               + ", ".join(f"{keys.CONTROLLER_ROLE}.{i}" for i in unknown),
+                               [{"field": "targets", "reason": f"{keys.CONTROLLER_ROLE}.{i} is not registered"}
+                                for i in unknown])
+            return await refuse_unless_known(request, "config-update", CONTROLLERS_SCOPE, body, refusal)
         rows = [registered[i] for i in wanted]
     else:
         rows = list(registered.values())
