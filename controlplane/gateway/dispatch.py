@@ -75,8 +75,9 @@ def close_target(ctx: GatewayContext, correlation_id: str, signal: str, target: 
     recorded = ctx.ledger.close(correlation_id, signal, target, status, outcome)
     if not recorded.moved or tracked is None:
         return  # matches no open operation here: nothing to write
-    detach(ctx.store.close_later(correlation_id, signal, target, status, outcome, fan_out=bool(tracked.targets)),
-           "record outcome")
+    releases = recorded.closed is not None and recorded.closed.resource is not None
+    detach(ctx.store.close_later(correlation_id, signal, target, status, outcome, fan_out=bool(tracked.targets),
+                                 releases=releases), "record outcome")
     if recorded.closed is not None:
         count_finished(recorded.closed)
 

@@ -149,11 +149,17 @@ class Store:
         return self.writer.gather(_mark_all_published, correlation_id)
 
     def close_later(self, correlation_id: str, signal: str, target: str, status: str, outcome: dict[str, Any],
-                    fan_out: bool) -> asyncio.Future[None]:
+                    fan_out: bool, releases: bool = False) -> asyncio.Future[None]:
         """``record_outcome`` for a caller that does not need its answer, gathered with the
-        others pending: a burst of outcomes costs one unit of the writer's next batch."""
-        return self.writer.gather(_record_outcomes, (correlation_id, signal, target, OperationStatus(status),
-                                                     outcome, fan_out))
+        others pending: a burst of outcomes costs one unit of the writer's next batch.
+
+        ``releases``: closing frees a resource. That close goes into the queue at once, so it
+        commits before any later begin that takes the resource again (the writer keeps order).
+        """
+        closing = (correlation_id, signal, target, OperationStatus(status), outcome, fan_out)
+        if releases:
+            return self.writer.submit(partial(_record_outcomes, outcomes=[closing]))
+        return self.writer.gather(_record_outcomes, closing)
 
     def record_outcome(self, correlation_id: str, signal: str, target: str, status: str,
                        outcome: dict[str, Any]) -> asyncio.Future[Recorded]:

@@ -1,0 +1,82 @@
+"""The store's one writer, on a real SQLite file: group commit, failure isolation, gathering."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from controlplane.store.database import Database, open_database
+from controlplane.store.writer import Writer
+
+TABLE = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+
+
+class CountingDatabase:
+    """The real database, counting the transactions the writer opens."""
+
+    def __init__(self, inner: Database) -> None:
+        self.inner, self.transactions = inner, 0
+
+    async def write(self, fn: Any, *args: Any) -> Any:
+        self.transactions += 1
+        return await self.inner.write(fn, *args)
+
+    async def write_small(self, fn: Any, *args: Any) -> Any:
+        self.transactions += 1
+        return await self.inner.write_small(fn, *args)
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    db = open_database(f"sqlite:///{tmp_path / 'w.db'}")
+    await db.write(lambda conn: TABLE.create(conn))
+    yield db
+    await db.close()
+
+
+def insert(value: int) -> Any:
+    return lambda conn: conn.execute(sa.insert(TABLE).values(id=value)) and value
+
+
+async def ids(db: Database) -> list[int]:
+    return await db.read(lambda conn: list(conn.execute(sa.select(TABLE.c.id).order_by(TABLE.c.id)).scalars()))
+
+
+async def test_pending_units_commit_together_and_a_failing_one_fails_alone(database: Database) -> None:
+    counting = CountingDatabase(database)
+    writer = Writer(counting).start()  # type: ignore[arg-type]
+    try:
+        # Submitted in one go: one transaction; the duplicate key fails only its own caller.
+        futures = [writer.submit(insert(i)) for i in (1, 2, 2, 3)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[0] == 1 and results[1] == 2 and results[3] == 3
+        assert isinstance(results[2], sa.exc.IntegrityError)
+        assert counting.transactions == 1
+        assert await ids(database) == [1, 2, 3]
+    finally:
+        await writer.stop()
+
+
+async def test_gathered_items_are_one_unit_and_stop_commits_them(database: Database) -> None:
+    counting = CountingDatabase(database)
+    writer = Writer(counting).start()  # type: ignore[arg-type]
+    seen: list[list[int]] = []
+
+    def insert_all(conn: Any, items: list[int]) -> int:
+        seen.append(list(items))
+        conn.execute(sa.insert(TABLE), [{"id": i} for i in items])
+        return len(items)
+
+    shared = [writer.gather(insert_all, i) for i in range(10, 20)]
+    assert len({id(f) for f in shared}) == 1  # one future for the whole group
+    assert await shared[0] == 10
+    assert seen == [list(range(10, 20))] and counting.transactions == 1
+    late = writer.gather(insert_all, 99)  # a new group; stop must not lose it
+    await writer.stop()
+    assert late.done() and late.result() == 1
+    assert await ids(database) == [*range(10, 20), 99]
