@@ -129,8 +129,20 @@ async def test_gateway_keeps_working_after_its_connection_drops(stack: Stack) ->
         assert status == 503, body
         await asyncio.sleep(0.5)
     assert status == 404, "the gateway answers again once reconnected"
-    status, ready = await stack.get("/readyz")
+    # Ready again once a publish goes through: then an action goes all the way to its outcome.
+    for _ in range(60):
+        status, ready = await stack.get("/readyz")
+        if status == 200:
+            break
+        await asyncio.sleep(0.5)
     assert status == 200 and ready["checks"]["broker"] == "ok"
+    status, created = await stack.post(f"/api/swarms/{swarm_id}/create",
+                                       {"idempotencyKey": new_key(), "templateId": "generator-demo"},
+                                       headers={"Prefer": "wait=90"})
+    assert status == 200 and created["status"] == "succeeded", created
+    status, removed = await stack.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()},
+                                       headers={"Prefer": "wait=90"})
+    assert status == 200 and removed["status"] == "succeeded", removed
 
 
 async def test_request_reply_round_trip(bus: Bus) -> None:
