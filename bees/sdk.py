@@ -25,7 +25,7 @@ from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
 from controlplane.contract.receiver import Failure, SignalServer
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
-from controlplane.controller import snapshot
+from controlplane.bus import snapshot
 from controlplane.logs import configure, get_logger
 from bees.env import BeeEnv, load_env_or_exit
 from bees.patching import ConfigRejected, apply_patch, config_context, parse_config

@@ -1,116 +1,111 @@
-"""The cost of one store read, the floor under every gateway request that touches the store.
+"""The store's write path against bare sqlite3, measured in one run.
 
-    .venv/bin/python -m bench.store [--n 1000]
+``Store.begin_action`` (the commit a 202 waits for: idempotency record, operation, through
+the one writer) at concurrency 1 and 64, beside the same three rows written by bare
+``sqlite3``, one transaction per action, on a file of its own. With one writer and group
+commit, concurrent actions share transactions, so the store can outrun the bare
+one-transaction-per-action loop; alone, it should cost little more.
 
-Times ``Store.find_action`` (the only store call of an idempotent replay) on a temporary
-SQLite database, one caller and 20 concurrent callers, against the same transaction
-(BEGIN, one indexed SELECT, COMMIT) through aiosqlite alone and through the sqlite3 module.
-It also counts, for one call, the statements sent and the hand-offs to aiosqlite's thread.
+    .venv/bin/python -m bench.store [--n 2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
+import json
 import sqlite3
+import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
-import aiosqlite
-from sqlalchemy import event
-
-from controlplane.store import open_store
-
-QUERY = ("SELECT * FROM idempotency WHERE action = ? AND target = ? AND idempotency_key = ? "
-         "AND expires_at >= ?")
-ARGS = ("swarm-start", "bench", "key", "2026-01-01 00:00:00")
+from bench.common import environment, progress
+from controlplane import logs
+from controlplane.store import NewAction, open_store
+from controlplane.store.models import utcnow
 
 
-async def store_calls(path: Path, n: int) -> dict[str, float]:
-    store = await open_store(f"sqlite+aiosqlite:///{path}")
+def new_action() -> NewAction:
+    cid = str(uuid.uuid4())
+    return NewAction(action="config-update", target="generator.bench", idempotency_key=str(uuid.uuid4()),
+                     request_hash="h", correlation_id=cid, envelope={"correlationId": cid}, signal="config-update",
+                     swarm_id="bench", lifecycle=False, timeout_ms=60_000, created_at=utcnow(), retention_s=3600,
+                     signals=[{"signal": "config-update", "correlationId": cid}])
+
+
+async def store_run(path: Path, n: int, concurrency: int) -> tuple[float, float]:
+    """(p50 ms of one begin_action, actions per second)."""
+    store = await open_store(f"sqlite:///{path}")
+    latencies: list[float] = []
     try:
-        for _ in range(50):  # warm the pool and the statement cache
-            await store.find_action("swarm-start", "bench", "key", "h")
-        figures: dict[str, float] = {}
-        for concurrency in (1, 20):
-            async def caller(calls: int) -> None:
-                for _ in range(calls):
-                    await store.find_action("swarm-start", "bench", "key", "h")
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                started = time.perf_counter()
+                await store.begin_action(new_action())
+                latencies.append(time.perf_counter() - started)
 
-            started = time.perf_counter()
-            await asyncio.gather(*(caller(n // concurrency) for _ in range(concurrency)))
-            figures[f"c{concurrency}"] = (time.perf_counter() - started) / n
-        statements: list[str] = []
-        event.listen(store.engine.sync_engine, "before_cursor_execute",
-                     lambda _c, _cur, stmt, *_: statements.append(stmt.split()[0]))
-        handoffs = 0
-        original = aiosqlite.Connection._execute
-
-        async def counting(self: aiosqlite.Connection, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-            nonlocal handoffs
-            handoffs += 1
-            return await original(self, fn, *args, **kwargs)
-
-        aiosqlite.Connection._execute = counting  # type: ignore[method-assign]
-        try:
-            await store.find_action("swarm-start", "bench", "key", "h")
-        finally:
-            aiosqlite.Connection._execute = original  # type: ignore[method-assign]
-        figures["statements"] = len(statements)
-        figures["handoffs"] = handoffs
-        return figures
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
     finally:
         await store.close()
+    return statistics.median(latencies) * 1000, len(latencies) / elapsed
 
 
-async def aiosqlite_calls(path: Path, n: int) -> float:
-    async with aiosqlite.connect(path, isolation_level=None) as db:
-        started = time.perf_counter()
-        for _ in range(n):
-            await db.execute("BEGIN")
-            cursor = await db.execute(QUERY, ARGS)
-            await cursor.fetchall()
-            await cursor.close()
-            await db.execute("COMMIT")
-        return (time.perf_counter() - started) / n
-
-
-def sqlite3_calls(path: Path, n: int) -> float:
+def bare_run(template: Path, path: Path, n: int) -> tuple[float, float]:
+    """The same rows through sqlite3, one transaction each, on a copy of the migrated schema."""
+    path.write_bytes(template.read_bytes())
     db = sqlite3.connect(path, isolation_level=None)
-    try:
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    latencies: list[float] = []
+    started_all = time.perf_counter()
+    for _ in range(n):
+        a = new_action()
+        now = a.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")
         started = time.perf_counter()
-        for _ in range(n):
-            db.execute("BEGIN")
-            db.execute(QUERY, ARGS).fetchall()
-            db.execute("COMMIT")
-        return (time.perf_counter() - started) / n
-    finally:
-        db.close()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (a.action, a.target, a.idempotency_key, a.request_hash, a.correlation_id,
+                    json.dumps(a.envelope), now, now))
+        db.execute("INSERT INTO operations (correlation_id, idempotency_key, action, target, signal, swarm_id, "
+                   "lifecycle, status, envelope, timeout_ms, deadline, created_at, updated_at, creates_swarm, "
+                   "signals) VALUES (?, ?, ?, ?, ?, ?, 0, 'accepted', ?, ?, ?, ?, ?, 0, ?)",
+                   (a.correlation_id, a.idempotency_key, a.action, a.target, a.signal, a.swarm_id,
+                    json.dumps(a.envelope), a.timeout_ms, now, now, now, json.dumps(a.signals)))
+        db.execute("COMMIT")
+        latencies.append(time.perf_counter() - started)
+    elapsed = time.perf_counter() - started_all
+    db.close()
+    return statistics.median(latencies) * 1000, n / elapsed
 
 
-async def main(n: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="cp-bench-store-"))
-    try:
-        path = tmp / "controlplane.db"
-        store = await store_calls(path, n)
-        bare_async = await aiosqlite_calls(path, n)
-        bare_sync = sqlite3_calls(path, n)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"one idempotency read (BEGIN, indexed SELECT, COMMIT), n={n}")
-    print(f"  {'':<44} {'ms/call':>9} {'calls/s':>9}")
-    rows = [("Store.find_action, 1 caller", store["c1"]), ("Store.find_action, 20 concurrent callers", store["c20"]),
-            ("aiosqlite alone, 1 caller", bare_async), ("sqlite3 module, 1 caller", bare_sync)]
-    for label, seconds in rows:
-        print(f"  {label:<44} {seconds * 1000:>9.3f} {1 / seconds:>9.0f}")
-    print(f"  Store.find_action: {store['statements']:.0f} statements, "
-          f"{store['handoffs']:.0f} hand-offs to the aiosqlite thread per call")
-    print(f"  ratio Store.find_action / aiosqlite alone: {store['c1'] / bare_async:.1f}x")
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="actions per run")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        template = folder / "schema.db"
+        await (await open_store(f"sqlite:///{template}")).close()  # migrated, empty
+        progress("bare sqlite3, one transaction per action")
+        bare_p50, bare_rate = bare_run(template, folder / "bare.db", args.n)
+        rows = []
+        for concurrency in (1, 64):
+            progress(f"Store.begin_action, concurrency {concurrency}")
+            path = folder / f"store-{concurrency}.db"
+            path.write_bytes(template.read_bytes())
+            rows.append((concurrency, *await store_run(path, args.n, concurrency)))
+    print("  ".join(f"{k}={v}" for k, v in environment("-").items() if k != "broker"))
+    print(f"\nStore.begin_action against bare sqlite3 ({args.n} actions each; bare: "
+          f"p50 {bare_p50:.3f} ms, {bare_rate:,.0f} actions/s)")
+    print(f"  {'concurrency':>11}  {'p50 ms':>8}  {'actions/s':>10}  {'rate / bare':>11}")
+    for concurrency, p50, rate in rows:
+        print(f"  {concurrency:>11}  {p50:8.3f}  {rate:10,.0f}  {rate / bare_rate:10.2f}x")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.store")
-    parser.add_argument("--n", type=int, default=1000)
-    asyncio.run(main(parser.parse_args().n))
+    logs.configure("WARNING")
+    asyncio.run(main())

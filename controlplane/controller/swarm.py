@@ -45,7 +45,7 @@ from controlplane.contract.models import (
     utcnow,
 )
 from controlplane.contract.receiver import Failure, SignalServer
-from controlplane.controller import snapshot
+from controlplane.bus import snapshot
 from controlplane.controller.plan import (
     bee_container_spec,
     delete_component_queues,

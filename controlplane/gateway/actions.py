@@ -51,16 +51,9 @@ from controlplane.store.writer import detach
 
 log = get_logger("gateway.actions")
 
-# timeoutMs of each signal, as the specifications give them; surfaces add their own.
-SIGNAL_TIMEOUTS_MS: dict[str, int] = {
-    "swarm-create": 120_000,
-    "swarm-start": 180_000,
-    "swarm-stop": 90_000,
-    "swarm-remove": 180_000,
-    "swarm-template": 180_000,
-    "config-update": 60_000,
-    "status-request": 10_000,
-}
+# timeoutMs of each signal, as the specifications give them: every surface registers the
+# signals it sends when it is mounted (``surface.mount``).
+SIGNAL_TIMEOUTS_MS: dict[str, int] = {}
 # The longest a caller may ask a request to wait for its outcome (``Prefer: wait``, ``?wait=``).
 MAX_WAIT_S = 300.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)

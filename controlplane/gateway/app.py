@@ -24,7 +24,8 @@ from controlplane.gateway.middleware import make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
-from controlplane.gateway.surfaces import components, swarms
+from controlplane.gateway.surface import Projections, mount
+from controlplane.gateway.surfaces import SURFACES
 from controlplane.gateway.tracker import Tracker
 from controlplane.scenarios import load_catalog
 from controlplane.store import Store, open_store
@@ -74,9 +75,7 @@ def build_app(ctx: GatewayContext) -> web.Application:
     app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
                     web.get("/api/events", stream_events)])
-    app.add_routes(swarms.routes())
-    app.add_routes(components.routes())
-    spec = document(BASE_OPERATIONS + swarms.OPERATIONS + components.OPERATIONS)
+    spec = document(BASE_OPERATIONS + mount(app, SURFACES, claimed=BASE_OPERATIONS))
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(spec)
@@ -106,7 +105,7 @@ async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Applic
     try:
         ctx = await load_context(settings, bus, store)
         ctx.registry.start()
-        tracker = await Tracker(ctx).start()
+        tracker = await Tracker(ctx, Projections.of(SURFACES)).start()
         yield build_app(ctx)
     finally:
         if tracker is not None:

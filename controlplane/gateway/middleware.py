@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from controlplane.contract import keys
+from controlplane.contract import ids
 from pydantic import ValidationError
 
 from controlplane.gateway import metrics
@@ -51,12 +51,17 @@ def validation_error(exc: ValidationError, status: int = 400) -> ApiError:
     return ApiError(status, "invalid-request", message, fields)
 
 
-def require_slug(field: str, value: str) -> str:
-    """An id from a path or query that becomes a routing-key segment: a slug, or a 400 naming it."""
-    problem = keys.slug_problem(value)
+def require_id(kind: ids.IdKind, field: str, value: str) -> str:
+    """An id from a path or query, checked for its kind, or a 400 naming the field and why."""
+    problem = ids.problem(kind, value)
     if problem:
         raise ApiError(400, f"invalid-{field}", f"{field} {value!r} {problem}", [{"field": field, "reason": problem}])
     return value
+
+
+def require_slug(field: str, value: str) -> str:
+    """An id that becomes a routing-key segment or a container name."""
+    return require_id("slug", field, value)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from controlplane.contract.models import Outcome, OutcomeState, Scope, Status, S
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.dispatch import close_target, count_finished, republish_pending
 from controlplane.gateway.ledger import Tracked
+from controlplane.gateway.surface import Projections
 from controlplane.logs import get_logger
 from controlplane.store import OPEN_STATUSES, OperationRow
 
@@ -36,8 +37,9 @@ PURGE_INTERVAL_S = 600
 
 
 class Tracker:
-    def __init__(self, ctx: GatewayContext) -> None:
+    def __init__(self, ctx: GatewayContext, projections: Projections) -> None:
         self.ctx = ctx
+        self.projections = projections
         self._consumer: Consumer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -72,39 +74,16 @@ class Tracker:
                 close_target(self.ctx, message.correlation_id, "status-request",
                              keys.component_scope(status.role, status.instance), "succeeded", status.to_dict())
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
-            await self._on_outcome(Outcome.model_validate(body))
+            outcome = Outcome.model_validate(body)
+            # Read models move first: an operation read as closed already shows its effect.
+            await self.projections.apply(self.ctx, routing_key, body)
+            await self._on_outcome(outcome)
         # Streamed once it is understood and projected: a retried delivery is not streamed twice.
         self.ctx.events.publish(routing_key, body)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
-        # The read model moves first, so once an operation reads as closed its swarm shows the
-        # result; it follows what really happened, even when the outcome came after a timeout.
-        if outcome.signal.startswith("swarm-") and outcome.scope.swarm_id:
-            await self._project_swarm(outcome)
         status = "succeeded" if outcome.result == "success" else "failed"
         close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(), status, outcome.to_dict())
-
-    async def _project_swarm(self, outcome: Outcome) -> None:
-        swarms, swarm_id = self.ctx.swarms, outcome.scope.swarm_id or ""
-        if outcome.signal == "swarm-remove" and outcome.result == "success":
-            swarms.delete(swarm_id)
-            self.ctx.registry.forget_swarm(swarm_id)
-            return
-        if await swarms.find(swarm_id) is None:
-            return
-        fields: dict[str, Any] = {}
-        if outcome.state.status:
-            fields["status"] = outcome.state.status
-        if outcome.result == "success":
-            fields["last_error"] = None
-            if outcome.signal == "swarm-create":
-                fields["controller_instance"] = outcome.state.details.get("controller", keys.controller_instance(swarm_id))
-                if isinstance(outcome.details.get("bees"), list):
-                    fields["bees"] = outcome.details["bees"]
-        else:
-            fields["last_error"] = {"signal": outcome.signal, "code": outcome.code, "message": outcome.message,
-                                    "correlationId": outcome.correlation_id, "ts": outcome.ts.isoformat()}
-        swarms.update(swarm_id, **fields)
 
     # --- timeouts ----------------------------------------------------------------------------
 

@@ -530,7 +530,7 @@ def _begin(conn: Connection, action: NewAction, create_swarm: SwarmRow | None) -
         status=OperationStatus.ACCEPTED.value, envelope=action.envelope, timeout_ms=action.timeout_ms,
         deadline=action.deadline, created_at=action.created_at, updated_at=action.created_at, outcome=None,
         creates_swarm=create_swarm is not None, signals=action.signals, resource=action.resource)
-    statements.execute(conn, statements.INSERT_OPERATION, dataclasses.asdict(row))
+    statements.execute(conn, statements.INSERT_OPERATION, _row_values(row))
     statements.execute_many(conn, statements.INSERT_TARGET, [
         {"correlation_id": action.correlation_id, "target": target, "status": OperationStatus.DISPATCHED.value,
          "outcome": None, "updated_at": action.created_at} for target in action.targets])
@@ -629,4 +629,9 @@ def _swarm(row: sa.Row[Any]) -> SwarmRow:
 
 
 def _swarm_values(row: SwarmRow) -> dict[str, Any]:
+    return _row_values(row)
+
+
+def _row_values(row: Any) -> dict[str, Any]:
+    """A row's fields as they are (``dataclasses.asdict`` would copy every JSON value deeply)."""
     return {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}

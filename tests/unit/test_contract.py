@@ -88,3 +88,16 @@ def test_queue_names_agree_between_keys_and_topology() -> None:
     assert {b.key for b in replies.bindings} >= {"ev.ready.swarm-controller.*", "ev.error.swarm-controller.*"}
     commands = default_topology().queue(keys.HOST_CONTROLLER_QUEUE)
     assert not [b for b in commands.bindings if b.key.startswith("ev.")], "commands and replies never share a queue"
+
+
+def test_id_kinds_have_their_own_checks() -> None:
+    from controlplane.contract import ids
+
+    assert ids.problem("uuid", "550e8400-e29b-41d4-a716-446655440000") is None
+    assert ids.problem("uuid", "not-a-uuid")
+    assert ids.problem("container", "a" * 64) is None
+    assert ids.problem("container", "0123456789ab") is None
+    assert ids.problem("container", "cp-demo-generator") is None
+    assert ids.problem("container", "bad name!")
+    assert ids.problem("container", "x" * 200)
+    assert ids.problem("slug", "Demo") and ids.problem("slug", "demo") is None

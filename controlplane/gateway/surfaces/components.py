@@ -21,6 +21,7 @@ from controlplane.gateway.actions import Action, Target, read_action, refuse_unl
 from controlplane.gateway.context import GatewayContext, context_of
 from controlplane.gateway.middleware import ApiError, require_slug
 from controlplane.gateway.openapi import Op
+from controlplane.gateway.surface import Surface
 from controlplane.gateway.registry import HEALTH_RANK, component_view
 from controlplane.store import ComponentRow
 
@@ -140,26 +141,21 @@ async def get_component(request: web.Request) -> web.Response:
     return web.json_response(component_view(row, ctx.settings.status_interval_s))
 
 
-ACTION_STATUSES = (202, 400, 401, 403, 404, 422, 503)
-OPERATIONS = [
-    Op("POST", "/api/components/{role}/{instance}/config", "Patch a component's config (sig.config-update)",
-       ComponentConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)),
-    Op("POST", "/api/components/{role}/{instance}/status-request", "Ask a component for its full status",
-       ActionRequest, ACTION_STATUSES, Envelope, True, ("components",)),
-    Op("POST", "/api/controllers/config", "Switch swarm-controllers' workloads on or off (bulk)",
-       ControllersConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)),
-    Op("GET", "/api/components", "The registry: controllers and bees with their health", statuses=(200, 400),
-       tags=("components",), query=("swarmId", "role", "health")),
-    Op("GET", "/api/components/{role}/{instance}", "One registered component", statuses=(200, 400, 404),
-       tags=("components",)),
-]
+ACTION_STATUSES = (200, 202, 400, 401, 403, 404, 422, 503)
 
-
-def routes() -> list[web.RouteDef]:
-    return [
-        web.post("/api/components/{role}/{instance}/config", update_config),
-        web.post("/api/components/{role}/{instance}/status-request", request_status),
-        web.post("/api/controllers/config", toggle_controllers),
-        web.get("/api/components", list_components),
-        web.get("/api/components/{role}/{instance}", get_component),
-    ]
+SURFACE = Surface(
+    name="components",
+    routes=(
+        (Op("POST", "/api/components/{role}/{instance}/config", "Patch a component's config (sig.config-update)",
+            ComponentConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)), update_config),
+        (Op("POST", "/api/components/{role}/{instance}/status-request", "Ask a component for its full status",
+            ActionRequest, ACTION_STATUSES, Envelope, True, ("components",)), request_status),
+        (Op("POST", "/api/controllers/config", "Switch swarm-controllers' workloads on or off (bulk)",
+            ControllersConfigRequest, ACTION_STATUSES, Envelope, True, ("components",)), toggle_controllers),
+        (Op("GET", "/api/components", "The registry: controllers and bees with their health", statuses=(200, 400),
+            tags=("components",), query=("swarmId", "role", "health")), list_components),
+        (Op("GET", "/api/components/{role}/{instance}", "One registered component", statuses=(200, 400, 404),
+            tags=("components",)), get_component),
+    ),
+    signals={"config-update": 60_000, "status-request": 10_000},
+)

@@ -1,4 +1,4 @@
-"""Swarm orchestrator surface (``/api``): swarm lifecycle, templates, operations.
+"""Swarm orchestrator surface (``/api``): swarm lifecycle, templates, the swarms read model.
 
 A thin translation layer: it validates requests, checks that the swarm's state allows the
 action, and hands the rest to ``actions.submit``. Timeouts, topics and envelopes follow the
@@ -14,13 +14,13 @@ from aiohttp import web
 
 from controlplane.contract import keys
 from controlplane.contract.models import (
-    ActionRequest, CreateSwarmRequest, Envelope, SwarmPlan, SwarmStatus, TemplateRequest, utcnow,
+    ActionRequest, CreateSwarmRequest, Envelope, Outcome, SwarmPlan, SwarmStatus, TemplateRequest, utcnow,
 )
-from controlplane.gateway.actions import MAX_WAIT_S, Action, operation_view, read_action, submit, tracked_view
+from controlplane.gateway.actions import Action, operation_view, read_action, submit
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.ledger import wait_closed
 from controlplane.gateway.middleware import ApiError, require_slug
 from controlplane.gateway.openapi import Op
+from controlplane.gateway.surface import Surface
 from controlplane.gateway.registry import component_view, health, worst
 from controlplane.store import ComponentRow, OperationRow, SwarmRow
 from controlplane.store.models import swarm_resource
@@ -141,6 +141,34 @@ def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None
     }
 
 
+async def project_outcome(ctx: GatewayContext, _routing_key: str, body: dict[str, Any]) -> None:
+    """A swarm signal's outcome moves the swarm read model; it follows what really happened,
+    even when the outcome came after a timeout."""
+    outcome = Outcome.model_validate(body)
+    swarms, swarm_id = ctx.swarms, outcome.scope.swarm_id
+    if not swarm_id:
+        return
+    if outcome.signal == "swarm-remove" and outcome.result == "success":
+        swarms.delete(swarm_id)
+        ctx.registry.forget_swarm(swarm_id)
+        return
+    if await swarms.find(swarm_id) is None:
+        return
+    fields: dict[str, Any] = {}
+    if outcome.state.status:
+        fields["status"] = outcome.state.status
+    if outcome.result == "success":
+        fields["last_error"] = None
+        if outcome.signal == "swarm-create":
+            fields["controller_instance"] = outcome.state.details.get("controller", keys.controller_instance(swarm_id))
+            if isinstance(outcome.details.get("bees"), list):
+                fields["bees"] = outcome.details["bees"]
+    else:
+        fields["last_error"] = {"signal": outcome.signal, "code": outcome.code, "message": outcome.message,
+                                "correlationId": outcome.correlation_id, "ts": outcome.ts.isoformat()}
+    swarms.update(swarm_id, **fields)
+
+
 def _active(ctx: GatewayContext, swarm_id: str) -> OperationRow | None:
     holder = ctx.ledger.holder(swarm_resource(swarm_id))
     return holder.op if holder is not None else None
@@ -176,58 +204,32 @@ async def list_templates(request: web.Request) -> web.Response:
     })
 
 
-async def get_operation(request: web.Request) -> web.Response:
-    """One operation; ``?wait=<seconds>`` long-polls until it closes or the wait ends."""
-    ctx = context_of(request)
-    correlation_id = request.match_info["correlationId"]
-    wait = request.rel_url.query.get("wait")
-    try:
-        wait_s = min(float(wait), MAX_WAIT_S) if wait is not None else 0.0
-        if wait_s < 0 or wait_s != wait_s:
-            raise ValueError
-    except ValueError:
-        raise ApiError(400, "invalid-wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}",
-                       [{"field": "wait", "reason": "not a non-negative number"}]) from None
-    tracked = ctx.ledger.get(correlation_id)
-    if tracked is not None:
-        if wait_s:
-            await wait_closed(tracked, wait_s)
-        return web.json_response(tracked_view(tracked))
-    op = await ctx.store.get_operation(correlation_id)
-    if op is None:
-        raise ApiError(404, "unknown-operation", f"no operation with correlationId {correlation_id!r}")
-    return web.json_response(operation_view(op, await ctx.store.operation_targets(op.correlation_id)))
+ACTION_STATUSES = (200, 202, 400, 401, 403, 404, 409, 422, 503)
 
 
-ACTION_STATUSES = (202, 400, 401, 403, 404, 409, 422, 503)
-OPERATIONS = [
-    Op("POST", "/api/swarms/{swarmId}/create", "Create a swarm from a template", CreateSwarmRequest,
-       ACTION_STATUSES, Envelope, True, ("swarms",)),
-    Op("POST", "/api/swarms/{swarmId}/start", "Start a swarm (sig.swarm-start)", ActionRequest,
-       ACTION_STATUSES, Envelope, True, ("swarms",)),
-    Op("POST", "/api/swarms/{swarmId}/stop", "Stop a swarm, keeping its containers (sig.swarm-stop)", ActionRequest,
-       ACTION_STATUSES, Envelope, True, ("swarms",)),
-    Op("POST", "/api/swarms/{swarmId}/remove", "Remove a swarm (sig.swarm-remove)", ActionRequest,
-       ACTION_STATUSES, Envelope, True, ("swarms",)),
-    Op("POST", "/api/swarms/{swarmId}/template", "Apply a swarm plan (sig.swarm-template)", TemplateRequest,
-       ACTION_STATUSES, Envelope, True, ("swarms",)),
-    Op("GET", "/api/swarms", "List swarms", tags=("swarms",)),
-    Op("GET", "/api/swarms/{swarmId}", "One swarm: status, health, bees", statuses=(200, 400, 404), tags=("swarms",)),
-    Op("GET", "/api/templates", "Scenario templates and invalid scenario files", tags=("swarms",)),
-    Op("GET", "/api/operations/{correlationId}", "One operation and its outcome; ?wait=<s> long-polls",
-       statuses=(200, 400, 404), tags=("operations",), query=("wait",)),
-]
+def _action(path: str, summary: str, body: type[ActionRequest]) -> Op:
+    return Op("POST", path, summary, body, ACTION_STATUSES, Envelope, True, ("swarms",))
 
 
-def routes() -> list[web.RouteDef]:
-    return [
-        web.post("/api/swarms/{swarmId}/create", create_swarm),
-        web.post("/api/swarms/{swarmId}/start", _lifecycle("swarm-start", ActionRequest)),
-        web.post("/api/swarms/{swarmId}/stop", _lifecycle("swarm-stop", ActionRequest)),
-        web.post("/api/swarms/{swarmId}/remove", _lifecycle("swarm-remove", ActionRequest)),
-        web.post("/api/swarms/{swarmId}/template", _lifecycle("swarm-template", TemplateRequest)),
-        web.get("/api/swarms", list_swarms),
-        web.get("/api/swarms/{swarmId}", get_swarm),
-        web.get("/api/templates", list_templates),
-        web.get("/api/operations/{correlationId}", get_operation),
-    ]
+SURFACE = Surface(
+    name="swarms",
+    routes=(
+        (_action("/api/swarms/{swarmId}/create", "Create a swarm from a template", CreateSwarmRequest), create_swarm),
+        (_action("/api/swarms/{swarmId}/start", "Start a swarm (sig.swarm-start)", ActionRequest),
+         _lifecycle("swarm-start", ActionRequest)),
+        (_action("/api/swarms/{swarmId}/stop", "Stop a swarm, keeping its containers (sig.swarm-stop)", ActionRequest),
+         _lifecycle("swarm-stop", ActionRequest)),
+        (_action("/api/swarms/{swarmId}/remove", "Remove a swarm (sig.swarm-remove)", ActionRequest),
+         _lifecycle("swarm-remove", ActionRequest)),
+        (_action("/api/swarms/{swarmId}/template", "Apply a swarm plan (sig.swarm-template)", TemplateRequest),
+         _lifecycle("swarm-template", TemplateRequest)),
+        (Op("GET", "/api/swarms", "List swarms", tags=("swarms",)), list_swarms),
+        (Op("GET", "/api/swarms/{swarmId}", "One swarm: status, health, bees", statuses=(200, 400, 404),
+            tags=("swarms",)), get_swarm),
+        (Op("GET", "/api/templates", "Scenario templates and invalid scenario files", tags=("swarms",)),
+         list_templates),
+    ),
+    signals={"swarm-create": 120_000, "swarm-start": 180_000, "swarm-stop": 90_000, "swarm-remove": 180_000,
+             "swarm-template": 180_000},
+    projections=tuple((f"ev.*.{signal}.*", project_outcome) for signal in keys.SWARM_SIGNALS),
+)
