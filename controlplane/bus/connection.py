@@ -307,10 +307,17 @@ async def _deliver(handler: Handler, retry_s: float, message: AbstractIncomingMe
     except ValueError as exc:  # also UnicodeDecodeError: not text at all
         await _dead_letter(message, "unparseable", str(exc))
         return
+    routing_key = message.routing_key or ""
     try:
-        async for attempt in _handler_retrying(retry_s):
-            with attempt:
-                await handler(message.routing_key or "", body, message)
+        try:
+            await handler(routing_key, body, message)
+        except POISON:
+            raise
+        except Exception as first:  # transient, perhaps: retry with backoff (rare, so built only now)
+            log.warning("handler failed, retrying", attempt=1, error=repr(first))
+            async for attempt in _handler_retrying(retry_s):
+                with attempt:
+                    await handler(routing_key, body, message)
     except POISON as exc:
         await _dead_letter(message, "invalid", f"{type(exc).__name__}: {exc}")
         return
@@ -329,7 +336,7 @@ def _handler_retrying(retry_s: float) -> AsyncRetrying:
     """
     return AsyncRetrying(
         retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, POISON)),
-        stop=stop_before_delay(retry_s), wait=wait_exponential(multiplier=0.1, max=5), reraise=True,
+        stop=stop_before_delay(retry_s), wait=wait_exponential(multiplier=0.1, min=0.1, max=5), reraise=True,
         before_sleep=_log_retry,
     )
 

@@ -69,17 +69,19 @@ async def _publish(ctx: GatewayContext, tracked: Tracked) -> bool:
 
 
 def close_target(ctx: GatewayContext, correlation_id: str, signal: str, target: str, status: str,
-                 outcome: dict[str, Any]) -> None:
-    """Close in memory at once; the store follows in the writer's next batch."""
+                 outcome: dict[str, Any]) -> asyncio.Future[None] | None:
+    """Close in memory at once; the store follows in the writer's next batch, whose commit
+    the returned future is (None when this matched no open operation: nothing to write)."""
     tracked = ctx.ledger.get(correlation_id)
     recorded = ctx.ledger.close(correlation_id, signal, target, status, outcome)
     if not recorded.moved or tracked is None:
-        return  # matches no open operation here: nothing to write
+        return None
     releases = recorded.closed is not None and recorded.closed.resource is not None
-    detach(ctx.store.close_later(correlation_id, signal, target, status, outcome, fan_out=bool(tracked.targets),
-                                 releases=releases), "record outcome")
+    written = ctx.store.close_later(correlation_id, signal, target, status, outcome, fan_out=bool(tracked.targets),
+                                    releases=releases)
     if recorded.closed is not None:
         count_finished(recorded.closed)
+    return written
 
 
 def count_finished(op: OperationRow) -> None:

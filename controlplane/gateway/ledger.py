@@ -48,6 +48,7 @@ class Tracked:
 
     op: OperationRow
     targets: dict[str, TargetRow] = field(default_factory=dict)  # a fan-out's targets
+    counts: Counter[str] = field(default_factory=Counter)  # its targets by status, kept as they close
     published: bool = False  # the broker confirmed its signals
     dispatching: asyncio.Future[bool] | None = None  # the publish in flight, shared by duplicates
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,7 +75,8 @@ class Ledger:
             self._records[(r["action"], r["target"], r["idempotency_key"])] = Record(
                 r["envelope"], r["correlation_id"], r["request_hash"], r["expires_at"])
         for op in open_ops:
-            tracked = Tracked(op, {t.target: t for t in targets.get(op.correlation_id, [])},
+            rows = targets.get(op.correlation_id, [])
+            tracked = Tracked(op, {t.target: t for t in rows}, Counter(t.status for t in rows),
                               published=op.status == OperationStatus.DISPATCHED)
             self._open[op.correlation_id] = tracked
             if op.resource:
@@ -83,8 +85,9 @@ class Ledger:
     def add(self, op: OperationRow, record: Record, targets: Iterable[str] = ()) -> Tracked:
         """An operation the store has just committed, with the record its key now maps to."""
         self._records[(op.action, op.target, op.idempotency_key)] = record
-        tracked = Tracked(op, {t: TargetRow(target=t, status=OperationStatus.DISPATCHED, outcome=None,
-                                            updated_at=op.created_at) for t in targets})
+        rows = {t: TargetRow(target=t, status=OperationStatus.DISPATCHED, outcome=None, updated_at=op.created_at)
+                for t in targets}
+        tracked = Tracked(op, rows, Counter({OperationStatus.DISPATCHED.value: len(rows)}) if rows else Counter())
         self._open[op.correlation_id] = tracked
         if op.resource:
             self._holders[op.resource] = tracked
@@ -138,7 +141,9 @@ class Ledger:
             if current is None or current.status not in OPEN_STATUSES:
                 return Recorded(moved=False)
             tracked.targets[target] = TargetRow(target=target, status=status, outcome=outcome, updated_at=now)
-            counts = Counter(t.status for t in tracked.targets.values())
+            counts = tracked.counts
+            counts[current.status] -= 1
+            counts[status] += 1
             if any(counts.get(s, 0) for s in OPEN_STATUSES):
                 return Recorded(moved=True)
             return Recorded(True, self._finish(tracked, fan_out_status(counts).value,

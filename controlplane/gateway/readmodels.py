@@ -52,7 +52,8 @@ class Swarms:
         fields.setdefault("updated_at", utcnow())
         row = self._rows[swarm_id] = dataclasses.replace(row, **fields)
         if persist:
-            detach(self._store.update_swarm(swarm_id, **fields), "update swarm")
+            # A status decides what a later create may replace: it must not wait behind it.
+            detach(self._store.save_swarm(row, at_once="status" in fields), "save swarm")
         return row
 
     def delete(self, swarm_id: str) -> None:

@@ -78,11 +78,30 @@ class Registry:
         self.store = store
         self.swarms = swarms
         self._rows: dict[tuple[str, str], ComponentRow] = {}
+        self._members: dict[str | None, set[tuple[str, str]]] = {}  # swarm id → its components
         self._batch = RegistryBatch()
         self._flusher: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
-        self._rows = {(r.role, r.instance): r for r in await self.store.list_components()}
+        for row in await self.store.list_components():
+            self._put(row)
+
+    def _put(self, row: ComponentRow) -> None:
+        key = (row.role, row.instance)
+        previous = self._rows.get(key)
+        if previous is not None and previous.swarm_id != row.swarm_id:
+            self._members.get(previous.swarm_id, set()).discard(key)
+        self._rows[key] = row
+        self._members.setdefault(row.swarm_id, set()).add(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        row = self._rows.pop(key, None)
+        if row is not None:
+            members = self._members.get(row.swarm_id)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._members[row.swarm_id]
 
     def start(self) -> Registry:
         self._flusher = asyncio.create_task(self._flush_forever(), name="registry-flush")
@@ -103,8 +122,11 @@ class Registry:
         return self._rows.get((role, instance))
 
     def list(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
-        rows = [r for r in self._rows.values()
-                if (swarm_id is None or r.swarm_id == swarm_id) and (role is None or r.role == role)]
+        if swarm_id is not None:
+            candidates = [self._rows[k] for k in self._members.get(swarm_id, ())]
+        else:
+            candidates = list(self._rows.values())
+        rows = [r for r in candidates if role is None or r.role == role]
         return sorted(rows, key=lambda r: (r.swarm_id or "", r.role, r.instance))
 
     # --- changes ------------------------------------------------------------------------------
@@ -126,11 +148,11 @@ class Registry:
             data=_without_bees(status), version=status.version, seen_at=now)
         self._batch.reports[(status.role, status.instance)] = report
         previous = self._rows.get((status.role, status.instance))
-        self._rows[(status.role, status.instance)] = ComponentRow(
+        self._put(ComponentRow(
             role=report.role, instance=report.instance, swarm_id=report.swarm_id, enabled=report.enabled,
             state=report.state, container_state=previous.container_state if previous else None,
             totals=report.totals, queue_stats=report.queue_stats, data=report.data, version=report.version,
-            first_seen=previous.first_seen if previous else now, last_seen=now)
+            first_seen=previous.first_seen if previous else now, last_seen=now))
         if status.role == keys.CONTROLLER_ROLE:
             bees = status.data.get("bees")
             view = ControllerView(role=status.role, instance=status.instance, swarm_id=status.swarm_id, seen_at=now,
@@ -147,24 +169,24 @@ class Registry:
             key = (bee["role"], bee["instance"])
             row = self._rows.get(key)
             if row is None:
-                self._rows[key] = ComponentRow(
+                self._put(ComponentRow(
                     role=bee["role"], instance=bee["instance"], swarm_id=view.swarm_id,
                     enabled=bool(bee.get("enabled")), state="unknown", container_state=bee.get("state"),
-                    totals={}, queue_stats={}, data={}, version=None, first_seen=view.seen_at, last_seen=None)
-            else:
-                self._rows[key] = dataclasses.replace(row, container_state=bee.get("state"))
+                    totals={}, queue_stats={}, data={}, version=None, first_seen=view.seen_at, last_seen=None))
+            elif row.container_state != bee.get("state"):
+                self._put(dataclasses.replace(row, container_state=bee.get("state")))
         if view.settled:
             keep = {b["instance"] for b in listed}
-            for key, row in list(self._rows.items()):
-                if (row.swarm_id == view.swarm_id and row.instance not in keep
-                        and key != (view.role, view.instance)
+            for key in list(self._members.get(view.swarm_id, ())):
+                row = self._rows[key]
+                if (row.instance not in keep and key != (view.role, view.instance)
                         and (row.last_seen is None or row.last_seen < view.seen_at)):
-                    del self._rows[key]
+                    self._drop(key)
 
     def forget_swarm(self, swarm_id: str) -> None:
         """A removed swarm's components leave with it (the store deletes them with the swarm)."""
-        for key in [k for k, r in self._rows.items() if r.swarm_id == swarm_id]:
-            del self._rows[key]
+        for key in list(self._members.get(swarm_id, ())):
+            self._drop(key)
         self._batch.reports = {k: r for k, r in self._batch.reports.items() if r.swarm_id != swarm_id}
         self._batch.controllers.pop(swarm_id, None)
 

@@ -66,24 +66,26 @@ class Tracker:
 
     async def _on_event(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
         parsed = keys.parse_key(routing_key)
+        written: asyncio.Future[None] | None = None
         if parsed.kind in ("status-full", "status-delta"):
             status = Status.model_validate(body)
             self.ctx.registry.observe(status)
             if status.kind == "status-full" and message.correlation_id:
                 # A status request is answered by the component's status-full, not by ev.ready.
-                close_target(self.ctx, message.correlation_id, "status-request",
-                             keys.component_scope(status.role, status.instance), "succeeded", status.to_dict())
+                written = close_target(self.ctx, message.correlation_id, "status-request",
+                                       keys.component_scope(status.role, status.instance), "succeeded",
+                                       status.to_dict())
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
             # Read models move first: an operation read as closed already shows its effect.
             await self.projections.apply(self.ctx, routing_key, body)
-            await self._on_outcome(outcome)
+            written = close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(),
+                                   "succeeded" if outcome.result == "success" else "failed", outcome.to_dict())
         # Streamed once it is understood and projected: a retried delivery is not streamed twice.
         self.ctx.events.publish(routing_key, body)
-
-    async def _on_outcome(self, outcome: Outcome) -> None:
-        status = "succeeded" if outcome.result == "success" else "failed"
-        close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(), status, outcome.to_dict())
+        if written is not None:
+            # Acked only once the store holds what it closed: a crash before then redelivers it.
+            await asyncio.shield(written)
 
     # --- timeouts ----------------------------------------------------------------------------
 

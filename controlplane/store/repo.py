@@ -248,6 +248,16 @@ class Store:
         fields.setdefault("updated_at", utcnow())
         return self.writer.submit(partial(_update_swarm, swarm_id=swarm_id, fields=fields))
 
+    def save_swarm(self, row: SwarmRow, at_once: bool = False) -> asyncio.Future[None]:
+        """Write an existing swarm's row as the caller holds it, gathered with the others pending
+        (the newest of each swarm wins); a swarm the store no longer has stays gone.
+
+        ``at_once``: into the writer's queue now, so it commits before any later begin reads
+        it (a status that decides whether a create may replace the swarm)."""
+        if at_once:
+            return self.writer.submit(partial(_save_swarms, rows=[row]))
+        return self.writer.gather(_save_swarms, row)
+
     def delete_swarm(self, swarm_id: str) -> asyncio.Future[None]:
         """Forget the swarm and every registry entry of its controller and bees."""
         return self.writer.submit(partial(_delete_swarm, swarm_id=swarm_id))
@@ -459,6 +469,11 @@ def _list_swarms(conn: Connection) -> list[SwarmRow]:
 def _update_swarm(conn: Connection, swarm_id: str, fields: dict[str, Any]) -> SwarmRow | None:
     row = conn.execute(sa.update(swarms).where(swarms.c.id == swarm_id).values(fields).returning(*swarms.c)).first()
     return _swarm(row) if row is not None else None
+
+
+def _save_swarms(conn: Connection, rows: list[SwarmRow]) -> None:
+    newest = {row.id: row for row in rows}
+    statements.execute_many(conn, statements.UPDATE_SWARM, [_row_values(row) for row in newest.values()])
 
 
 def _delete_swarm(conn: Connection, swarm_id: str) -> None:

@@ -122,3 +122,12 @@ CLOSE_TARGET = Statement(
     f"UPDATE operation_targets SET status = :status, outcome = :outcome, updated_at = :now "
     f"WHERE correlation_id = :correlation_id AND target = :target AND status IN {_OPEN}",
     times=frozenset({"now"}), json=frozenset({"outcome"}))
+
+# The swarm read model, written whole from the gateway's memory. An UPDATE, never an insert,
+# and of the same incarnation only (created_at): a write gathered before a swarm's removal
+# must neither bring the row back nor land on a new swarm created under the same id.
+UPDATE_SWARM = Statement(
+    "UPDATE swarms SET template_id = :template_id, status = :status, controller_instance = :controller_instance, "
+    "health = :health, enabled = :enabled, bees = :bees, last_heartbeat = :last_heartbeat, "
+    "last_error = :last_error, updated_at = :updated_at WHERE id = :id AND created_at = :created_at",
+    times=frozenset({"last_heartbeat", "updated_at", "created_at"}), json=frozenset({"bees", "last_error"}))

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from controlplane.contract.models import CommandTarget, ComponentConfigRequest, ControllersConfigRequest, utcnow
-from controlplane.gateway.registry import FAILED_AFTER, STALE_AFTER, health, worst
+from controlplane.contract import keys
+from controlplane.contract.models import (
+    CommandTarget, ComponentConfigRequest, ControllersConfigRequest, Status, utcnow,
+)
+from controlplane.gateway.readmodels import Swarms
+from controlplane.gateway.registry import FAILED_AFTER, STALE_AFTER, Registry, health, worst
+from controlplane.store import SwarmRow
 
 KEY = "6f1c7a0e-3b1c-4d8e-9a51-0c2c3f4a5b6d"
 
@@ -57,3 +63,36 @@ def test_bulk_targets_must_name_swarm_controllers() -> None:
             ControllersConfigRequest.model_validate({"idempotencyKey": KEY, "enabled": False, "targets": [bad]})
     with pytest.raises(ValidationError, match="enabled"):
         ControllersConfigRequest.model_validate({"idempotencyKey": KEY, "enabled": "yes please"})
+
+
+def _status(role: str, instance: str, swarm_id: str, **fields: Any) -> Status:
+    return Status(kind="status-delta", role=role, instance=instance, swarm_id=swarm_id, **fields)
+
+
+def test_registry_in_memory_follows_the_store_rules() -> None:
+    swarms = Swarms(store=None)  # type: ignore[arg-type]  # no store call on this path
+    swarms.put(SwarmRow(id="s1", template_id="t", status="Running"))
+    registry = Registry(store=None, swarms=swarms)  # type: ignore[arg-type]
+
+    registry.observe(_status("generator", "s2-gen", "s2"))  # a swarm this gateway does not know
+    assert registry.list() == []
+
+    registry.observe(_status("generator", "s1-gen", "s1", enabled=True))
+    registry.observe(_status(keys.CONTROLLER_ROLE, "s1", "s1", state="Running", data={"bees": [
+        {"role": "generator", "instance": "s1-gen", "state": "running", "enabled": True},
+        {"role": "moderator", "instance": "s1-mod", "state": "created", "enabled": False}]}))
+    rows = {(r.role, r.instance): r for r in registry.list(swarm_id="s1")}
+    assert set(rows) == {("generator", "s1-gen"), ("moderator", "s1-mod"), (keys.CONTROLLER_ROLE, "s1")}
+    assert rows[("generator", "s1-gen")].container_state == "running" and rows[("generator", "s1-gen")].enabled
+    assert rows[("moderator", "s1-mod")].last_seen is None  # listed by its controller, never heard from
+    assert swarms.get("s1").bees[0]["instance"] == "s1-gen"  # type: ignore[union-attr]
+
+    # A settled controller's list is the truth: a bee it no longer lists leaves the registry.
+    registry.observe(_status(keys.CONTROLLER_ROLE, "s1", "s1", state="Running", data={"bees": [
+        {"role": "generator", "instance": "s1-gen", "state": "exited", "enabled": True}]}))
+    assert {r.instance for r in registry.list(swarm_id="s1")} == {"s1-gen", "s1"}
+    assert registry.get("generator", "s1-gen").container_state == "exited"  # type: ignore[union-attr]
+    assert [r.instance for r in registry.list(role="generator")] == ["s1-gen"]
+
+    registry.forget_swarm("s1")
+    assert registry.list() == [] and registry.get("generator", "s1-gen") is None

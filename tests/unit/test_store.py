@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -600,3 +601,21 @@ async def test_a_fan_out_addressed_to_one_of_its_targets_waits_for_all(store: St
     for target in FAN_OUT[1:]:
         last = await store.record_outcome(op.correlation_id, "config-update", target, "succeeded", {})
     assert last.closed is not None and last.closed.status == "succeeded"
+
+
+async def test_save_swarm_updates_only_the_same_incarnation(store: Store) -> None:
+    first = swarm(status="Creating")
+    await store.upsert_swarm(first)
+    await store.save_swarm(replace(first, status="Running", bees=[{"instance": "sw1-gen"}]))
+    saved = await store.get_swarm("sw1")
+    assert saved is not None and saved.status == "Running" and saved.bees == [{"instance": "sw1-gen"}]
+
+    # Gathered before a removal: once the row is gone, the write does not bring it back ...
+    await store.delete_swarm("sw1")
+    await store.save_swarm(replace(first, status="Stopped"))
+    assert await store.get_swarm("sw1") is None
+    # ... nor does it land on a new swarm created under the same id.
+    second = swarm(status="Creating", created_at=T0 + timedelta(hours=1))
+    await store.upsert_swarm(second)
+    await store.save_swarm(replace(first, status="Stopped"))
+    assert (await store.get_swarm("sw1")).status == "Creating"  # type: ignore[union-attr]
