@@ -246,13 +246,19 @@ class Bus:
             app_id=self._name,
             expiration=expiration,
         )
-        async for attempt in self._retrying():
-            with attempt:
-                channel = await self._publishing_channel()
-                target = channel.default_exchange if exchange == "" else self._exchanges.get(exchange)
-                if target is None:
-                    target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
-                await target.publish(message, routing_key=routing_key)
+        try:
+            await self._publish_once(message, routing_key, exchange)
+        except TRANSIENT:  # the connection is being restored: retry (the retrier is built only now)
+            async for attempt in self._retrying():
+                with attempt:
+                    await self._publish_once(message, routing_key, exchange)
+
+    async def _publish_once(self, message: aio_pika.Message, routing_key: str, exchange: str) -> None:
+        channel = await self._publishing_channel()
+        target = channel.default_exchange if exchange == "" else self._exchanges.get(exchange)
+        if target is None:
+            target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(message, routing_key=routing_key)
 
     # --- consuming ------------------------------------------------------------------
 
