@@ -7,6 +7,9 @@ is the registry's word (``gateway/registry.py``): an unknown component is a 404.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from aiohttp import web
 
 from controlplane.contract import keys
@@ -27,6 +30,7 @@ from controlplane.store import ComponentRow
 
 # Where a bulk toggle's idempotency keys and operations are filed.
 CONTROLLERS_SCOPE = "controllers"
+B = TypeVar("B", bound=ActionRequest)
 
 
 def _component_path(request: web.Request) -> tuple[str, str]:
@@ -56,39 +60,41 @@ def _fan_out(ctx: GatewayContext, addressed: ComponentRow, command_target: Comma
     return tuple(_target(r) for r in rows)
 
 
-async def update_config(request: web.Request) -> web.Response:
+async def _to_component(request: web.Request, signal: str, model: type[B],
+                        build: Callable[[GatewayContext, B, ComponentRow], Action]) -> web.Response:
+    """An action on one registered component: a retry is answered from its key first, and a
+    component the registry does not know is a 404 unless the key was used before it left."""
     ctx = context_of(request)
     role, instance = _component_path(request)
-    body = ComponentConfigRequest.model_validate(await read_action(request))
+    body = model.model_validate(await read_action(request))
     scope = keys.component_scope(role, instance)
-    replayed = await replay_if_known(request, "config-update", scope, body)
+    replayed = await replay_if_known(request, signal, scope, body)
     if replayed is not None:
         return replayed
     try:
         addressed = _registered(ctx, role, instance)
     except ApiError as exc:
-        return await refuse_unless_known(request, "config-update", scope, body, exc)
-    fan_out = None if body.command_target == CommandTarget.INSTANCE else _fan_out(ctx, addressed, body.command_target)
-    action = Action(signal="config-update", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
-                    args={"patch": body.patch}, fan_out=fan_out, command_target=body.command_target)
-    return await submit(request, action)
+        return await refuse_unless_known(request, signal, scope, body, exc)
+    return await submit(request, build(ctx, body, addressed))
+
+
+async def update_config(request: web.Request) -> web.Response:
+    def build(ctx: GatewayContext, body: ComponentConfigRequest, addressed: ComponentRow) -> Action:
+        fan_out = None if body.command_target == CommandTarget.INSTANCE else _fan_out(ctx, addressed,
+                                                                                      body.command_target)
+        return Action(signal="config-update", request=body, swarm_id=addressed.swarm_id, role=addressed.role,
+                      instance=addressed.instance, args={"patch": body.patch}, fan_out=fan_out,
+                      command_target=body.command_target)
+
+    return await _to_component(request, "config-update", ComponentConfigRequest, build)
 
 
 async def request_status(request: web.Request) -> web.Response:
-    ctx = context_of(request)
-    role, instance = _component_path(request)
-    body = ActionRequest.model_validate(await read_action(request))
-    scope = keys.component_scope(role, instance)
-    replayed = await replay_if_known(request, "status-request", scope, body)
-    if replayed is not None:
-        return replayed
-    try:
-        addressed = _registered(ctx, role, instance)
-    except ApiError as exc:
-        return await refuse_unless_known(request, "status-request", scope, body, exc)
-    action = Action(signal="status-request", request=body, swarm_id=addressed.swarm_id, role=role, instance=instance,
-                    info_only=True)
-    return await submit(request, action)
+    def build(_ctx: GatewayContext, body: ActionRequest, addressed: ComponentRow) -> Action:
+        return Action(signal="status-request", request=body, swarm_id=addressed.swarm_id, role=addressed.role,
+                      instance=addressed.instance, info_only=True)
+
+    return await _to_component(request, "status-request", ActionRequest, build)
 
 
 async def toggle_controllers(request: web.Request) -> web.Response:
