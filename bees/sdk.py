@@ -35,6 +35,7 @@ C = TypeVar("C", bound=BaseModel)
 
 # Pause after a failed producer step, so a broker outage does not become a busy loop.
 ERROR_BACKOFF_S = 1.0
+CONTROL_PREFETCH = 16
 # How long a retired work consumer may finish the messages it has in hand before its
 # channel is closed and what is left goes back to the queue.
 DRAIN_S = 10.0
@@ -154,6 +155,7 @@ class Bee(Generic[C]):
         self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
         self._bus: Bus | None = None
         self._server: SignalServer | None = None
+        self._saving: asyncio.Future[None] | None = None
         # What this container was started with: a snapshot of another starting point (a bee
         # replaced by a new spec) is not this bee's state.
         self._base = snapshot.fingerprint(env.bee_config, env.enabled)
@@ -193,7 +195,9 @@ class Bee(Generic[C]):
             self._server = SignalServer(bus, f"{env.role}.{env.instance}", commands={"config-update": self._apply},
                                         queries={"status-request": self._status_request}, state=self._state,
                                         after=self._after_command)
-            control = await bus.consume(self.control_queue(), self._server.on_message, prefetch=1)
+            # Commands still run one at a time and in order (the server's lock is first come, first
+            # served); a prefetch lets the next one arrive while the current one is handled.
+            control = await bus.consume(self.control_queue(), self._server.on_message, prefetch=CONTROL_PREFETCH)
             await self._sync_work_consumer()
             self._last_at = self.ctx.now()
             await self._publish_status("status-full")
@@ -376,6 +380,8 @@ class Bee(Generic[C]):
             failure = exc
         await self._sync_work_consumer()
         self._changed.set()
+        # Saved while the outcome goes out; the signal is acked once both are done.
+        self._saving = asyncio.ensure_future(self._save_state())
         if failure is not None:
             self.log.warning("config applied, worker failed to act on it", error=repr(failure))
             raise Failure("apply-failed", str(failure) or repr(failure), "config-update", retryable=True,
@@ -404,7 +410,8 @@ class Bee(Generic[C]):
     async def _after_command(self, _sig: Signal, _outcome: Outcome) -> None:
         """The outcome is out; the signal is acked once the state a restart must find is saved
         (a crash before that redelivers the signal, which applies the same patch again)."""
-        await self._save_state()
+        if self._saving is not None:
+            await self._saving
 
     async def _save_state(self) -> None:
         assert self._bus is not None
