@@ -263,8 +263,12 @@ class Bus:
     # --- consuming ------------------------------------------------------------------
 
     async def consume(self, decl: QueueDecl, handler: Handler, prefetch: int = 16,
-                      retry_s: float = HANDLER_RETRY_S) -> Consumer:
+                      retry_s: float = HANDLER_RETRY_S, acks: bool = True) -> Consumer:
         """Declare ``decl`` and feed its messages to ``handler``, one task per message.
+
+        ``acks=False`` for messages whose loss costs nothing (a status the next interval
+        replaces): the broker forgets each once delivered, which spares an ack per message;
+        what cannot be handled is counted and logged instead of dead-lettered.
 
         The message is acked once the handler returns. A body that is not a JSON object,
         or a handler raising ``Poison``, a pydantic ``ValidationError`` or ``InvalidKey``, is
@@ -274,7 +278,7 @@ class Bus:
         """
         channel = await self.channel(prefetch)
         queue = await self.declare_queue(decl, channel)
-        tag = await queue.consume(deliverer(decl.name, handler, retry_s))
+        tag = await queue.consume(deliverer(decl.name, handler, retry_s, acks), no_ack=not acks)
         return Consumer(channel, queue, tag)
 
 
@@ -289,29 +293,30 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def deliverer(queue: str, handler: Handler,
-              retry_s: float = HANDLER_RETRY_S) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-    """The consume callback for ``queue``: each delivery ends acked or dead-lettered."""
+def deliverer(queue: str, handler: Handler, retry_s: float = HANDLER_RETRY_S,
+              acks: bool = True) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """The consume callback for ``queue``: each delivery ends acked or dead-lettered (without
+    ``acks``: handled, or counted as dropped)."""
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         with structlog.contextvars.bound_contextvars(queue=queue, routing_key=message.routing_key,
                                                      message_id=message.message_id,
                                                      correlation_id=message.correlation_id):
             try:
-                await _deliver(handler, retry_s, message)
+                await _deliver(handler, retry_s, message, acks)
             except Exception as exc:
                 # A fault of the delivery itself must still not leave the message unacked.
                 log.exception("message delivery failed")
-                await _dead_letter(message, "handler-failed", repr(exc))
+                await _dead_letter(message, "handler-failed", repr(exc), acks)
 
     return on_message
 
 
-async def _deliver(handler: Handler, retry_s: float, message: AbstractIncomingMessage) -> None:
+async def _deliver(handler: Handler, retry_s: float, message: AbstractIncomingMessage, acks: bool = True) -> None:
     try:
         body = parse_body(message.body)
     except ValueError as exc:  # also UnicodeDecodeError: not text at all
-        await _dead_letter(message, "unparseable", str(exc))
+        await _dead_letter(message, "unparseable", str(exc), acks)
         return
     routing_key = message.routing_key or ""
     try:
@@ -325,13 +330,14 @@ async def _deliver(handler: Handler, retry_s: float, message: AbstractIncomingMe
                 with attempt:
                     await handler(routing_key, body, message)
     except POISON as exc:
-        await _dead_letter(message, "invalid", f"{type(exc).__name__}: {exc}")
+        await _dead_letter(message, "invalid", f"{type(exc).__name__}: {exc}", acks)
         return
     except Exception as exc:
         log.error("handler kept failing", retry_s=retry_s, exc_info=exc)
-        await _dead_letter(message, "handler-failed", f"{type(exc).__name__}: {exc}")
+        await _dead_letter(message, "handler-failed", f"{type(exc).__name__}: {exc}", acks)
         return
-    await message.ack()
+    if acks:
+        await message.ack()
 
 
 def _handler_retrying(retry_s: float) -> AsyncRetrying:
@@ -354,8 +360,14 @@ def _log_retry(state: RetryCallState) -> None:
                 next_in_s=round(state.upcoming_sleep, 2))
 
 
-async def _dead_letter(message: AbstractIncomingMessage, reason: DeadLetterReason, detail: str) -> None:
-    """Reject without requeue, so the queue's dead-letter exchange takes the message."""
+async def _dead_letter(message: AbstractIncomingMessage, reason: DeadLetterReason, detail: str,
+                       acks: bool = True) -> None:
+    """Reject without requeue, so the queue's dead-letter exchange takes the message (a
+    message consumed without acks is gone already: it is counted and logged)."""
+    if not acks:
+        DEAD_LETTERED.labels(reason).inc()
+        log.warning("message dropped", reason=reason, detail=detail[:500])
+        return
     if message.processed:
         return
     try:

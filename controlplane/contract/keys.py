@@ -115,11 +115,6 @@ def hive_queue(swarm_id: str, suffix: str) -> str:
     return f"ph.{swarm_scope(swarm_id)}.{check_slug(suffix, 'queue suffix')}"
 
 
-def gateway_queue(gateway: str) -> str:
-    """A gateway's own event queue: each gateway sees every event."""
-    return f"ph.control.gateway.{check_slug(gateway, 'gateway id')}"
-
-
 def component_queue(role: str, instance: str) -> str:
     """Control queue of one controller or bee: where its signals arrive."""
     return f"ph.control.{component_scope(role, instance)}"

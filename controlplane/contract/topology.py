@@ -42,6 +42,7 @@ class QueueDecl(BaseModel):
 
 class Templates(BaseModel):
     gateway_queue: QueueDecl
+    gateway_status_queue: QueueDecl
     swarm_controller_queue: QueueDecl
     swarm_controller_replies_queue: QueueDecl
     bee_queue: QueueDecl

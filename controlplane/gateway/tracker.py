@@ -1,6 +1,7 @@
 """Follows every operation to its outcome and keeps the gateway's read models current.
 
-Each gateway consumes every event from a queue of its own. Outcome events close
+Each gateway consumes every event from queues of its own: outcomes, acked once what they
+close is committed, and statuses, consumed without acks. Outcome events close
 operations (by correlation id, signal and target) and move the swarm read model; status
 events go to the registry, and a ``status-full`` sent in answer to a status request closes
 that request's operation. Memory changes at once; the store follows through the writer's
@@ -40,7 +41,7 @@ class Tracker:
     def __init__(self, ctx: GatewayContext, projections: Projections) -> None:
         self.ctx = ctx
         self.projections = projections
-        self._consumer: Consumer | None = None
+        self._consumers: list[Consumer] = []
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> Tracker:
@@ -49,8 +50,13 @@ class Tracker:
         # a signal published before its receiver's queue is declared would be dropped.
         for static in ctx.bus.topology.queues:
             await ctx.bus.declare_queue(static)
-        decl = ctx.bus.topology.templates.gateway_queue.render(instance=ctx.settings.gateway_name)
-        self._consumer = await ctx.bus.consume(decl, self._on_event, prefetch=256)
+        templates, name = ctx.bus.topology.templates, ctx.settings.gateway_name
+        self._consumers = [
+            await ctx.bus.consume(templates.gateway_queue.render(instance=name), self._on_event, prefetch=256),
+            # Statuses are many and each is replaced by the next: no ack per message.
+            await ctx.bus.consume(templates.gateway_status_queue.render(instance=name), self._on_event,
+                                  prefetch=1024, acks=False),
+        ]
         await republish_pending(ctx)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="operation-sweeper")
         return self
@@ -59,8 +65,8 @@ class Tracker:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.cancel()
+        for consumer in self._consumers:
+            await consumer.cancel()
 
     # --- events ----------------------------------------------------------------------------
 

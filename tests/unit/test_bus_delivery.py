@@ -165,3 +165,14 @@ def test_the_counter_has_only_bounded_reasons() -> None:
     reasons = {s.labels["reason"] for m in REGISTRY.collect() if m.name == "cp_messages_dead_lettered"
                for s in m.samples if s.name == "cp_messages_dead_lettered_total"}
     assert reasons == {"unparseable", "invalid", "handler-failed"}
+
+
+async def test_without_acks_nothing_is_settled_and_what_fails_is_counted() -> None:
+    handled, broken = FakeMessage(b'{"kind": "status-delta"}'), FakeMessage(b"not json")
+    calls = Calls()
+    before = dead_lettered("unparseable")
+    for message in (handled, broken):
+        await asyncio.wait_for(deliverer("q", calls, 5.0, acks=False)(message), 5)  # type: ignore[arg-type]
+    assert calls.seen == [("sig.swarm-start.s1", {"kind": "status-delta"})]
+    assert handled.settled == [] and broken.settled == []  # the broker forgot them on delivery
+    assert dead_lettered("unparseable") == before + 1
