@@ -122,10 +122,6 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
-    def forget_action(self, correlation_id: str) -> asyncio.Future[None]:
-        """Undo a begin, so a retry starts fresh (used when the caller was never answered)."""
-        return self.writer.submit(partial(_forget_action, correlation_id=correlation_id))
-
     async def find_action(
         self, action: str, target: str, idempotency_key: str, request_hash: str, now: datetime | None = None
     ) -> Replayed | None:
@@ -300,18 +296,6 @@ class Store:
 
 
 # --- units of work and reads, each a function of a connection ------------------------------
-
-
-def _forget_action(conn: Connection, correlation_id: str) -> None:
-    conn.execute(sa.delete(operation_targets).where(operation_targets.c.correlation_id == correlation_id))
-    op = conn.execute(
-        sa.delete(operations)
-        .where(operations.c.correlation_id == correlation_id)
-        .returning(operations.c.swarm_id, operations.c.creates_swarm)
-    ).first()
-    conn.execute(sa.delete(idempotency).where(idempotency.c.correlation_id == correlation_id))
-    if op is not None and op.creates_swarm and op.swarm_id is not None:
-        conn.execute(sa.delete(swarms).where(swarms.c.id == op.swarm_id))
 
 
 def _find_action(conn: Connection, action: str, target: str, idempotency_key: str, request_hash: str,

@@ -80,7 +80,7 @@ operations = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("outcome", _json(), nullable=True),
-    # Set when this operation's begin inserted the swarm row, so forgetting it removes that row.
+    # Set when this operation's begin inserted the swarm row (a create).
     sa.Column("creates_swarm", sa.Boolean(), nullable=False, server_default=sa.false()),
     # The signal bodies to publish: what the outbox sends again if the gateway died first.
     sa.Column("signals", _json(), nullable=True),

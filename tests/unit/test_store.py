@@ -305,25 +305,6 @@ async def test_create_swarm(store: Store) -> None:
         await store.begin_action(action(swarm_id="sw1"), swarm("sw9"))
 
 
-async def test_forget_action(store: Store) -> None:
-    create = action(action="swarm-create", signal="swarm-create")
-    op = await started(store, create, swarm(status="Creating"))
-    assert op.creates_swarm
-    await store.forget_action(op.correlation_id)
-    # The swarm row this begin inserted goes too, so the retry is not refused as SwarmExists.
-    assert await store.get_operation(op.correlation_id) is None
-    assert await store.get_swarm("sw1") is None
-    retry = await started(store, action(action="swarm-create", signal="swarm-create"), swarm(status="Creating"))
-    await store.set_operation_status(retry.correlation_id, "succeeded")
-
-    start = await started(store, action(idempotency_key="start"))
-    assert not start.creates_swarm
-    await store.forget_action(start.correlation_id)
-    assert await store.get_swarm("sw1") is not None  # not created by that begin: kept
-    await started(store, action(idempotency_key="start"))
-    await store.forget_action("no-such-operation")
-
-
 async def test_find_action(store: Store) -> None:
     first = action(created_at=datetime.now(timezone.utc))
     assert await store.find_action("swarm-start", "sw1", "key-1", "hash-1") is None
@@ -524,9 +505,6 @@ async def test_fan_out_status_is_the_worst_of_its_targets(store: Store) -> None:
 
 
 async def test_fan_out_rows_go_with_their_operation(store: Store) -> None:
-    op = await started(store, fan_out("forgotten"))
-    await store.forget_action(op.correlation_id)
-    assert await store.operation_targets(op.correlation_id) == []
     old = await started(store, fan_out("purged"))
     for target in FAN_OUT:
         await store.record_outcome(old.correlation_id, "config-update", target, "succeeded", {})
