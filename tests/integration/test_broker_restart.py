@@ -37,6 +37,15 @@ async def test_swarm_obeys_after_a_broker_restart(stack: Stack, watch: Any) -> N
         await _rabbitmqctl("start_app")
         await _rabbitmqctl("await_startup")
 
+    # The test's own watcher binds anew (once its connection is back): what is under test is
+    # the control plane's reconnection, not the watcher's.
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                watcher = await watch("ev.#")
+                break
+            except Exception:  # its robust connection is still reconnecting
+                await asyncio.sleep(0.5)
     # Until the gateway has reconnected a request is refused with 503 and nothing is kept,
     # so the caller retries with the same key.
     body = {"idempotencyKey": new_key()}
