@@ -44,7 +44,7 @@ from controlplane.contract.models import (
     new_id,
     utcnow,
 )
-from controlplane.contract.receiver import Failure, SignalServer
+from controlplane.contract.receiver import Failure, SignalServer, remaining_s
 from controlplane.bus import snapshot
 from controlplane.controller.plan import (
     bee_container_spec,
@@ -72,6 +72,7 @@ __all__ = ["SwarmController", "SwarmFailure", "plan_from_containers", "plan_from
 log = get_logger("swarm-controller")
 
 BEE_TOGGLE_TIMEOUT_S = 30.0
+MIN_TOGGLE_WAIT_S = 0.5
 SUT_PROBE_INTERVAL_S = 0.2
 # Statuses a restarted controller takes back from its snapshot; the others are transient
 # or are read from the bees again.
@@ -387,11 +388,13 @@ class SwarmController:
             reply = self._replies.expect((sig.correlation_id, instance))
             await self._send_bee_signal(bee.role, instance, "config-update", {"patch": {"enabled": enabled}},
                                         sig.correlation_id, key)
+            # No longer than the caller waits: past its deadline the gateway has said timeout.
+            wait_s = max(min(BEE_TOGGLE_TIMEOUT_S, remaining_s(sig, BEE_TOGGLE_TIMEOUT_S)), MIN_TOGGLE_WAIT_S)
             try:
-                outcome: Outcome = await asyncio.wait_for(reply, BEE_TOGGLE_TIMEOUT_S)
+                outcome: Outcome = await asyncio.wait_for(reply, wait_s)
             except asyncio.TimeoutError:
                 raise Failure("bee-timeout", f"bee {bee.name!r} did not confirm enabled={enabled} within "
-                              f"{BEE_TOGGLE_TIMEOUT_S:g}s", sig.signal, retryable=True) from None
+                              f"{wait_s:.3g}s", sig.signal, retryable=True) from None
             if outcome.result != "success":
                 raise Failure(outcome.code or "bee-error", f"bee {bee.name!r}: {outcome.message}", sig.signal)
             self.bees[instance].enabled = enabled
