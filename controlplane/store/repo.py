@@ -42,7 +42,6 @@ from controlplane.store.models import (
     SwarmExists,
     SwarmRow,
     TargetRow,
-    swarm_resource,
     utcnow,
 )
 from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
@@ -55,7 +54,6 @@ HOUSEKEEPING_INTERVAL_S = 5.0
 
 log = get_logger("store")
 
-_SWARM_UPDATABLE = frozenset(f.name for f in dataclasses.fields(SwarmRow)) - {"id"}
 
 
 async def open_store(url: str) -> Store:
@@ -180,15 +178,6 @@ class Store:
     async def get_operation(self, correlation_id: str) -> OperationRow | None:
         return await self.database.read(_get_operation, correlation_id)
 
-    async def due_operations(self, now: datetime) -> list[OperationRow]:
-        """Open operations whose deadline has passed, oldest deadline first."""
-        stmt = (
-            sa.select(operations)
-            .where(operations.c.status.in_(OPEN_STATUSES), operations.c.deadline <= now)
-            .order_by(operations.c.deadline, operations.c.correlation_id)
-        )
-        return await self.database.read(_operations, stmt)
-
     async def open_operations(self) -> list[OperationRow]:
         stmt = (
             sa.select(operations)
@@ -204,15 +193,6 @@ class Store:
     async def live_records(self, now: datetime) -> list[dict[str, Any]]:
         """Idempotency records still within their retention (for loading at start)."""
         return await self.database.read(_live_records, now)
-
-    async def open_lifecycle_operation(self, swarm_id: str) -> OperationRow | None:
-        """The swarm's open lifecycle operation, if any."""
-        return await self.holder(swarm_resource(swarm_id))
-
-    async def holder(self, resource: str) -> OperationRow | None:
-        """The open operation holding ``resource``, if any (the partial unique index allows one)."""
-        found = await self.database.read(_operations, _open_holding(resource))
-        return found[0] if found else None
 
     def purge_expired(self, now: datetime, finished_before: datetime | None = None) -> asyncio.Future[int]:
         """Delete idempotency records past their retention; returns how many.
@@ -235,14 +215,6 @@ class Store:
         values = _swarm_values(row)
         stmt = self._upsert(swarms, values, update=[name for name in values if name != "created_at"])
         return self.writer.submit(lambda conn: conn.execute(stmt) and None)
-
-    def update_swarm(self, swarm_id: str, **fields: Any) -> asyncio.Future[SwarmRow | None]:
-        """Change some columns; updated_at is set to now unless given. None if no such swarm."""
-        unknown = set(fields) - _SWARM_UPDATABLE
-        if unknown:
-            raise TypeError(f"unknown swarm fields: {', '.join(sorted(unknown))}")
-        fields.setdefault("updated_at", utcnow())
-        return self.writer.submit(partial(_update_swarm, swarm_id=swarm_id, fields=fields))
 
     def save_swarm(self, row: SwarmRow, at_once: bool = False) -> asyncio.Future[None]:
         """Write an existing swarm's row as the caller holds it, gathered with the others pending
@@ -285,14 +257,6 @@ class Store:
             stmt = stmt.where(components.c.role == role)
         return await self.database.read(lambda conn: [ComponentRow(**row._mapping) for row in conn.execute(stmt)])
 
-    async def get_component(self, role: str, instance: str) -> ComponentRow | None:
-        stmt = sa.select(components).where(components.c.role == role, components.c.instance == instance)
-
-        def read(conn: Connection) -> ComponentRow | None:
-            row = conn.execute(stmt).first()
-            return ComponentRow(**row._mapping) if row is not None else None
-
-        return await self.database.read(read)
 
 
 # --- units of work and reads, each a function of a connection ------------------------------
@@ -448,11 +412,6 @@ def _purge_expired(conn: Connection, now: datetime, finished_before: datetime | 
 
 def _list_swarms(conn: Connection) -> list[SwarmRow]:
     return [_swarm(row) for row in conn.execute(sa.select(swarms).order_by(swarms.c.id))]
-
-
-def _update_swarm(conn: Connection, swarm_id: str, fields: dict[str, Any]) -> SwarmRow | None:
-    row = conn.execute(sa.update(swarms).where(swarms.c.id == swarm_id).values(fields).returning(*swarms.c)).first()
-    return _swarm(row) if row is not None else None
 
 
 def _save_swarms(conn: Connection, rows: list[SwarmRow]) -> None:

@@ -257,10 +257,7 @@ async def test_lifecycle_busy_until_first_finishes(store: Store) -> None:
     assert await store.set_operation_status(won.operation.correlation_id, "dispatched") is not None
     assert isinstance(await store.begin_action(loser), Busy)
 
-    assert await store.open_lifecycle_operation("sw1") == await store.get_operation(won.operation.correlation_id)
-
     await store.set_operation_status(won.operation.correlation_id, "succeeded", {"ok": True})
-    assert await store.open_lifecycle_operation("sw1") is None
     again = await started(store, loser)
     assert again.correlation_id == loser.correlation_id
 
@@ -283,7 +280,7 @@ async def test_create_swarm(store: Store) -> None:
     created = await started(store, action(action="swarm-create", signal="swarm-create"), swarm(status="Creating"))
     assert (await store.get_swarm("sw1")).status == "Creating"  # type: ignore[union-attr]
     await store.set_operation_status(created.correlation_id, "succeeded")
-    await store.update_swarm("sw1", status="Ready")
+    await store.save_swarm(replace((await store.get_swarm("sw1")), status="Ready"), at_once=True)  # type: ignore[type-var]
 
     create_again = action(action="swarm-create", signal="swarm-create", idempotency_key="key-2")
     exists = await store.begin_action(create_again, swarm(status="Creating", template_id="other"))
@@ -293,7 +290,7 @@ async def test_create_swarm(store: Store) -> None:
     assert isinstance(await store.begin_action(create_again, swarm(status="Creating")), SwarmExists)
 
     for dead in ("Failed", "Removed"):
-        await store.update_swarm("sw1", status=dead)
+        await store.save_swarm(replace((await store.get_swarm("sw1")), status=dead), at_once=True)  # type: ignore[type-var]
         retry = action(action="swarm-create", signal="swarm-create", idempotency_key=f"retry-{dead}")
         op = await started(store, retry, swarm(status="Creating", template_id=f"tpl-{dead}", bees=[{"role": "gen"}]))
         replaced = await store.get_swarm("sw1")
@@ -346,24 +343,41 @@ async def test_final_status_is_sticky(store: Store) -> None:
         await store.set_operation_status(cid, "finished")
 
 
-async def test_due_and_open_operations(store: Store) -> None:
-    short = await started(store, action(idempotency_key="short", swarm_id="s1", target="s1", timeout_ms=1000))
-    long = await started(store, action(idempotency_key="long", swarm_id="s2", target="s2", timeout_ms=60_000))
-    dispatched = await started(store, action(idempotency_key="disp", swarm_id="s3", target="s3", timeout_ms=2000))
+async def test_open_operations_and_their_targets(store: Store) -> None:
+    done = await started(store, action(idempotency_key="done", swarm_id="s1", target="s1"))
+    dispatched = await started(store, action(idempotency_key="disp", swarm_id="s3", target="s3"))
+    fanned = await started(store, fan_out("open-fan-out"))
     await store.set_operation_status(dispatched.correlation_id, "dispatched")
+    await store.set_operation_status(done.correlation_id, "timed_out")
+    assert {o.correlation_id for o in await store.open_operations()} == {dispatched.correlation_id,
+                                                                         fanned.correlation_id}
+    targets = await store.open_targets()
+    assert set(targets) == {fanned.correlation_id}
+    assert sorted(t.target for t in targets[fanned.correlation_id]) == sorted(FAN_OUT)
 
-    assert await store.due_operations(T0) == []
-    due = await store.due_operations(T0 + timedelta(seconds=5))
-    assert [o.correlation_id for o in due] == [short.correlation_id, dispatched.correlation_id]
-    # The boundary is inclusive, and any timezone works for ``now``.
-    plus2 = timezone(timedelta(hours=2))
-    due = await store.due_operations((T0 + timedelta(seconds=1)).astimezone(plus2))
-    assert [o.correlation_id for o in due] == [short.correlation_id]
 
-    await store.set_operation_status(short.correlation_id, "timed_out")
-    due = await store.due_operations(T0 + timedelta(minutes=5))
-    assert [o.correlation_id for o in due] == [dispatched.correlation_id, long.correlation_id]
-    assert {o.correlation_id for o in await store.open_operations()} == {long.correlation_id, dispatched.correlation_id}
+async def test_marks_and_gathered_closes(store: Store) -> None:
+    """What the gateway writes without waiting: publish marks and outcomes, gathered."""
+    single = await started(store, action(idempotency_key="single", lifecycle=False))
+    fanned = await started(store, fan_out("gathered"))
+    await asyncio.gather(store.mark_published(single.correlation_id), store.mark_published(fanned.correlation_id))
+    assert (await store.get_operation(single.correlation_id)).status == "dispatched"  # type: ignore[union-attr]
+    # An outcome of another signal, or for another target, closes nothing.
+    await store.close_later(single.correlation_id, "swarm-stop", single.target, "succeeded", {}, fan_out=False)
+    await store.close_later(single.correlation_id, single.signal, "elsewhere", "succeeded", {}, fan_out=False)
+    assert (await store.get_operation(single.correlation_id)).status == "dispatched"  # type: ignore[union-attr]
+    await asyncio.gather(
+        store.close_later(single.correlation_id, single.signal, single.target, "failed", {"code": "x"}, fan_out=False),
+        *(store.close_later(fanned.correlation_id, "config-update", target, status, {}, fan_out=True)
+          for target, status in zip(FAN_OUT, ("succeeded", "succeeded", "timed_out"))))
+    closed = await store.get_operation(single.correlation_id)
+    assert closed is not None and (closed.status, closed.outcome) == ("failed", {"code": "x"})
+    whole = await store.get_operation(fanned.correlation_id)
+    assert whole is not None and whole.status == "timed_out"
+    assert whole.outcome == {"targets": {"succeeded": 2, "failed": 0, "timed_out": 1}}
+    # A late outcome does not reopen or overwrite what is closed.
+    await store.close_later(single.correlation_id, single.signal, single.target, "succeeded", {}, fan_out=False)
+    assert (await store.get_operation(single.correlation_id)).status == "failed"  # type: ignore[union-attr]
 
 
 async def test_expired_keys(store: Store) -> None:
@@ -408,24 +422,17 @@ async def test_swarm_crud(store: Store) -> None:
     assert b is not None and (b.status, b.template_id, b.created_at, b.updated_at) == ("Ready", "t2", T0, later)
 
     beat = datetime(2024, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    updated = await store.update_swarm(
-        "b", health="healthy", controller_instance="host", last_heartbeat=beat, last_error={"code": "x"}
-    )
-    assert updated is not None
-    assert (updated.health, updated.controller_instance, updated.last_error) == ("healthy", "host", {"code": "x"})
-    assert updated.last_heartbeat == beat and updated.updated_at > later
     class Phase(StrEnum):
         STOPPED = "Stopped"
 
-    stopped = await store.update_swarm("b", status=Phase.STOPPED)
-    assert stopped is not None and stopped.status == "Stopped"
-    cleared = await store.update_swarm("b", last_error=None)
-    assert cleared is not None and cleared.last_error is None
-    assert await store.get_swarm("b") == cleared
-
-    assert await store.update_swarm("nope", status="Ready") is None
-    with pytest.raises(TypeError):
-        await store.update_swarm("b", colour="red")
+    await store.save_swarm(replace(b, health="healthy", controller_instance="host", last_heartbeat=beat,
+                                   last_error={"code": "x"}, status=Phase.STOPPED))
+    saved = await store.get_swarm("b")
+    assert saved is not None and (saved.health, saved.controller_instance, saved.status) == ("healthy", "host",
+                                                                                            "Stopped")
+    assert saved.last_heartbeat == beat and saved.last_error == {"code": "x"}
+    await store.save_swarm(replace(saved, last_error=None))
+    assert (await store.get_swarm("b")).last_error is None  # type: ignore[union-attr]
 
     await store.delete_swarm("a")
     await store.delete_swarm("a")
@@ -539,8 +546,7 @@ async def test_registry_keeps_the_latest_status_of_known_swarms(store: Store) ->
     rows = await store.list_components()
     assert [(r.instance, r.totals, r.enabled, r.first_seen, r.last_seen) for r in rows] == [
         ("sw1-gen", {"published": 7.0}, False, t1, t1 + timedelta(seconds=1))]
-    assert await store.get_component("generator", "sw1-gen") == rows[0]
-    assert await store.get_component("generator", "gone-gen") is None
+    assert await store.list_components(swarm_id="gone") == []
 
 
 async def test_controller_view_sets_container_state_and_prunes_unlisted_bees(store: Store) -> None:
