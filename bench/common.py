@@ -57,6 +57,14 @@ def environment(broker: str, **more: str) -> dict[str, Any]:
             "aio_pika": aio_pika.__version__, "aiohttp": aiohttp.__version__, **more}
 
 
+def header(name: str, env: dict[str, Any], *versions: str) -> list[str]:
+    """The first lines of a benchmark's report: what ran, where, and on which versions."""
+    stack = ", ".join([env["broker"], *versions, f"aio-pika {env['aio_pika']}", f"aiohttp {env['aiohttp']}"])
+    return [f"controlplane {name} benchmark, {env['date']}, code {env['code']} "
+            f"(1-minute load average at start: {env['loadavg_1m']:.2f})",
+            f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {stack}"]
+
+
 def code_version() -> str:
     """The commit measured, and whether the code (not bench/ or docs/) differs from it."""
     try:

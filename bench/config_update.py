@@ -62,7 +62,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, GatewayProcess, environment, gateway_process, ms,
+from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, GatewayProcess, environment, header, gateway_process, ms,
                           progress, replay_against_healthz, run_and_print, scratch_postgres_database)
 from bench.httpload import percentile
 from controlplane.contract import keys
@@ -793,10 +793,7 @@ def level_lines(part: dict[str, Any]) -> list[str]:
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     env = results["environment"]
     lines = [
-        (f"controlplane config-update benchmark, {env['date']}, code {env['code']} "
-         f"(1-minute load average at start: {env['loadavg_1m']:.2f})"),
-        (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, "
-         f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
+        *header("config-update", env),
         "The gateway runs as a process of its own (python -m controlplane.cli gateway), reached over HTTP and AMQP only.",
     ]
     if "config_update" in results:

@@ -41,7 +41,7 @@ import aiohttp
 import docker
 from aiohttp import web
 
-from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, environment, ms, progress, replay_against_healthz,
+from bench.common import (MANAGEMENT, REPO_ROOT, BenchError, environment, header, ms, progress, replay_against_healthz,
                           run_and_print)
 from bench.httpload import percentile
 from controlplane.bus import Bus
@@ -552,22 +552,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     env = results["environment"]
-    lines = [
-        (f"controlplane lifecycle benchmark, {env['date']}, code {env['code']} "
-         f"(1-minute load average at start: {env['loadavg_1m']:.2f})"),
-        (f"{env['cpus']} CPUs, {env['os']}, Python {env['python']}, {env['broker']}, {env['docker']}, "
-         f"aio-pika {env['aio_pika']}, aiohttp {env['aiohttp']}"),
-        "",
-    ]
+    lines = [*header("lifecycle", env, env["docker"]), ""]
 
     def row(label: str, s: dict[str, float]) -> str:
         return f"  {label:<58} {s['n']:>4} {s['p50']:>9.1f} {s['p95']:>9.1f} {s['mean']:>9.1f} {s['max']:>9.1f}"
 
-    header = f"  {'':<58} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} {'max ms':>9}"
+    columns = f"  {'':<58} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} {'max ms':>9}"
     rt = results["round_trip"]
     lines += [
         "1. Signal round trip: POST start|stop -> matching ev.ready.swarm-* on an AMQP watcher",
-        header,
+        columns,
         row("control plane, POST -> ev.ready (start+stop)", rt["control_plane"]),
         row("  start only", rt["start"]),
         row("  stop only", rt["stop"]),
@@ -584,7 +578,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     cr = results["create"]
     lines += [
         "2. Create to ready: POST create -> ev.ready.swarm-create (one-bee swarm generator-demo)",
-        header,
+        columns,
         row("control plane, POST -> ev.ready.swarm-create", cr["control_plane"]),
         row("  gateway: POST -> sig.swarm-create published", cr["signal"]),
         row("  container start + bee boot: sig -> bee's first ev.status-full", cr["bee_up"]),

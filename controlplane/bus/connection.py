@@ -163,9 +163,7 @@ class Bus:
                                    message_id=new_id(), app_id=self._name)
         try:
             async with asyncio.timeout(timeout):
-                channel = await self._publishing_channel()
-                exchange = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
-                await exchange.publish(message, routing_key=f"probe.{self._name}", mandatory=False)
+                await self._publish_once(message, f"probe.{self._name}", keys.CONTROL_EXCHANGE)
         except TimeoutError as exc:
             raise BrokerUnavailable(f"broker did not confirm a probe within {timeout:g}s") from exc
         except Exception as exc:

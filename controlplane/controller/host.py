@@ -66,7 +66,7 @@ class HostController:
         self.server = SignalServer(
             bus, f"host-controller.{self.owner}",
             commands={"swarm-create": self._create, "swarm-remove": self._remove_orphan},
-            state=lambda: OutcomeState(status=SwarmStatus.FAILED),
+            state=_failed,
             # Creates of different swarms run side by side; one swarm's signals one at a time.
             lock_for=lambda sig: self._swarm_locks[sig.swarm_id or ""])
 
@@ -147,9 +147,7 @@ class HostController:
                               reply.phase or "apply", bool(reply.retryable), state=reply.state,
                               details=reply.details)
         except Exception:
-            await self._retire(swarm_id)
-            await teardown_swarm(self.bus, self.runtime, swarm_id)
-            await self._delete_controller_queues(swarm_id)
+            await self._tear_down(swarm_id)
             raise
         log.info("swarm created", swarm_id=swarm_id, correlation_id=sig.correlation_id)
         return Done(reply.state, reply.details)
@@ -184,12 +182,13 @@ class HostController:
         swarm_id = sig.swarm_id or ""
         if await self._controller_running(swarm_id):
             return None
-        await self._retire(swarm_id)
-        await teardown_swarm(self.bus, self.runtime, swarm_id)
-        await self._delete_controller_queues(swarm_id)
+        await self._tear_down(swarm_id)
         return Done(OutcomeState(status=SwarmStatus.REMOVED), {"removedBy": "host-controller"})
 
-    async def _delete_controller_queues(self, swarm_id: str) -> None:
+    async def _tear_down(self, swarm_id: str) -> None:
+        """Everything of a swarm whose controller is not serving it: controller, bees, queues."""
+        await self._retire(swarm_id)
+        await teardown_swarm(self.bus, self.runtime, swarm_id)
         instance = keys.controller_instance(swarm_id)
         await self.bus.delete_queue(keys.component_queue(keys.CONTROLLER_ROLE, instance))
         await self.bus.delete_queue(keys.replies_queue(keys.CONTROLLER_ROLE, instance))
