@@ -246,6 +246,7 @@ async def submit(request: web.Request, action: Action,
 
     tracked = ctx.ledger.add(result.operation, Record(new.envelope, correlation_id, digest, new.expires_at),
                              new.targets)
+    tracked.signals = signals
     if action.create_swarm is not None:
         ctx.swarms.put(action.create_swarm)
     if not signals:  # an empty fan-out: nothing to wait for

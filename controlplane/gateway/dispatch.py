@@ -48,7 +48,8 @@ async def _publish(ctx: GatewayContext, tracked: Tracked) -> bool:
     remaining_s = (op.deadline - utcnow()).total_seconds()
     if remaining_s <= 0:
         return False  # the sweeper times it out on its watched topic
-    signals = [Signal.model_validate(body) for body in op.signals or ()]
+    # Built by the request that committed it; read back from the store by the outbox.
+    signals = tracked.signals or [Signal.model_validate(body) for body in op.signals or ()]
     results = await asyncio.gather(*(ctx.bus.publish(s.routing_key(), s, expiration=remaining_s) for s in signals),
                                    return_exceptions=True)
     failed = [(s, r) for s, r in zip(signals, results) if isinstance(r, BaseException)]

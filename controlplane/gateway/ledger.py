@@ -51,6 +51,7 @@ class Tracked:
     counts: Counter[str] = field(default_factory=Counter)  # its targets by status, kept as they close
     published: bool = False  # the broker confirmed its signals
     dispatching: asyncio.Future[bool] | None = None  # the publish in flight, shared by duplicates
+    signals: list[Any] | None = None  # the Signal models built for its first publish (else: op.signals)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

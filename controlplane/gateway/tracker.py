@@ -79,14 +79,13 @@ class Tracker:
             if status.kind == "status-full" and message.correlation_id:
                 # A status request is answered by the component's status-full, not by ev.ready.
                 written = close_target(self.ctx, message.correlation_id, "status-request",
-                                       keys.component_scope(status.role, status.instance), "succeeded",
-                                       status.to_dict())
+                                       keys.component_scope(status.role, status.instance), "succeeded", body)
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
             # Read models move first: an operation read as closed already shows its effect.
             await self.projections.apply(self.ctx, routing_key, body)
             written = close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(),
-                                   "succeeded" if outcome.result == "success" else "failed", outcome.to_dict())
+                                   "succeeded" if outcome.result == "success" else "failed", body)
         # Streamed once it is understood and projected: a retried delivery is not streamed twice.
         self.ctx.events.publish(routing_key, body)
         if written is not None:
