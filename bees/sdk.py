@@ -155,7 +155,8 @@ class Bee(Generic[C]):
         self.log = get_logger("bee").bind(swarm_id=env.swarm_id, role=env.role, instance=env.instance)
         self._bus: Bus | None = None
         self._server: SignalServer | None = None
-        self._saving: asyncio.Future[None] | None = None
+        self._saver = snapshot.LatestSaver(self._save_state)
+        self._unsaved: set[str] = set()  # correlation ids whose change no save has covered yet
         # What this container was started with: a snapshot of another starting point (a bee
         # replaced by a new spec) is not this bee's state.
         self._base = snapshot.fingerprint(env.bee_config, env.enabled)
@@ -380,8 +381,7 @@ class Bee(Generic[C]):
             failure = exc
         await self._sync_work_consumer()
         self._changed.set()
-        # Saved while the outcome goes out; the signal is acked once both are done.
-        self._saving = asyncio.ensure_future(self._save_state())
+        self._unsaved.add(sig.correlation_id)  # saved once its outcome is out (_after_command)
         if failure is not None:
             self.log.warning("config applied, worker failed to act on it", error=repr(failure))
             raise Failure("apply-failed", str(failure) or repr(failure), "config-update", retryable=True,
@@ -407,19 +407,17 @@ class Bee(Generic[C]):
             self.ctx.enabled = kept.enabled
         self.log.info("state restored", enabled=self.ctx.enabled)
 
-    async def _after_command(self, _sig: Signal, _outcome: Outcome) -> None:
+    async def _after_command(self, sig: Signal, _outcome: Outcome) -> None:
         """The outcome is out; the signal is acked once the state a restart must find is saved
         (a crash before that redelivers the signal, which applies the same patch again)."""
-        if self._saving is not None:
-            await self._saving
+        if sig.correlation_id in self._unsaved:
+            self._unsaved.discard(sig.correlation_id)
+            await self._saver.request()
 
     async def _save_state(self) -> None:
         assert self._bus is not None
-        try:
-            await snapshot.save(self._bus, self.state_queue(), snapshot.Snapshot(
-                enabled=self.ctx.enabled, config=self._config_json(), base=self._base))
-        except Exception as exc:  # the change itself stands; the next one saves again
-            self.log.warning("state not saved", error=repr(exc))
+        await snapshot.save(self._bus, self.state_queue(), snapshot.Snapshot(
+            enabled=self.ctx.enabled, config=self._config_json(), base=self._base))
 
     def _state(self) -> OutcomeState:
         return OutcomeState(status=self.ctx.state, enabled=self.ctx.enabled,

@@ -270,10 +270,24 @@ async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
                 done = await seen.wait(sig.correlation_id, 1, TIMEOUT_MS / 1000)
                 return {"sent": sent, "done": done}
 
+            control = await publishing.declare_exchange(keys.CONTROL_EXCHANGE, type="topic", durable=True)
+
+            async def to_bees(i: int) -> dict[str, float]:
+                """The same signal published straight to the bee, the way the gateway does: the
+                bees' share of a round trip, without the gateway's."""
+                instance = instances[i % len(instances)]
+                sig = Signal(signal=SIGNAL, correlation_id=new_id(), idempotency_key=new_id(), swarm_id=swarm_id,
+                             role=ROLE, instance=instance, command_target=CommandTarget.INSTANCE,
+                             args={"patch": {"ratePerSec": i % 100 + 1}, "timeoutMs": TIMEOUT_MS})
+                sent = time.perf_counter()
+                await control.publish(persistent(sig.to_json(), sig.correlation_id), routing_key=sig.routing_key())
+                done = await seen.wait(sig.correlation_id, 1, TIMEOUT_MS / 1000)
+                return {"sent": sent, "done": done}
+
             results: list[dict[str, Any]] = []
             for index, level in enumerate(job["levels"]):
                 row: dict[str, Any] = {"concurrency": level}
-                runs = [("gateway", via_gateway), ("bare", bare_request)]
+                runs = [("gateway", via_gateway), ("bees", to_bees), ("bare", bare_request)]
                 for name, one in runs if index % 2 == 0 else runs[::-1]:  # alternate which goes first
                     warmup = max(job["warmup"], 2 * level)
                     progress(f"{job['label']}, concurrency {level}: {name}, {warmup} warm-up + {job['n']} measured")
@@ -779,6 +793,9 @@ def level_lines(part: dict[str, Any]) -> list[str]:
             f"  {c:<12} {'gateway: POST -> ev.ready':<30} {g['n']:>5} {g['p50']:>8.1f} {g['p99']:>8.1f} "
             f"{g['mean']:>8.1f} {g['max']:>8.1f} {g['per_s']:>8.0f}",
             f"  {'':<12} {'  POST -> 202':<30} {'':>5} {g['accepted_p50']:>8.1f} {g['accepted_p99']:>8.1f}",
+            *([f"  {'':<12} {'signal straight to the bees':<30} {row['bees']['n']:>5} {row['bees']['p50']:>8.1f} "
+               f"{row['bees']['p99']:>8.1f} {row['bees']['mean']:>8.1f} {row['bees']['max']:>8.1f} "
+               f"{row['bees']['per_s']:>8.0f}"] if "bees" in row else []),
             f"  {'':<12} {'bare aio-pika request/reply':<30} {b['n']:>5} {b['p50']:>8.1f} {b['p99']:>8.1f} "
             f"{b['mean']:>8.1f} {b['max']:>8.1f} {b['per_s']:>8.0f}",
             (f"  {'':<12} gateway / bare: p50 {row['ratio_p50']:.1f}x ({g['p50'] - b['p50']:+.1f} ms), "

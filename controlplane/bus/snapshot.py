@@ -14,8 +14,10 @@ restarted. A snapshot carries a fingerprint of what the component was started wi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -72,3 +74,39 @@ async def load(bus: Bus, decl: QueueDecl, base: str | None = None) -> Snapshot |
         log.info("snapshot of another starting point ignored", queue=decl.name)
         return None
     return snapshot
+
+
+class LatestSaver:
+    """Saves the newest state, never more than one save at a time.
+
+    Changes that come while a save is out share the one save after it, which reads the
+    state when it starts: a burst of N changes costs two publishes, not N, and every
+    change is covered by a save that began after it.
+    """
+
+    def __init__(self, save: Callable[[], Awaitable[None]]) -> None:
+        self._save = save
+        self._next: asyncio.Future[None] | None = None  # resolved by the save that covers what came since
+        self._running: asyncio.Task[None] | None = None
+
+    def request(self) -> asyncio.Future[None]:
+        """A future resolved once a save that started after this call has finished."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        return self._next
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                covered, self._next = self._next, None
+                try:
+                    await self._save()
+                except Exception as exc:  # the change itself stands; the next one saves again
+                    log.warning("state not saved", error=repr(exc))
+                finally:
+                    if not covered.done():
+                        covered.set_result(None)
+        finally:
+            self._running = None
