@@ -9,9 +9,13 @@ RUN python3 -m venv /opt/venv \
 
 FROM controlplane-base:bookworm
 COPY --from=install /opt/venv /opt/venv
+# The one place the image's user may write (the gateway's SQLite file in docker-compose).
+RUN mkdir -p /data && chown 10001:10001 /data
 COPY scenarios /opt/controlplane/scenarios
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     LANG=C.UTF-8 \
     CP_SCENARIOS_DIR=/opt/controlplane/scenarios
+# Not root: the runtime also starts every container with this user (CP_CONTAINER_USER).
+USER 10001:10001
 CMD ["controlplane", "--help"]

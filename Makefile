@@ -32,7 +32,6 @@ images:
 # network namespace to reach it; that is an operator's opt-in.
 run test: export CP_BEE_NETWORK ?= host
 run test: export CP_ALLOW_HOST_NETWORK ?= true
-run test: export CP_ALLOWED_MOUNTS ?= ["/var/run/docker.sock"]
 
 # `controlplane up` prints the API and management UI addresses once it is listening.
 run: venv infra

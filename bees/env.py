@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controlplane.config import settings_or_exit
+from controlplane.contract.egress import Target
 from controlplane.contract import keys
 
 
@@ -26,6 +27,8 @@ class BeeEnv(BaseSettings):
     work_in: str | None = None  # queue suffix this bee consumes: ph.<swarm>.<suffix>
     work_out: str | None = None  # queue suffix this bee publishes to on the hive exchange
     sut_url: str | None = None  # the swarm's system under test, e.g. http://127.0.0.1:8080
+    # Hosts, addresses or networks (with an optional :port) HTTP calls may reach besides the SUT.
+    allowed_targets: list[str] = Field(default_factory=list)
     bee_config: dict[str, Any] = Field(default_factory=dict)  # JSON object
     enabled: bool = False
     status_interval_s: float = Field(5.0, gt=0)
@@ -39,6 +42,13 @@ class BeeEnv(BaseSettings):
         problem = keys.slug_problem(value)
         if problem:
             raise ValueError(problem)
+        return value
+
+    @field_validator("allowed_targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            Target.parse(target)  # a bad entry stops the bee with its name
         return value
 
     @field_validator("sut_url", mode="before")

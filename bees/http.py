@@ -20,6 +20,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from yarl import URL
 
 from controlplane.contract.models import Strict, utcnow
+from controlplane.contract.egress import Egress, guarded_connector
+from bees.env import BeeEnv
 from bees.patching import context_env
 
 HTTP_4XX = "http-4xx"
@@ -70,9 +72,13 @@ def join_url(base: str, path: str) -> str:
 
 def url_or_sut(value: str | None, info: ValidationInfo, field_name: str) -> str | None:
     """Validate an optional address; None is only acceptable when the bee has CP_SUT_URL."""
-    if value is not None:
-        return check_http_url(value)
     env = context_env(info)
+    if value is not None:
+        check_http_url(value)
+        problem = egress_of(env).problem(value)
+        if problem:
+            raise ValueError(f"not allowed: {problem}")
+        return value
     if env is None or not env.sut_url:
         raise ValueError(f"required: {field_name} is not set and the bee has no CP_SUT_URL to fall back on")
     return None
@@ -146,10 +152,16 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def new_session(max_connections: int) -> aiohttp.ClientSession:
-    """A keep-alive session with at most ``max_connections`` connections; no cookies are kept,
-    so every call is made the same way however long the bee runs."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
+def egress_of(env: BeeEnv | None) -> Egress:
+    """The bee's outbound rules; validated without an environment, nothing is allowed."""
+    return Egress.of(env.sut_url, env.allowed_targets) if env is not None else Egress()
+
+
+def new_session(max_connections: int, egress: Egress) -> aiohttp.ClientSession:
+    """A keep-alive session with at most ``max_connections`` connections, resolving names
+    through the egress rules; no cookies are kept, so every call is made the same way
+    however long the bee runs."""
+    return aiohttp.ClientSession(connector=guarded_connector(egress, limit=max_connections),
                                  cookie_jar=aiohttp.DummyCookieJar())
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from controlplane.contract.models import Strict
+from bees.http import ERROR_KINDS
 from bees.sdk import BeeContext, Worker, run_bee
 
 INVALID_RESULT = "invalid-result"
@@ -89,7 +90,9 @@ class Postprocessor(Worker[PostprocessorConfig]):
             self.ok += 1
         else:
             self.failed += 1
-            self.errors[str(body.get("errorKind") or "unknown")] += 1
+            # A closed set: a message cannot grow the report with kinds of its own.
+            kind = body.get("errorKind")
+            self.errors[kind if kind in ERROR_KINDS else "other"] += 1
 
     def report(self, ctx: BeeContext[PostprocessorConfig]) -> dict[str, Any]:
         return {"latency": latency_summary(self.samples, self.seen), "errors": dict(self.errors),

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from controlplane.contract.models import Strict
 from bees.env import BeeEnv
 from bees.http import (INVALID_REQUEST, METHOD_PATTERN, PATH_PATTERN, HttpCallConfig, HttpRequest, HttpResult,
-                       HttpStats, call, close_later, join_url, new_session, url_or_sut)
+                       HttpStats, call, close_later, egress_of, join_url, new_session, url_or_sut)
 from bees.sdk import BeeContext, Worker, run_bee
 
 
@@ -105,7 +105,7 @@ class Processor(Worker[ProcessorConfig]):
 
     def _open(self, ctx: BeeContext[ProcessorConfig]) -> None:
         self._base_url = ctx.config.target(ctx.env)
-        self.session = new_session(ctx.config.max_connections)
+        self.session = new_session(ctx.config.max_connections, egress_of(ctx.env))
         self.prefetch = ctx.config.max_connections
 
     async def handle(self, ctx: BeeContext[ProcessorConfig], body: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from controlplane.bus import Bus, Consumer
 from controlplane.contract import keys
+from controlplane.contract.redact import redact
 from controlplane.contract.models import Outcome, OutcomeState, Signal, Status, utcnow
 from controlplane.contract.receiver import Failure, SignalServer
 from controlplane.contract.topology import QueueDecl, Topology, default_topology, load_topology
@@ -234,7 +235,7 @@ class Bee(Generic[C]):
         """Connect, waiting for the broker; None when stopped before it answered."""
         env = self.env
         bus = Bus(env.amqp_url.get_secret_value(), self.topology, name=env.instance)
-        connecting = asyncio.create_task(bus.connect())
+        connecting = asyncio.create_task(bus.connect(declare_exchanges=False))
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -421,7 +422,7 @@ class Bee(Generic[C]):
 
     def _state(self) -> OutcomeState:
         return OutcomeState(status=self.ctx.state, enabled=self.ctx.enabled,
-                            details={"config": self._config_json()})
+                            details={"config": redact(self._config_json())})
 
     def _config_json(self) -> dict[str, Any]:
         return self.ctx.config.model_dump(mode="json", by_alias=True)
@@ -451,7 +452,7 @@ class Bee(Generic[C]):
         if kind == "status-delta":
             self._last_at, self._last_totals = now, totals
         else:
-            data |= {"config": self._config_json(), "workIn": self.env.work_in, "workOut": self.env.work_out}
+            data |= {"config": redact(self._config_json()), "workIn": self.env.work_in, "workOut": self.env.work_out}
         return Status(kind=kind, role=self.env.role, instance=self.env.instance, swarm_id=self.env.swarm_id,
                       enabled=self.ctx.enabled, state=state or self.ctx.state, totals=totals.as_dict(),
                       queue_stats=await self._queue_stats(), data=data, ts=utcnow())

@@ -19,7 +19,8 @@ from yarl import URL
 
 from controlplane.contract.models import utcnow
 from bees.env import BeeEnv
-from bees.http import HttpCallConfig, HttpRequest, HttpResult, call, join_url, new_session, url_or_sut
+from bees.http import (HttpCallConfig, HttpRequest, HttpResult, call, egress_of, join_url, new_session,
+                       url_or_sut)
 from bees.sdk import BeeContext, Worker, run_bee
 
 
@@ -55,7 +56,7 @@ class Trigger(Worker[TriggerConfig]):
         self._started: float | None = None  # clock time of the last call
 
     async def setup(self, ctx: BeeContext[TriggerConfig]) -> None:
-        self.session = new_session(2)
+        self.session = new_session(2, egress_of(ctx.env))
 
     async def teardown(self, ctx: BeeContext[TriggerConfig]) -> None:
         if self.session is not None:

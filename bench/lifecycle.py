@@ -442,7 +442,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:6]
     owner = f"bench-{run_id}"
     tmp = Path(tempfile.mkdtemp(prefix="cp-bench-"))
-    policy = RuntimePolicy(allow_host_network=True, allowed_mounts=("/var/run/docker.sock",))
+    policy = RuntimePolicy.from_settings(Settings(instance_id=owner, allow_host_network=True))
     runtime = DockerRuntime(url=DOCKER_URL, workers=8, policy=policy)
     docker_client = docker.DockerClient(base_url=DOCKER_URL)
     loop = asyncio.get_running_loop()

@@ -46,6 +46,15 @@ def _settings() -> Settings:
     return settings
 
 
+def _gateway_settings() -> Settings:
+    """Settings of a process that serves the API: refused when it would listen unprotected."""
+    settings = _settings()
+    problem = settings.exposure_problem()
+    if problem:
+        raise SystemExit(f"refusing to start: {problem}")
+    return settings
+
+
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main`` until SIGINT/SIGTERM sets its stop event."""
 
@@ -59,8 +68,9 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
-async def _open_bus(stack: AsyncExitStack, settings: Settings, name: str) -> Bus:
-    bus = await Bus(settings.amqp_url.get_secret_value(), load_topology(settings.topology_file), name).connect()
+async def _open_bus(stack: AsyncExitStack, settings: Settings, name: str, declare_exchanges: bool = True) -> Bus:
+    bus = Bus(settings.amqp_url.get_secret_value(), load_topology(settings.topology_file), name)
+    await bus.connect(declare_exchanges=declare_exchanges)
     stack.push_async_callback(bus.close)
     return bus
 
@@ -93,7 +103,7 @@ def main() -> None:
 @main.command()
 def up() -> None:
     """Run gateway and host controller in one process."""
-    settings = _settings()
+    settings = _gateway_settings()
 
     async def run(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
@@ -111,7 +121,7 @@ def up() -> None:
 @main.command()
 def gateway() -> None:
     """Run the REST gateway alone."""
-    settings = _settings()
+    settings = _gateway_settings()
 
     async def run(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
@@ -144,10 +154,11 @@ def swarm_controller(swarm_id: str) -> None:
 
     async def run(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            bus = await _open_bus(stack, settings, f"swarm-controller.{swarm_id}")
+            # A broker user of its own, which may not configure the shared exchanges.
+            bus = await _open_bus(stack, settings, f"swarm-controller.{swarm_id}", declare_exchanges=False)
             runtime = await _open_runtime(stack, settings)
             # Bees already running win over the launch plan: a template applied later changed them.
-            plan = await plan_from_labels(runtime, swarm_id)
+            plan = await plan_from_labels(runtime, settings.instance_id, swarm_id)
             if plan is None:
                 plan = SwarmPlan.model_validate_json(os.environ["CP_SWARM_PLAN"])
             raw_signal = os.environ.get("CP_CREATE_SIGNAL")

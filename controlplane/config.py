@@ -6,14 +6,16 @@ once at start-up; a bad value stops the process with a message naming the variab
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from controlplane.contract.egress import Target
 from controlplane.contract.topology import DEFAULT_TOPOLOGY
 
 T = TypeVar("T")
@@ -33,13 +35,31 @@ class Settings(BaseSettings):
     # Gateway
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # The admin key may do everything; the read key only reads. Reads need a key once a read
+    # key is set (or protect_reads). Without an admin key the gateway listens on loopback
+    # only, unless allow_unauthenticated says the operator means it.
     api_key: SecretStr | None = None
+    read_api_key: SecretStr | None = None
     protect_reads: bool = False
+    allow_unauthenticated: bool = False
     idempotency_retention_s: int = Field(24 * 3600, ge=60)
     management_url: str = "http://127.0.0.1:15672/"
+    # Every container the control plane launches gets a broker user of its own, limited to its
+    # own queues and routing keys, made through the management API with these credentials
+    # (default: those of CP_AMQP_URL). Passwords are derived from the secret (default: from
+    # the management password and the owner id), so re-created containers get the same ones.
+    broker_users: bool = True
+    # Messages the dead-letter queue keeps (the oldest go first); each was counted when dead-lettered.
+    dead_letter_max_messages: int = Field(10_000, ge=1)
+    management_user: str | None = None
+    management_password: SecretStr | None = None
+    broker_user_secret: SecretStr | None = None
     # A request that collides with an operation whose outcome is already on its way waits this
     # long for the read model to catch up before it is answered 409.
     conflict_settle_ms: int = Field(3000, ge=0, le=60_000)
+    # How much one control plane and one request may start.
+    max_swarms: int = Field(100, ge=1)
+    max_fanout_targets: int = Field(5000, ge=1)
     # Per-signal overrides of the specification's timeoutMs, e.g. {"swarm-start": 60000}.
     operation_timeouts_ms: dict[str, int] = Field(default_factory=dict)
 
@@ -55,14 +75,30 @@ class Settings(BaseSettings):
     allow_host_network: bool = False
     allow_privileged: bool = False
     allowed_mounts: list[str] = Field(default_factory=list)  # host paths, e.g. /var/run/docker.sock
-    # Images a swarm plan sent by a caller may run. Empty: the project image and the images
-    # the scenario templates name (the operator vetted those by shipping them).
+    # Images a bee or a system under test may run, whoever asks. Empty: the project image and
+    # the images the scenario templates name (the operator vetted those by shipping them).
+    # Swarm-controllers, which get the Docker socket, run the project image or a template's
+    # controllerImage only.
     allowed_images: list[str] = Field(default_factory=list)
+    # What bees' HTTP calls may reach besides their swarm's own system under test: host names,
+    # addresses or networks, each with an optional :port, e.g. ["api.example.com:443", "10.1.0.0/16"].
+    allowed_targets: list[str] = Field(default_factory=list)
+    # A system under test with a command of its own runs whatever a caller wrote.
+    allow_sut_command: bool = False
+    # Every container the control plane starts gets these limits and this user.
+    container_memory_mb: int = Field(512, ge=16)
+    container_cpus: float = Field(1.0, gt=0, le=64)
+    container_pids: int = Field(256, ge=16)
+    container_log_max_size: str = Field("10m", pattern=r"^[1-9][0-9]*[kmg]$")
+    container_log_max_files: int = Field(3, ge=1, le=100)
+    container_user: str = Field("10001:10001", pattern=r"^$|^[0-9]+(:[0-9]+)?$")
     # Broker address as seen from inside bee and controller containers.
     bee_amqp_url: SecretStr | None = None
     bee_ready_timeout_s: float = Field(60.0, gt=0)
     status_interval_s: float = Field(5.0, gt=0)
-    instance_id: str = "host"
+    # Owner id: labels every container this control plane starts and names it, so control
+    # planes sharing a Docker engine never adopt or remove each other's containers.
+    instance_id: str = Field("host", pattern=r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
     # Names this gateway's own event queue (ph.control.gateway.<id>); every gateway sharing a
     # broker needs its own. Empty: the instance id.
     gateway_id: str = Field("", pattern=r"^$|^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
@@ -70,12 +106,53 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
 
+    @field_validator("allowed_targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            Target.parse(target)
+        return value
+
+    @field_validator("api_key", "read_api_key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would silently switch auth off: it is a mistake, not a choice.
+        if value is not None:
+            key = value.get_secret_value()
+            if not key.strip():
+                raise ValueError("must not be empty; leave the variable unset to run without a key (loopback only)")
+            if key != key.strip() or len(key) < 8:
+                raise ValueError("must be at least 8 characters, without leading or trailing spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _read_key_needs_admin(self) -> Settings:
+        if self.read_api_key is not None and self.api_key is None:
+            raise ValueError("CP_READ_API_KEY needs CP_API_KEY: without it every caller could write")
+        return self
+
+    def exposure_problem(self) -> str | None:
+        """Why the gateway must not listen as configured, or None."""
+        if self.api_key is None and not self.allow_unauthenticated and not _is_loopback(self.host):
+            return (f"CP_HOST={self.host} listens beyond this machine without CP_API_KEY: set a key, or set "
+                    "CP_ALLOW_UNAUTHENTICATED=true if every caller that can reach it may run containers")
+        return None
+
     @property
     def gateway_name(self) -> str:
         return self.gateway_id or self.instance_id
 
     def container_amqp_url(self) -> str:
         return (self.bee_amqp_url or self.amqp_url).get_secret_value()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache
@@ -88,7 +165,8 @@ def settings_or_exit(factory: Callable[[], T], what: str = "configuration") -> T
     try:
         return factory()
     except ValidationError as exc:
-        lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
+        lines = [f"CP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" if err["loc"] else err["msg"]
+                 for err in exc.errors()]
         raise SystemExit(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
     except SettingsError as exc:  # a JSON-valued variable that is not JSON
         raise SystemExit(f"invalid {what}: {exc}") from None

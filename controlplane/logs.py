@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from controlplane.contract.redact import safe_text
+
 _URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
 _SECRET_FIELDS = {"api_key", "password", "secret", "authorization", "token"}
 
@@ -31,8 +33,18 @@ def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _printable(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Console lines only: a value from the broker or a container must not forge a line or
+    move the terminal's cursor (JSON lines escape control characters themselves)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = safe_text(value, limit=4000)
+    return event
+
+
 def configure(level: str = "INFO", fmt: str = "console") -> None:
-    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    json_lines = fmt == "json"
+    renderer: Any = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
     for noisy in ("aiormq", "aio_pika", "urllib3", "docker", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -43,6 +55,7 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _mask_secrets,
             structlog.processors.format_exc_info,
+            *([] if json_lines else [_printable]),
             renderer,
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

@@ -76,11 +76,20 @@ async def fresh_vhost() -> AsyncIterator[str]:
 async def vhost() -> AsyncIterator[str]:
     async with fresh_vhost() as name:
         yield name
+    # Broker users outlive vhosts: remove what this session's controllers left behind.
+    async with Management(MANAGEMENT) as management:
+        for user in await management.users():
+            if user.startswith(f"cp.{OWNER}"):
+                await management.delete_user(user)
+
+
+# This session's owner id: its host controllers label and name their containers with it.
+OWNER = f"test-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="session")
 def owner() -> str:
-    return f"test-{uuid.uuid4().hex[:6]}"
+    return OWNER
 
 
 def make_settings(vhost: str, owner: str, tmp: Path, **overrides: Any) -> Settings:
@@ -90,7 +99,6 @@ def make_settings(vhost: str, owner: str, tmp: Path, **overrides: Any) -> Settin
         instance_id=owner,
         bee_network="host",
         allow_host_network=True,
-        allowed_mounts=["/var/run/docker.sock"],
         status_interval_s=1.0,
         bee_ready_timeout_s=45.0,
         log_level="WARNING",
@@ -106,7 +114,7 @@ def settings_factory(vhost: str, owner: str, tmp_path: Path) -> Callable[..., Se
 
 @pytest.fixture(scope="session")
 async def runtime(owner: str) -> AsyncIterator[DockerRuntime]:
-    policy = RuntimePolicy(allow_host_network=True, allowed_mounts=("/var/run/docker.sock",))
+    policy = RuntimePolicy.from_settings(Settings(instance_id=owner, allow_host_network=True))
     rt = DockerRuntime(url="unix:///var/run/docker.sock", workers=8, policy=policy)
     await rt.ping()
     yield rt
@@ -203,7 +211,10 @@ async def running_stack(settings: Settings, runtime: DockerRuntime, with_host: b
         app = await stack.enter_async_context(open_gateway(settings, bus))
         host = None
         if with_host:
-            host = await HostController(bus, runtime, settings).start()
+            # The engine of ``runtime``, under the policy of this stack's own settings.
+            own = DockerRuntime(runtime.url, workers=8, policy=RuntimePolicy.from_settings(settings))
+            stack.push_async_callback(own.close)
+            host = await HostController(bus, own, settings).start()
             stack.push_async_callback(host.stop)
         client = TestClient(TestServer(app))
         await client.start_server()

@@ -79,8 +79,12 @@ class Bus:
         self._publisher: AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
 
-    async def connect(self, wait_s: float = 30.0) -> Bus:
-        """Connect (retrying while the broker comes up) and declare the static exchanges."""
+    async def connect(self, wait_s: float = 30.0, declare_exchanges: bool = True) -> Bus:
+        """Connect (retrying while the broker comes up) and declare the static exchanges.
+
+        Components that run with a broker user of their own leave the exchanges to the gateway
+        and the host controller (``declare_exchanges=False``): declaring one needs the right
+        to configure it, which is also the right to delete it."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((ConnectionError, OSError, aio_pika.exceptions.AMQPConnectionError)),
             stop=stop_after_delay(wait_s), wait=wait_exponential(0.2, max=2), reraise=True,
@@ -88,8 +92,9 @@ class Bus:
             with attempt:
                 self._connection = await aio_pika.connect_robust(
                     self._url, client_properties={"connection_name": self._name})
-        for decl in self.topology.exchanges:
-            await self.declare_exchange(decl)
+        if declare_exchanges:
+            for decl in self.topology.exchanges:
+                await self.declare_exchange(decl)
         return self
 
     async def _publishing_channel(self) -> AbstractRobustChannel:

@@ -1,8 +1,9 @@
 """A small client of RabbitMQ's management HTTP API.
 
 What an operator reads in the management UI, read by code: queue depths, connections,
-vhosts. Tests and benchmarks use it to isolate themselves in a vhost of their own and to cut
-a client's connection the way a broker restart would.
+vhosts. The controllers use it to give each component a broker user of its own; tests and
+benchmarks use it to isolate themselves in a vhost of their own and to cut a client's
+connection the way a broker restart would.
 """
 
 from __future__ import annotations
@@ -59,6 +60,30 @@ class Management:
     async def close_connection(self, name: str, reason: str = "closed by an operator") -> None:
         await self._call("DELETE", f"/connections/{quote(name, safe='')}", ok=(200, 204, 404),
                          headers={"X-Reason": reason})
+
+    async def put_user(self, name: str, password: str, tags: str = "") -> None:
+        await self._call("PUT", f"/users/{quote(name, safe='')}", ok=(201, 204),
+                         json={"password": password, "tags": tags})
+
+    async def delete_user(self, name: str) -> None:
+        await self._call("DELETE", f"/users/{quote(name, safe='')}", ok=(204, 404))
+
+    async def users(self) -> list[str]:
+        return [u["name"] for u in await self._call("GET", "/users")]
+
+    async def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None:
+        await self._call("PUT", f"/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}", ok=(201, 204),
+                         json={"configure": configure, "write": write, "read": read})
+
+    async def set_topic_permissions(self, vhost: str, user: str, exchange: str, write: str, read: str) -> None:
+        await self._call("PUT", f"/topic-permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+                         ok=(201, 204), json={"exchange": exchange, "write": write, "read": read})
+
+    async def put_policy(self, vhost: str, name: str, pattern: str, definition: dict[str, Any], priority: int = 0,
+                         apply_to: str = "queues") -> None:
+        await self._call("PUT", f"/policies/{quote(vhost, safe='')}/{quote(name, safe='')}", ok=(201, 204),
+                         json={"pattern": pattern, "definition": definition, "priority": priority,
+                               "apply-to": apply_to})
 
     @asynccontextmanager
     async def scratch_vhost(self, prefix: str = "cp-scratch", user: str = "guest") -> AsyncIterator[str]:

@@ -47,7 +47,8 @@ def fingerprint(*parts: Any) -> str:
 
 async def save(bus: Bus, decl: QueueDecl, snapshot: Snapshot) -> None:
     """Replace the stored snapshot (the queue keeps only the newest message)."""
-    await bus.publish(decl.name, snapshot, exchange="")
+    route = decl.bindings[0]  # the state queue's own key: see the topology's state_queue
+    await bus.publish(route.key, snapshot, exchange=route.exchange)
 
 
 async def load(bus: Bus, decl: QueueDecl, base: str | None = None) -> Snapshot | None:

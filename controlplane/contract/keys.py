@@ -17,11 +17,16 @@ from dataclasses import dataclass
 CONTROL_EXCHANGE = "ph.control"
 DEAD_LETTER_EXCHANGE = "ph.control.dlx"
 DEAD_LETTER_QUEUE = "ph.control.dead-letter"
+DEAD_LETTER_POLICY = "cp-dead-letter"  # the topology's policy bounding it
 HOST_CONTROLLER_QUEUE = "ph.control.host-controller"
 # Replies the host controller waits for (controller handshakes), apart from its commands.
 HOST_CONTROLLER_REPLIES_QUEUE = "ph.control.host-controller.replies"
 
 CONTROLLER_ROLE = "swarm-controller"
+# Container name parts of a swarm's own containers; no bee may be named after them.
+CONTROLLER_PART = "ctl"
+SUT_PART = "sut"
+RESERVED_CONTAINER_PARTS = (CONTROLLER_PART, SUT_PART)
 SWARM_SIGNALS = ("swarm-create", "swarm-start", "swarm-stop", "swarm-remove", "swarm-template")
 COMPONENT_SIGNALS = ("config-update", "status-request")
 
@@ -130,6 +135,11 @@ def state_queue(role: str, instance: str) -> str:
     return f"ph.control.state.{component_scope(role, instance)}"
 
 
+def state_key(role: str, instance: str) -> str:
+    """Routing key of a component's state snapshot on ph.control, bound to its state queue only."""
+    return f"state.{component_scope(role, instance)}"
+
+
 def controller_instance(swarm_id: str) -> str:
     """A swarm's controller instance id; deterministic so a retried create finds it."""
     return swarm_scope(swarm_id)
@@ -140,8 +150,9 @@ def bee_instance(swarm_id: str, bee_name: str) -> str:
     return check_slug(f"{swarm_scope(swarm_id)}-{check_slug(bee_name, 'bee name')}", "bee instance")
 
 
-def container_name(swarm_id: str, part: str) -> str:
-    return f"cp-{swarm_scope(swarm_id)}-{check_slug(part, 'container part')}"
+def container_name(owner: str, swarm_id: str, part: str) -> str:
+    """Names carry the owner: control planes sharing an engine may run swarms of the same id."""
+    return f"cp-{check_slug(owner, 'owner')}-{swarm_scope(swarm_id)}-{check_slug(part, 'container part')}"
 
 
 # --- parsing ----------------------------------------------------------------------------

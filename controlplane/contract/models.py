@@ -7,6 +7,7 @@ snake_case. Dump with ``to_json`` so the aliases are used everywhere.
 from __future__ import annotations
 
 import uuid
+from collections import Counter, defaultdict, deque
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
@@ -80,10 +81,20 @@ class BeeSpec(Strict):
     depends_on: list[str] = Field(default_factory=list)
     enabled: bool = False
 
-    @field_validator("name", "role")
+    @field_validator("name")
     @classmethod
-    def _ids(cls, value: str) -> str:
-        return _slug(value, "id")
+    def _name(cls, value: str) -> str:
+        if value in keys.RESERVED_CONTAINER_PARTS:
+            raise ValueError(f"bee name {value!r} is reserved (the swarm's "
+                             f"{'controller' if value == keys.CONTROLLER_PART else 'system under test'} has it)")
+        return _slug(value, "bee name")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value == keys.CONTROLLER_ROLE:
+            raise ValueError(f"role {value!r} is reserved for the swarm's controller")
+        return _slug(value, "role")
 
 
 class SutSpec(Strict):
@@ -100,21 +111,21 @@ class SutSpec(Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-SUT_NAME = "sut"  # the container part of the SUT's name; no bee may take it
+SUT_NAME = keys.SUT_PART
+MAX_BEES = 1000  # per plan; a plan is one message and one controller's work
 
 
 class SwarmPlan(Strict):
-    bees: list[BeeSpec] = Field(min_length=1)
+    bees: list[BeeSpec] = Field(min_length=1, max_length=MAX_BEES)
     sut: SutSpec | None = None
 
     @model_validator(mode="after")
     def _unique_and_acyclic(self) -> SwarmPlan:
-        names = [b.name for b in self.bees]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        # Linear in the plan's size: a large plan must not stall the event loop.
+        names = Counter(b.name for b in self.bees)
+        dupes = sorted(n for n, count in names.items() if count > 1)
         if dupes:
             raise ValueError(f"bee names must be unique, repeated: {', '.join(dupes)}")
-        if self.sut is not None and SUT_NAME in names:
-            raise ValueError(f"a bee may not be named {SUT_NAME!r} in a plan with a system under test")
         unknown = sorted({d for b in self.bees for d in b.depends_on if d not in names})
         if unknown:
             raise ValueError(f"dependsOn names unknown bees: {', '.join(unknown)}")
@@ -132,21 +143,45 @@ class SwarmPlan(Strict):
         queue it writes to: consumers come up first so no work is published to nobody.
         """
         by_name = {b.name: b for b in self.bees}
-        needs = {b.name: set(b.depends_on) for b in self.bees}
-        for producer in self.bees:
-            for consumer in self.bees:
-                if producer.work.out and consumer is not producer and consumer.work.in_ == producer.work.out:
-                    needs[producer.name].add(consumer.name)
+        consumers: dict[str, list[str]] = defaultdict(list)
+        for bee in self.bees:
+            if bee.work.in_:
+                consumers[bee.work.in_].append(bee.name)
+        # A work queue is a node of its own that waits for all its consumers, and each producer
+        # waits for the queue: edges stay linear in the plan's size however many share a queue.
+        needs: dict[str, set[str]] = {}
+        for bee in self.bees:
+            needs[bee.name] = set(bee.depends_on)
+            queue = bee.work.out
+            if queue and queue in consumers:
+                if bee.name in consumers[queue]:  # it reads what it writes: it waits for the others only
+                    needs[bee.name].update(c for c in consumers[queue] if c != bee.name)
+                else:
+                    needs[bee.name].add(_QUEUE_NODE + queue)
+        for queue, names in consumers.items():
+            needs[_QUEUE_NODE + queue] = set(names)
+        waiting = {node: len(wanted) for node, wanted in needs.items()}
+        dependents: dict[str, list[str]] = defaultdict(list)
+        for node, wanted in needs.items():
+            for other in wanted:
+                dependents[other].append(node)
+        ready = deque(node for node in needs if not waiting[node])
         ordered: list[BeeSpec] = []
-        done: set[str] = set()
-        while len(ordered) < len(self.bees):
-            ready = [n for n in by_name if n not in done and needs[n] <= done]
-            if not ready:
-                raise ValueError("bees depend on each other in a cycle: " + ", ".join(sorted(set(by_name) - done)))
-            for name in ready:
-                done.add(name)
-                ordered.append(by_name[name])
+        while ready:
+            node = ready.popleft()
+            if node in by_name:
+                ordered.append(by_name[node])
+            for dependent in dependents[node]:
+                waiting[dependent] -= 1
+                if not waiting[dependent]:
+                    ready.append(dependent)
+        if len(ordered) < len(self.bees):
+            stuck = sorted(set(by_name) - {b.name for b in ordered})
+            raise ValueError("bees depend on each other in a cycle: " + ", ".join(stuck))
         return ordered
+
+
+_QUEUE_NODE = "queue:"  # bee names are slugs, so this never names a bee
 
 
 class Template(Strict):
@@ -173,10 +208,9 @@ class Template(Strict):
     def plan(self) -> SwarmPlan:
         return SwarmPlan(bees=self.bees, sut=self.sut)
 
-    def images(self) -> set[str]:
-        """Every image the template runs; shipping it is the operator vetting them."""
-        named = {b.image for b in self.bees} | ({self.sut.image} if self.sut else set())
-        return named | ({self.controller_image} if self.controller_image else set())
+    def workload_images(self) -> set[str]:
+        """The images of its bees and its SUT; shipping a template is the operator vetting them."""
+        return {b.image for b in self.bees} | ({self.sut.image} if self.sut else set())
 
 
 # --- messages on ph.control -------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
+from controlplane.bus.metrics import KEY_MISMATCHES
 from controlplane.contract import keys
 from controlplane.contract.dedup import OutcomeMemory
 from controlplane.contract.models import Outcome, OutcomeState, Signal, utcnow
@@ -144,6 +145,7 @@ class SignalServer:
         if problem is not None:
             slog.warning("signal dropped: body disagrees with its routing key", routing_key=routing_key,
                          reason=problem)
+            KEY_MISMATCHES.labels("signal").inc()
             return
         if sig.signal in self.answered_elsewhere:
             return

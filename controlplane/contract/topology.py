@@ -40,6 +40,17 @@ class QueueDecl(BaseModel):
         )
 
 
+class PolicyDecl(BaseModel):
+    """A RabbitMQ policy: bounds kept by the broker, which an operator sees (and may change) in
+    the management UI, and which never make a re-declaration fail the way queue arguments do."""
+
+    name: str
+    pattern: str
+    priority: int = 0
+    definition: dict[str, Any]
+    apply_to: Literal["queues", "exchanges", "all"] = Field("queues", alias="apply-to")
+
+
 class Templates(BaseModel):
     gateway_queue: QueueDecl
     gateway_status_queue: QueueDecl
@@ -55,6 +66,7 @@ class Topology(BaseModel):
     exchanges: list[ExchangeDecl]
     queues: list[QueueDecl]
     templates: Templates
+    policies: list[PolicyDecl] = Field(default_factory=list)
 
     def queue(self, name: str) -> QueueDecl:
         for q in self.queues:
@@ -99,5 +111,10 @@ def definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
              "routing_key": b.key, "arguments": {}}
             for q in topology.queues
             for b in q.bindings
+        ],
+        "policies": [
+            {"name": p.name, "vhost": vhost, "pattern": p.pattern, "apply-to": p.apply_to, "priority": p.priority,
+             "definition": p.definition}
+            for p in topology.policies
         ],
     }

@@ -18,16 +18,16 @@ import asyncio
 import json
 from collections import defaultdict
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
 from controlplane.bus import Bus, Consumer
+from controlplane.bus.accounts import BrokerAccounts, apply_policies, controller_grant
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
 from controlplane.contract.receiver import Done, Failure, SignalServer, remaining_s
-from controlplane.controller.plan import plan_from_containers, teardown_swarm
+from controlplane.controller.plan import plan_from_containers, plan_specs, teardown_swarm
 from controlplane.controller.replies import Replies
 from controlplane.controller.swarm import SwarmController
 from controlplane.logs import get_logger
@@ -37,13 +37,16 @@ from controlplane.runtime.docker import (
     ContainerSpec,
     DockerRuntime,
     Mount,
+    PolicyViolation,
 )
 from controlplane.runtime.labels import KIND, SWARM, filter_for, managed_labels
 
 log = get_logger("host-controller")
 
 # Settings a controller container inherits from its host controller.
-_FORWARDED = ("bee_network", "allow_host_network", "allow_privileged", "allowed_mounts", "project_image",
+_FORWARDED = ("bee_network", "allow_host_network", "allow_privileged", "allowed_mounts", "allowed_images",
+              "allowed_targets", "allow_sut_command", "container_memory_mb", "container_cpus", "container_pids",
+              "container_log_max_size", "container_log_max_files", "container_user", "project_image",
               "bee_ready_timeout_s", "status_interval_s", "log_format", "log_level")
 
 # A create without a deadline waits this long for the handshake.
@@ -56,6 +59,7 @@ class HostController:
     def __init__(self, bus: Bus, runtime: DockerRuntime, settings: Settings) -> None:
         self.bus, self.runtime, self.settings = bus, runtime, settings
         self.owner = settings.instance_id
+        self.accounts = BrokerAccounts.from_settings(settings)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._handshakes: Replies[str, Outcome] = Replies("controller handshakes")
         # The latest handshake of each swarm's controller: a create redelivered after a host
@@ -72,6 +76,7 @@ class HostController:
 
     async def start(self) -> HostController:
         topology = self.bus.topology
+        await apply_policies(self.settings, topology)
         # Replies first: an adopted controller's handshake must find a consumer.
         replies = topology.queue(keys.HOST_CONTROLLER_REPLIES_QUEUE)
         self._consumers.append(await self.bus.consume(replies, self._on_reply, prefetch=64))
@@ -133,7 +138,7 @@ class HostController:
     async def _controller_running(self, swarm_id: str) -> bool:
         if self.settings.controller_mode == "inprocess":
             return self.controller_alive(swarm_id)
-        info = await self.runtime.get(keys.container_name(swarm_id, "ctl"))
+        info = await self.runtime.get(keys.container_name(self.owner, swarm_id, keys.CONTROLLER_PART))
         return info is not None and info.state == "running"
 
     async def _create(self, sig: Signal) -> Done:
@@ -167,6 +172,7 @@ class HostController:
                 plan = SwarmPlan.model_validate(sig.args.get("swarmPlan", {}))
             except ValidationError as exc:
                 raise Failure("invalid-plan", f"swarmPlan: {exc}", "launch", state=_failed()) from None
+            self._check_policy(swarm_id, plan, sig)
             await self._launch(swarm_id, plan, sig)
             return await asyncio.wait_for(handshake, timeout_s)
         except asyncio.TimeoutError:
@@ -176,6 +182,17 @@ class HostController:
             raise Failure("controller-launch-failed", str(exc), "launch", retryable=True, state=_failed()) from None
         finally:
             handshake.cancel()
+
+    def _check_policy(self, swarm_id: str, plan: SwarmPlan, sig: Signal) -> None:
+        """The whole swarm against the policy, before its controller is launched: whoever
+        published the signal, nothing it may not run starts."""
+        specs = plan_specs(self.settings, swarm_id, plan, self.owner)
+        if self.settings.controller_mode == "container":
+            specs.append(self._controller_container(swarm_id, plan, sig))
+        try:
+            self.runtime.policy.check_all(specs)
+        except PolicyViolation as exc:
+            raise Failure(exc.code, str(exc), "launch", state=_failed()) from None
 
     async def _remove_orphan(self, sig: Signal) -> Done | None:
         """Remove a swarm whose controller is gone; a live controller answers for itself."""
@@ -188,7 +205,7 @@ class HostController:
     async def _tear_down(self, swarm_id: str) -> None:
         """Everything of a swarm whose controller is not serving it: controller, bees, queues."""
         await self._retire(swarm_id)
-        await teardown_swarm(self.bus, self.runtime, swarm_id)
+        await teardown_swarm(self.bus, self.runtime, self.accounts, self.owner, swarm_id)
         instance = keys.controller_instance(swarm_id)
         await self.bus.delete_queue(keys.component_queue(keys.CONTROLLER_ROLE, instance))
         await self.bus.delete_queue(keys.replies_queue(keys.CONTROLLER_ROLE, instance))
@@ -199,7 +216,11 @@ class HostController:
         """Start the swarm's controller; ``plan`` may be None only for a controller container
         that already exists (it reads its plan from its bees)."""
         if self.settings.controller_mode == "container":
-            await self.runtime.ensure_running(self._controller_container(swarm_id, plan, sig))
+            amqp_url = None
+            if self.accounts is not None:
+                amqp_url = await self.accounts.ensure(keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id),
+                                                      controller_grant(swarm_id))
+            await self.runtime.ensure_running(self._controller_container(swarm_id, plan, sig, amqp_url))
             return
         if self.controller_alive(swarm_id) or plan is None:
             return
@@ -223,22 +244,28 @@ class HostController:
                 await asyncio.wait_for(asyncio.shield(task), 10)
             except (asyncio.TimeoutError, Exception):
                 task.cancel()
-        await self.runtime.remove(keys.container_name(swarm_id, "ctl"))
+        await self.runtime.remove(keys.container_name(self.owner, swarm_id, keys.CONTROLLER_PART))
+        if self.accounts is not None and self.settings.controller_mode == "container":
+            await self.accounts.remove(keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id))
 
-    def _controller_container(self, swarm_id: str, plan: SwarmPlan | None, sig: Signal | None) -> ContainerSpec:
-        socket = urlparse(self.settings.docker_url).path or "/var/run/docker.sock"
+    def _controller_container(self, swarm_id: str, plan: SwarmPlan | None, sig: Signal | None,
+                              amqp_url: str | None = None) -> ContainerSpec:
+        """``amqp_url``: the controller's own broker user; it manages its bees' users with the
+        management credentials it is given (it holds the Docker socket, which is more)."""
+        socket = self.runtime.policy.docker_socket
         env = {f"CP_{name.upper()}": _env_value(getattr(self.settings, name)) for name in _FORWARDED}
         env.update({
-            "CP_AMQP_URL": self.settings.container_amqp_url(),
+            "CP_AMQP_URL": amqp_url or self.settings.container_amqp_url(),
             "CP_INSTANCE_ID": self.owner,
             "CP_DOCKER_URL": "unix:///var/run/docker.sock",
+            **(self.accounts.delegated_env() if self.accounts else {"CP_BROKER_USERS": "false"}),
         })
         if plan is not None:
             env["CP_SWARM_PLAN"] = plan.model_dump_json(by_alias=True)
         if sig is not None:
             env["CP_CREATE_SIGNAL"] = sig.model_dump_json(by_alias=True)
         return ContainerSpec(
-            name=keys.container_name(swarm_id, "ctl"),
+            name=keys.container_name(self.owner, swarm_id, keys.CONTROLLER_PART),
             # A scenario may name its own controller image (the gateway checked it is allowed).
             image=str((sig.args if sig else {}).get("controllerImage") or self.settings.project_image),
             labels=managed_labels("swarm-controller", self.owner, swarm_id=swarm_id, role=keys.CONTROLLER_ROLE,

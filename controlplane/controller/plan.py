@@ -12,35 +12,39 @@ from collections.abc import Iterable
 from typing import Any
 
 from controlplane.bus import Bus
+from controlplane.bus.accounts import BrokerAccounts
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import SUT_NAME, BeeSpec, SutSpec, SwarmPlan
 from controlplane.runtime.docker import ContainerInfo, ContainerSpec, DockerRuntime
+from controlplane.runtime.policy import DEFAULT_SUT_COMMAND
 from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for, managed_labels
 
 
 def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: str,
-                       sut_url: str | None = None) -> ContainerSpec:
+                       sut_url: str | None = None, amqp_url: str | None = None) -> ContainerSpec:
+    """``amqp_url``: the bee's own broker user (see ``bus.accounts``); None: the shared URL."""
     instance = keys.bee_instance(swarm_id, bee.name)
     env = dict(bee.env)
     if sut_url:
         env["CP_SUT_URL"] = sut_url
     # The control plane's own variables win over a plan's env: a plan cannot redirect a bee.
     env.update({
-        "CP_AMQP_URL": settings.container_amqp_url(),
+        "CP_AMQP_URL": amqp_url or settings.container_amqp_url(),
         "CP_SWARM_ID": swarm_id,
         "CP_ROLE": bee.role,
         "CP_INSTANCE": instance,
         "CP_BEE_CONFIG": _json(bee.config),
         "CP_ENABLED": "true" if bee.enabled else "false",
         "CP_STATUS_INTERVAL_S": str(settings.status_interval_s),
+        "CP_ALLOWED_TARGETS": json.dumps(settings.allowed_targets),
     })
     if bee.work.in_:
         env["CP_WORK_IN"] = bee.work.in_
     if bee.work.out:
         env["CP_WORK_OUT"] = bee.work.out
     return ContainerSpec(
-        name=keys.container_name(swarm_id, bee.name),
+        name=keys.container_name(owner, swarm_id, bee.name),
         image=bee.image,
         labels=managed_labels("bee", owner, swarm_id=swarm_id, role=bee.role, instance=instance,
                               spec_json=bee.model_dump_json(by_alias=True)),
@@ -51,16 +55,27 @@ def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: s
 
 
 def sut_container_spec(settings: Settings, swarm_id: str, sut: SutSpec, owner: str) -> ContainerSpec:
-    env = {**sut.env, "CP_SUT_PORT": str(sut.port), "CP_SUT_HOST": "0.0.0.0"}
-    command = sut.command or (["python", "-m", "bees.sut"] if sut.image == settings.project_image else None)
+    # On the host network the SUT is the host's: it listens on loopback only.
+    listen = "127.0.0.1" if settings.bee_network == "host" else "0.0.0.0"
+    env = {**sut.env, "CP_SUT_PORT": str(sut.port), "CP_SUT_HOST": listen}
+    command = sut.command or (list(DEFAULT_SUT_COMMAND) if sut.image == settings.project_image else None)
     return ContainerSpec(
-        name=keys.container_name(swarm_id, SUT_NAME),
+        name=keys.container_name(owner, swarm_id, SUT_NAME),
         image=sut.image,
         labels=managed_labels("sut", owner, swarm_id=swarm_id, spec_json=sut.model_dump_json(by_alias=True)),
         env=env,
         command=command,
         network=settings.bee_network,
     )
+
+
+def plan_specs(settings: Settings, swarm_id: str, plan: SwarmPlan, owner: str) -> list[ContainerSpec]:
+    """Every container of ``plan``, for checking the whole plan against the policy before any
+    of it runs (a plan refused halfway would leave half a swarm)."""
+    specs = [bee_container_spec(settings, swarm_id, bee, owner) for bee in plan.bees]
+    if plan.sut is not None:
+        specs.append(sut_container_spec(settings, swarm_id, plan.sut, owner))
+    return specs
 
 
 def sut_url(settings: Settings, sut: SutSpec, info: ContainerInfo) -> str:
@@ -73,13 +88,16 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: SwarmPlan | None = None) -> None:
+async def teardown_swarm(bus: Bus, runtime: DockerRuntime, accounts: BrokerAccounts | None, owner: str,
+                         swarm_id: str, plan: SwarmPlan | None = None) -> None:
     """Remove everything a swarm owns in Docker and RabbitMQ; parts already gone are fine.
 
     What to remove is read from the bees' labels as well as the plan, so this also cleans
     up after a controller that died half-way.
     """
-    containers = [i for i in await runtime.list(filter_for(swarm_id=swarm_id)) if i.labels.get(KIND) in ("bee", "sut")]
+    # Only this owner's: another control plane on the engine may run a swarm of the same id.
+    containers = [i for i in await runtime.list(filter_for(swarm_id=swarm_id, owner=owner))
+                  if i.labels.get(KIND) in ("bee", "sut")]
     suffixes = plan.work_suffixes() if plan else set()
     labelled = plan_from_containers(containers)
     if labelled is not None:
@@ -88,7 +106,7 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
         await runtime.remove(info.id)
         role, instance = info.labels.get(ROLE), info.labels.get(INSTANCE)
         if role and instance:
-            await delete_component_queues(bus, role, instance)
+            await forget_component(bus, accounts, role, instance)
     for suffix in suffixes:
         await bus.delete_queue(keys.hive_queue(swarm_id, suffix))
     await bus.delete_exchange(keys.hive_exchange(swarm_id))
@@ -97,10 +115,12 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, swarm_id: str, plan: 
     await bus.delete_queue(keys.state_queue(keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id)))
 
 
-async def delete_component_queues(bus: Bus, role: str, instance: str) -> None:
-    """A bee's control queue and its remembered state."""
+async def forget_component(bus: Bus, accounts: BrokerAccounts | None, role: str, instance: str) -> None:
+    """A bee's control queue, its remembered state and its broker user."""
     await bus.delete_queue(keys.component_queue(role, instance))
     await bus.delete_queue(keys.state_queue(role, instance))
+    if accounts is not None:
+        await accounts.remove(role, instance)
 
 
 def plan_from_containers(containers: Iterable[ContainerInfo]) -> SwarmPlan | None:
@@ -113,5 +133,5 @@ def plan_from_containers(containers: Iterable[ContainerInfo]) -> SwarmPlan | Non
     return SwarmPlan(bees=bees, sut=suts[0] if suts else None) if bees else None
 
 
-async def plan_from_labels(runtime: DockerRuntime, swarm_id: str) -> SwarmPlan | None:
-    return plan_from_containers(await runtime.list(filter_for(swarm_id=swarm_id)))
+async def plan_from_labels(runtime: DockerRuntime, owner: str, swarm_id: str) -> SwarmPlan | None:
+    return plan_from_containers(await runtime.list(filter_for(swarm_id=swarm_id, owner=owner)))

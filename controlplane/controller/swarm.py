@@ -26,6 +26,8 @@ import aiohttp
 from pydantic import ValidationError
 
 from controlplane.bus import Bus, Consumer
+from controlplane.bus.accounts import BrokerAccounts, bee_grant
+from controlplane.bus.management import ManagementError
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import (
@@ -44,11 +46,13 @@ from controlplane.contract.models import (
     new_id,
     utcnow,
 )
+from controlplane.contract.redact import safe_text
 from controlplane.contract.receiver import Failure, SignalServer, remaining_s
 from controlplane.bus import snapshot
 from controlplane.controller.plan import (
     bee_container_spec,
-    delete_component_queues,
+    forget_component,
+    plan_specs,
     plan_from_containers,
     plan_from_labels,
     sut_container_spec,
@@ -96,6 +100,7 @@ class SwarmController:
         self.plan = plan
         self.owner = owner
         self.create_signal = create_signal
+        self.accounts = BrokerAccounts.from_settings(settings)
         self.status = SwarmStatus.CREATING
         self.enabled = True  # the controller's own switch (bulk toggles); bees follow it
         self.bees: dict[str, BeeState] = {}
@@ -128,6 +133,7 @@ class SwarmController:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             try:
+                self._check_policy(self.plan)
                 await self._apply(self.plan)
             except Failure as failure:
                 self.status = SwarmStatus.FAILED
@@ -236,7 +242,7 @@ class SwarmController:
 
     async def _refresh_containers(self) -> None:
         """Docker is the truth for container state: a killed bee shows as exited or missing."""
-        listed = await self.runtime.list(filter_for(swarm_id=self.swarm_id))
+        listed = await self.runtime.list(filter_for(swarm_id=self.swarm_id, owner=self.owner))
         found = {i.labels.get(INSTANCE): i for i in listed if i.labels.get(KIND) == "bee"}
         for instance, bee in self.bees.items():
             info = found.get(instance)
@@ -264,7 +270,7 @@ class SwarmController:
             raise Failure("image-missing", f"image {spec.image!r} of {what} is not present on the "
                           "Docker engine (images are built locally, never pulled)", "apply") from None
         except PolicyViolation as exc:
-            raise Failure("policy-refused", f"{what}: {exc}", "apply") from None
+            raise Failure(exc.code, f"{what}: {exc}", "apply") from None
         except ContainerRuntimeError as exc:
             raise Failure("runtime-error", f"{what}: {exc}", "apply", retryable=True) from None
 
@@ -288,15 +294,16 @@ class SwarmController:
                 if current is None or current.state in ("exited", "dead"):
                     logs = await self.runtime.logs_tail(spec.name, 20) if current else ""
                     raise Failure("container-exited", f"the system under test exited before answering "
-                                  f"{sut.health_path}; last log lines: {logs.strip()[-800:]}", "apply")
+                                  f"{sut.health_path}; last log lines: {safe_text(logs.strip())}", "apply")
                 if loop.time() >= deadline:
                     raise Failure("sut-timeout", f"the system under test did not answer {url}{sut.health_path} "
                                   f"within {self.settings.bee_ready_timeout_s:g}s", "apply", retryable=True)
                 await asyncio.sleep(SUT_PROBE_INTERVAL_S)
 
     async def _run_bee(self, bee: BeeSpec) -> None:
-        spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner, self.sut_url)
-        instance = spec.labels[INSTANCE]
+        instance = keys.bee_instance(self.swarm_id, bee.name)
+        amqp_url = await self._broker_user(bee.role, instance)
+        spec = bee_container_spec(self.settings, self.swarm_id, bee, self.owner, self.sut_url, amqp_url)
         for key in keys.component_event_patterns(bee.role, instance):
             await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, key)
         state = self.bees[instance] = BeeState(name=bee.name, role=bee.role, instance=instance, image=bee.image)
@@ -308,6 +315,16 @@ class SwarmController:
         finally:
             first_status.cancel()  # a no-op once answered; otherwise it leaves the reply table
 
+    async def _broker_user(self, role: str, instance: str) -> str | None:
+        """The bee's own broker URL, its user made (or refreshed) first; None: the shared URL."""
+        if self.accounts is None:
+            return None
+        try:
+            return await self.accounts.ensure(role, instance, bee_grant(self.swarm_id, role, instance))
+        except (ManagementError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise Failure("broker-user-failed", f"the broker user of bee {instance!r} could not be made through "
+                          f"the management API: {exc}", "apply", retryable=True) from None
+
     async def _await_first_status(self, bee: BeeSpec, instance: str, first_status: asyncio.Future[Any]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.bee_ready_timeout_s
@@ -317,12 +334,12 @@ class SwarmController:
             await asyncio.wait({first_status}, timeout=min(2.0, max(deadline - loop.time(), 0.01)))
             if first_status.done():
                 break
-            info = await self.runtime.get(keys.container_name(self.swarm_id, bee.name))
+            info = await self.runtime.get(keys.container_name(self.owner, self.swarm_id, bee.name))
             if info is None or info.state in ("exited", "dead"):
-                logs = await self.runtime.logs_tail(keys.container_name(self.swarm_id, bee.name), 20) if info else ""
+                logs = await self.runtime.logs_tail(keys.container_name(self.owner, self.swarm_id, bee.name), 20) if info else ""
                 code = info.exit_code if info else None
                 raise Failure("container-exited", f"bee {bee.name!r} exited (code {code}) before reporting "
-                              f"its status; last log lines: {logs.strip()[-800:]}", "apply")
+                              f"its status; last log lines: {safe_text(logs.strip())}", "apply")
             if loop.time() >= deadline:
                 raise Failure("bee-timeout", f"bee {bee.name!r} did not report its status within "
                               f"{self.settings.bee_ready_timeout_s:g}s", "apply", retryable=True)
@@ -401,14 +418,15 @@ class SwarmController:
 
     async def _template(self, sig: Signal) -> OutcomeState:
         plan = SwarmPlan.model_validate(sig.args.get("swarmPlan", {}))
+        self._check_policy(plan)  # before anything of the running plan is removed
         wanted = {keys.bee_instance(self.swarm_id, b.name) for b in plan.bees}
         for instance in [i for i in self.bees if i not in wanted]:
             bee = self.bees.pop(instance)
-            await self.runtime.remove(keys.container_name(self.swarm_id, bee.name))
-            await delete_component_queues(self.bus, bee.role, instance)
+            await self.runtime.remove(keys.container_name(self.owner, self.swarm_id, bee.name))
+            await forget_component(self.bus, self.accounts, bee.role, instance)
         for name, spec in [(b.name, b) for b in plan.bees] + [(SUT_NAME, plan.sut)]:
             # A changed spec means a new container; an unchanged one is left running.
-            info = await self.runtime.get(keys.container_name(self.swarm_id, name))
+            info = await self.runtime.get(keys.container_name(self.owner, self.swarm_id, name))
             if info and (spec is None or info.labels.get(SPEC) != spec.model_dump_json(by_alias=True)):
                 await self.runtime.remove(info.id)
                 if info.labels.get(KIND) == "bee" and info.labels.get(ROLE) and info.labels.get(INSTANCE):
@@ -421,6 +439,12 @@ class SwarmController:
             self.status = self._status_from_bees()
         return self._state()
 
+    def _check_policy(self, plan: SwarmPlan) -> None:
+        try:
+            self.runtime.policy.check_all(plan_specs(self.settings, self.swarm_id, plan, self.owner))
+        except PolicyViolation as exc:
+            raise Failure(exc.code, str(exc), "apply") from None
+
     async def _remove(self, sig: Signal) -> OutcomeState:
         self.status = SwarmStatus.REMOVING
         await self._teardown()
@@ -428,5 +452,5 @@ class SwarmController:
         return self._state()
 
     async def _teardown(self) -> None:
-        await teardown_swarm(self.bus, self.runtime, self.swarm_id, self.plan)
+        await teardown_swarm(self.bus, self.runtime, self.accounts, self.owner, self.swarm_id, self.plan)
         self.bees.clear()

@@ -37,8 +37,9 @@ from aiohttp import web
 
 from controlplane.contract import keys
 from controlplane.contract.models import (
-    ActionRequest, CommandTarget, Envelope, Signal, TargetTopics, Watch, new_id, utcnow,
+    ActionRequest, CommandTarget, Envelope, Signal, SwarmStatus, TargetTopics, Watch, new_id, utcnow,
 )
+from controlplane.contract.redact import redact
 from controlplane.gateway import metrics
 from controlplane.gateway.context import GatewayContext, context_of
 from controlplane.gateway.dispatch import start_dispatch
@@ -203,17 +204,19 @@ async def submit(request: web.Request, action: Action,
     known = ctx.ledger.find(action.signal, action.scope, action.key, digest)
     if known is not None:
         return await _replay(request, known, action.signal)
-    if precondition is not None:
-        try:
+    try:
+        _check_limits(ctx, action)
+        if precondition is not None:
             await precondition()
-        except ApiError as exc:
-            # The key may be known to the store only: sent first to another gateway.
-            known = await ctx.store.find_action(action.signal, action.scope, action.key, digest)
-            if known is not None:
-                return await _replay(request, known, action.signal)
-            if exc.status != 409 or not await _settled(ctx, action):
-                raise
-            await precondition()
+    except ApiError as exc:
+        # The key may be known to the store only: sent first to another gateway.
+        known = await ctx.store.find_action(action.signal, action.scope, action.key, digest)
+        if known is not None:
+            return await _replay(request, known, action.signal)
+        if exc.status != 409 or precondition is None or not await _settled(ctx, action):
+            raise
+        _check_limits(ctx, action)
+        await precondition()
     holder = ctx.ledger.holder(action.resource)
     if holder is not None and not await _settled(ctx, action):
         raise _busy(action, holder.op)
@@ -282,6 +285,21 @@ async def _answer(request: web.Request, tracked: Tracked | None, envelope: dict[
     return web.json_response(envelope, status=status, headers=headers)
 
 
+def _check_limits(ctx: GatewayContext, action: Action) -> None:
+    """The operator's bounds on how much one request may start."""
+    limit = ctx.settings.max_fanout_targets
+    if action.fan_out is not None and len(action.fan_out) > limit:
+        raise ApiError(422, "too-many-targets", f"this request addresses {len(action.fan_out)} components; at most "
+                       f"{limit} may be addressed at once (CP_MAX_FANOUT_TARGETS): narrow it with targets or "
+                       "commandTarget", [{"field": "targets", "reason": f"more than {limit}"}])
+    if action.create_swarm is not None:
+        active = sum(1 for s in ctx.swarms.all() if s.status not in (SwarmStatus.REMOVED, SwarmStatus.FAILED)
+                     and s.id != action.create_swarm.id)
+        if active >= ctx.settings.max_swarms:
+            raise ApiError(409, "swarm-limit", f"{active} swarms exist, the most this control plane runs "
+                           "(CP_MAX_SWARMS); remove one first", limit=ctx.settings.max_swarms)
+
+
 def _broker_down() -> ApiError:
     return ApiError(503, "broker-unavailable", "the message broker is not reachable; nothing was recorded; "
                     "retry with the same idempotencyKey")
@@ -323,9 +341,9 @@ def operation_view(op: OperationRow, targets: list[TargetRow] | None = None) -> 
         "deadline": op.deadline.isoformat(),
         "createdAt": op.created_at.isoformat(),
         "updatedAt": op.updated_at.isoformat(),
-        "outcome": op.outcome,
+        "outcome": redact(op.outcome),
     }
     if targets:
-        view["targets"] = [{"target": t.target, "status": t.status, "outcome": t.outcome,
+        view["targets"] = [{"target": t.target, "status": t.status, "outcome": redact(t.outcome),
                             "updatedAt": t.updated_at.isoformat()} for t in targets]
     return view

@@ -20,6 +20,7 @@ from controlplane.contract.models import utcnow
 from controlplane.gateway.context import CTX, GatewayContext, context_of
 from controlplane.gateway.events import EventHub, stream_events
 from controlplane.gateway.ledger import Ledger
+from controlplane.gateway.dispatch import settle_dispatches
 from controlplane.gateway.middleware import make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
@@ -27,6 +28,7 @@ from controlplane.gateway.registry import Registry
 from controlplane.gateway.surface import Projections, mount
 from controlplane.gateway.surfaces import SURFACES
 from controlplane.gateway.tracker import Tracker
+from controlplane.runtime.policy import RuntimePolicy
 from controlplane.scenarios import load_catalog
 from controlplane.store import Store, open_store
 
@@ -69,8 +71,10 @@ BASE_OPERATIONS = [
 
 
 def build_app(ctx: GatewayContext) -> web.Application:
-    api_key = ctx.settings.api_key.get_secret_value() if ctx.settings.api_key else None
-    app = web.Application(middlewares=make_middlewares(api_key, ctx.settings.protect_reads), client_max_size=1 << 20)
+    settings = ctx.settings
+    api_keys = [k.get_secret_value() if k else None for k in (settings.api_key, settings.read_api_key)]
+    app = web.Application(middlewares=make_middlewares(*api_keys, protect_reads=settings.protect_reads),
+                          client_max_size=1 << 20)
     app[CTX] = ctx
     app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
@@ -92,8 +96,10 @@ async def load_context(settings: Settings, bus: Bus, store: Store) -> GatewayCon
     await swarm_views.load()
     registry = Registry(store, swarm_views)
     await registry.load()
-    return GatewayContext(settings=settings, store=store, bus=bus, catalog=load_catalog(settings.scenarios_dir),
-                          events=EventHub(), ledger=ledger, swarms=swarm_views, registry=registry)
+    catalog = load_catalog(settings.scenarios_dir)
+    return GatewayContext(settings=settings, store=store, bus=bus, catalog=catalog,
+                          events=EventHub(), ledger=ledger, swarms=swarm_views, registry=registry,
+                          policy=RuntimePolicy.from_settings(settings, catalog))
 
 
 @asynccontextmanager
@@ -108,6 +114,8 @@ async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Applic
         tracker = await Tracker(ctx, Projections.of(SURFACES)).start()
         yield build_app(ctx)
     finally:
+        if ctx is not None:
+            await settle_dispatches(ctx)
         if tracker is not None:
             await tracker.stop()
         if ctx is not None:

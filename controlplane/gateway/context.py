@@ -12,6 +12,7 @@ from controlplane.gateway.events import EventHub
 from controlplane.gateway.ledger import Ledger
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
+from controlplane.runtime.policy import RuntimePolicy
 from controlplane.scenarios import Catalog
 from controlplane.store import Store
 
@@ -26,6 +27,7 @@ class GatewayContext:
     ledger: Ledger
     swarms: Swarms
     registry: Registry
+    policy: RuntimePolicy  # the runtime's own, so a plan is refused here as it would be there
 
 
 CTX = web.AppKey("controlplane", GatewayContext)

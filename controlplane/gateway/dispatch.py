@@ -90,6 +90,14 @@ def count_finished(op: OperationRow) -> None:
     metrics.OPERATION_SECONDS.labels(op.signal).observe((utcnow() - op.created_at).total_seconds())
 
 
+async def settle_dispatches(ctx: GatewayContext, timeout_s: float = 5.0) -> None:
+    """On shutdown: let the publishes under way get their confirms, so the next gateway's
+    outbox does not send again what already went out (bounded: the outbox covers the rest)."""
+    pending = [t.dispatching for t in ctx.ledger.unpublished() if t.dispatching is not None and not t.dispatching.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
 async def republish_pending(ctx: GatewayContext) -> int:
     """The outbox: publish what was committed but never published (and may still be in time)."""
     pending = [t for t in ctx.ledger.unpublished() if t.op.deadline > utcnow()

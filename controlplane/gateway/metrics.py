@@ -15,3 +15,16 @@ OPERATION_SECONDS = Histogram("cp_operation_seconds", "Time from acceptance to o
 STATUS_EVENTS = Counter("cp_status_events_total", "Status events taken into the registry", ["role", "kind"])
 REGISTRY_FLUSH_SECONDS = Histogram("cp_registry_flush_seconds", "Time to save one batch of the registry",
                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+
+# Label values come from a closed set: a caller's method or a message's role must not mint series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ROLES = frozenset({"swarm-controller", "generator", "moderator", "processor", "postprocessor", "trigger"})
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def role_label(role: str) -> str:
+    return role if role in _ROLES else "other"

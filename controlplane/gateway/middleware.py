@@ -45,10 +45,10 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status)
 
 
-def validation_error(exc: ValidationError, status: int = 400) -> ApiError:
+def validation_error(exc: ValidationError, status: int = 400, code: str = "invalid-request") -> ApiError:
     fields = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "reason": e["msg"]} for e in exc.errors()]
     message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
-    return ApiError(status, "invalid-request", message, fields)
+    return ApiError(status, code, message, fields)
 
 
 def require_id(kind: ids.IdKind, field: str, value: str) -> str:
@@ -64,6 +64,28 @@ def require_slug(field: str, value: str) -> str:
     return require_id("slug", field, value)
 
 
+# Deep enough for any config patch; a deeper body is refused before it reaches a model or a bee.
+MAX_BODY_DEPTH = 32
+_TOO_DEEP = object()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Without recursion, so the check itself cannot overflow."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        todo.extend((child, depth + 1) for child in children)
+    return False
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     raw = await request.read()
@@ -74,6 +96,11 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed-json", f"request body is not valid JSON: {exc}",
                        [{"field": "(body)", "reason": "not valid JSON"}]) from None
+    except RecursionError:
+        body = _TOO_DEEP  # deeper than the parser goes: refused below like any body too deep
+    if body is _TOO_DEEP or _deeper_than(body, MAX_BODY_DEPTH):
+        raise ApiError(400, "invalid-request", f"request body is nested deeper than {MAX_BODY_DEPTH} levels",
+                       [{"field": "(body)", "reason": "nested too deep"}])
     if not isinstance(body, dict):
         raise ApiError(400, "invalid-request", "request body must be a JSON object",
                        [{"field": "(body)", "reason": f"got {type(body).__name__}"}])
@@ -89,8 +116,11 @@ async def tag_stream(request: web.Request, response: web.StreamResponse) -> None
         response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
-def make_middlewares(api_key: str | None, protect_reads: bool) -> list[Callable[..., Any]]:
-    expected = api_key.encode() if api_key else None
+def make_middlewares(admin_key: str | None, read_key: str | None = None,
+                     protect_reads: bool = False) -> list[Callable[..., Any]]:
+    admin = admin_key.encode() if admin_key else None
+    reader = read_key.encode() if read_key else None
+    reads_guarded = protect_reads or reader is not None
 
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -100,11 +130,12 @@ def make_middlewares(api_key: str | None, protect_reads: bool) -> list[Callable[
         started = time.perf_counter()
         response = await handler(request)
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+        method = metrics.method_label(request.method)
+        metrics.HTTP_REQUESTS.labels(method, route, str(response.status)).inc()
         if not isinstance(response, web.Response):  # a stream: its lifetime is not a request's latency
             return response
         response.headers["X-Request-Id"] = request_id
-        metrics.HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
+        metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
         return response
 
     @web.middleware
@@ -125,16 +156,22 @@ def make_middlewares(api_key: str | None, protect_reads: bool) -> list[Callable[
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        guarded = request.method in MUTATING or (protect_reads and request.path not in OPEN_PATHS)
-        if expected is None or not guarded:
+        writes = request.method in MUTATING
+        guarded = writes or (reads_guarded and request.path not in OPEN_PATHS)
+        if admin is None or not guarded:
             return await handler(request)
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing bearer key: send 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(token.strip().encode(), expected):
-            raise ApiError(403, "forbidden", "bearer key is not valid")
-        return await handler(request)
+        given = token.strip().encode()
+        # Both compared every time, in constant time: which key matched must not show in the timing.
+        is_admin = hmac.compare_digest(given, admin)
+        is_reader = hmac.compare_digest(given, reader or admin)
+        if is_admin or (is_reader and not writes):
+            return await handler(request)
+        if is_reader:
+            raise ApiError(403, "forbidden", "this key may only read")
+        raise ApiError(403, "forbidden", "bearer key is not valid")
 
     # Order: context outermost so every answer (even an auth refusal) is counted and tagged.
     return [context, errors, auth]

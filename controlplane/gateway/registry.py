@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from controlplane.contract import keys
+from controlplane.contract.redact import redact
 from controlplane.contract.models import Status, SwarmStatus, utcnow
 from controlplane.gateway import metrics
 from controlplane.gateway.readmodels import Swarms
@@ -64,7 +65,7 @@ def component_view(row: ComponentRow, interval_s: float, now: datetime | None = 
         "containerState": row.container_state,
         "totals": row.totals,
         "queueStats": row.queue_stats,
-        "data": row.data,
+        "data": redact(row.data),
         "version": row.version,
         "firstSeen": row.first_seen.isoformat(),
         "lastSeen": row.last_seen.isoformat() if row.last_seen else None,
@@ -138,7 +139,7 @@ class Registry:
         dropped, so a late status cannot bring back a removed swarm; a settled controller's
         bee list is the truth about membership.
         """
-        metrics.STATUS_EVENTS.labels(status.role, status.kind).inc()
+        metrics.STATUS_EVENTS.labels(metrics.role_label(status.role), status.kind).inc()
         if not status.swarm_id or self.swarms.get(status.swarm_id) is None:
             return
         now = utcnow()

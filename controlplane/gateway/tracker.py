@@ -22,6 +22,8 @@ from datetime import timedelta
 from typing import Any
 
 from controlplane.bus import Consumer
+from controlplane.bus.accounts import apply_policies
+from controlplane.bus.metrics import KEY_MISMATCHES, MessageKind
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Scope, Status, SwarmStatus, utcnow
 from controlplane.gateway.context import GatewayContext
@@ -50,6 +52,7 @@ class Tracker:
         # a signal published before its receiver's queue is declared would be dropped.
         for static in ctx.bus.topology.queues:
             await ctx.bus.declare_queue(static)
+        await apply_policies(ctx.settings, ctx.bus.topology)
         templates, name = ctx.bus.topology.templates, ctx.settings.gateway_name
         self._consumers = [
             await ctx.bus.consume(templates.gateway_queue.render(instance=name), self._on_event, prefetch=256),
@@ -75,6 +78,8 @@ class Tracker:
         written: asyncio.Future[None] | None = None
         if parsed.kind in ("status-full", "status-delta"):
             status = Status.model_validate(body)
+            if _mismatch("status", routing_key, status.routing_key()):
+                return
             self.ctx.registry.observe(status)
             if status.kind == "status-full" and message.correlation_id:
                 # A status request is answered by the component's status-full, not by ev.ready.
@@ -82,6 +87,8 @@ class Tracker:
                                        keys.component_scope(status.role, status.instance), "succeeded", body)
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
+            if _mismatch("outcome", routing_key, outcome.routing_key()):
+                return
             # Read models move first: an operation read as closed already shows its effect.
             await self.projections.apply(self.ctx, routing_key, body)
             written = close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(),
@@ -145,6 +152,16 @@ class Tracker:
         await ctx.bus.publish(outcome.routing_key(), outcome)
         log.warning("operation timed out", signal=op.signal, target=target, correlation_id=op.correlation_id)
         return outcome
+
+
+def _mismatch(kind: MessageKind, routing_key: str, from_body: str) -> bool:
+    """A body that says another scope or signal than its routing key: whoever was allowed
+    to publish under that key did not send this. Dropped and counted."""
+    if routing_key == from_body:
+        return False
+    KEY_MISMATCHES.labels(kind).inc()
+    log.warning("event dropped: body disagrees with its routing key", routing_key=routing_key, body_key=from_body)
+    return True
 
 
 def timeout_outcome(op: OperationRow, target: str | None = None) -> Outcome:

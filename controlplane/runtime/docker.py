@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from controlplane.logs import get_logger
 from controlplane.runtime.errors import ContainerRuntimeError, ImageMissing, PolicyViolation, RuntimeUnavailable
+from controlplane.runtime.labels import LabelView
 from controlplane.runtime.model import ContainerInfo, ContainerSpec, Mount
 from controlplane.runtime.policy import RuntimePolicy
 
@@ -237,6 +238,7 @@ class DockerRuntime:
         info = self._inspect(spec.name)
         if info is None:
             info = self._create(spec)
+        _check_ours(spec, info)
         if info.state == "running":
             return info
         if info.state == "removing":
@@ -262,6 +264,7 @@ class DockerRuntime:
         if not self._image_exists(spec.image):
             raise ImageMissing(spec.image)
         host_config = api.create_host_config(
+            **self.policy.hardening(spec),
             network_mode=spec.network,
             privileged=spec.privileged,
             mounts=[
@@ -277,6 +280,7 @@ class DockerRuntime:
                 command=spec.command,
                 environment=dict(spec.env),
                 labels=dict(spec.labels),
+                user=self.policy.user or None,
                 ports=[_exposed(port) for port in spec.ports],
                 host_config=host_config,
             )
@@ -319,6 +323,16 @@ class DockerRuntime:
         except NotFound:
             return ""
         return raw.decode("utf-8", errors="replace")
+
+
+def _check_ours(spec: ContainerSpec, info: ContainerInfo) -> None:
+    """A container found under the spec's name is used only when its labels say it is the
+    same component of the same owner: a name alone proves nothing."""
+    wanted, found = LabelView.from_labels(spec.labels), LabelView.from_labels(info.labels)
+    if (found.managed, found.owner, found.kind, found.swarm_id, found.role, found.instance) != \
+            (wanted.managed, wanted.owner, wanted.kind, wanted.swarm_id, wanted.role, wanted.instance):
+        raise PolicyViolation(f"container name {spec.name!r} is taken by a container this control plane "
+                              f"did not start for it (owner {found.owner!r}, kind {found.kind!r})", code="name-taken")
 
 
 def _exposed(port: str) -> tuple[int, str] | int:

@@ -16,11 +16,13 @@ class ImageMissing(ContainerRuntimeError):
 
 
 class PolicyViolation(ContainerRuntimeError):
-    """The spec asks for something the operator has not allowed."""
+    """The spec asks for something the operator has not allowed; ``code`` says what, for
+    the outcome a caller reads (``image-not-allowed``, ``policy-refused``, ``name-taken``)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "policy-refused") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class RuntimeUnavailable(ContainerRuntimeError):

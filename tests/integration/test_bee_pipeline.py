@@ -37,6 +37,7 @@ from bees.sdk import Bee, BeeContext, Worker
 from bees.sut import SutEnv, start
 from bees.trigger import Trigger
 from controlplane.bus import Bus
+from controlplane.contract.egress import Egress
 from controlplane.contract import keys
 from tests.integration.test_bee_sdk import Event
 from controlplane.contract.models import Signal, Strict, new_id
@@ -92,7 +93,7 @@ class TestSwarm:
 
     async def start(self, name: str, role: str, worker: Worker[Any], config: dict[str, Any], *,
                     work_in: str | None = None, work_out: str | None = None, sut_url: str | None = None,
-                    enabled: bool = True) -> Running:
+                    enabled: bool = True, allowed_targets: list[str] | None = None) -> Running:
         instance = keys.bee_instance(self.swarm_id, name)
         if self._observer is None:
             channel = await self.bus.connection.channel()
@@ -101,7 +102,8 @@ class TestSwarm:
         for pattern in keys.component_event_patterns(role, instance):
             await self._observer.bind(keys.CONTROL_EXCHANGE, routing_key=pattern)
         env = BeeEnv(amqp_url=AMQP_URL, swarm_id=self.swarm_id, role=role, instance=instance, work_in=work_in,
-                     work_out=work_out, sut_url=sut_url, bee_config=config, enabled=enabled, status_interval_s=1.0)
+                     work_out=work_out, sut_url=sut_url, bee_config=config, enabled=enabled, status_interval_s=1.0,
+                     allowed_targets=allowed_targets or [])
         bee = Bee(env, worker)
         running = Running(role, instance, bee, asyncio.create_task(bee.run()))
         self.bees[name] = running
@@ -311,9 +313,10 @@ async def test_processor_takes_a_new_connection_limit_and_keeps_calling(pipeline
 
 
 async def test_processor_reports_connection_errors_and_acks(swarm: TestSwarm) -> None:
-    closed = f"http://127.0.0.1:{_closed_port()}"
+    port = _closed_port()
+    closed = f"http://127.0.0.1:{port}"
     await swarm.start("proc", "processor", Processor(), {"baseUrl": closed, "timeoutMs": 2000},
-                      work_in="in", work_out="out")
+                      work_in="in", work_out="out", allowed_targets=[f"127.0.0.1:{port}"])
     await swarm.send_work("in", *({"seq": i} for i in range(1, 6)))
     results = await swarm.take("out", 5)
     assert sorted(r["seq"] for r in results) == [1, 2, 3, 4, 5]
@@ -365,6 +368,25 @@ async def test_trigger_calls_the_sut_periodically(swarm: TestSwarm, sut: Sut) ->
     await swarm.update("trig", {"enabled": False})
     await asyncio.sleep(0.1)
     assert await sut.counted_over(path, 0.8) == 0
+
+
+async def test_a_trigger_calls_nothing_but_its_sut(swarm: TestSwarm, sut: Sut) -> None:
+    elsewhere = await _start_sut()  # on loopback like the broker's management API, but not the SUT
+    try:
+        path = f"/ping-{swarm.swarm_id}"
+        await swarm.start("guarded", "trigger", Trigger(), {"intervalS": 0.2, "path": path}, sut_url=sut.url)
+        for url in ("http://127.0.0.1:15672/api/whoami", elsewhere.url + "/steal"):
+            refused = await swarm.update("guarded", {"url": url})
+            assert refused["result"] == "error" and refused["code"] == "invalid-config", refused
+            assert [e["field"] for e in refused["details"]["errors"]] == ["url"]
+        # Calls go on to the SUT: two more after the refusals, and none ever reached elsewhere.
+        seen = await sut.count(path)
+        async with asyncio.timeout(10):
+            while await sut.count(path) < seen + 2:
+                await asyncio.sleep(0.1)
+        assert (await elsewhere.stats())["requests"] == 0, "nothing reached it"
+    finally:
+        await elsewhere.runner.cleanup()
 
 
 async def test_generator_single_request_sends_one_message_while_disabled(swarm: TestSwarm) -> None:
@@ -439,7 +461,7 @@ async def test_calls_are_classified_against_a_real_server(sut: Sut) -> None:
     failing = await _start_sut(sut_error_rate=1.0)
     slow = await _start_sut(sut_latency_ms=500)
     try:
-        async with new_session(4) as session:
+        async with new_session(4, Egress()) as session:
             async def kind(url: str, path: str = "/", timeout_s: float = 2.0, body: Any = None) -> Any:
                 result = await call(session, HttpRequest("POST", url + path, path, body, {}, timeout_s))
                 return result.status, result.error_kind

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, new_key, new_swarm_id
+from controlplane.contract import keys
+from tests.conftest import OWNER, Stack, new_key, new_swarm_id
 from tests.integration.test_swarm_lifecycle import TEMPLATE, act
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ async def test_swarm_obeys_after_a_broker_restart(stack: Stack, watch: Any) -> N
     except TimeoutError:
         op = await stack.get(f"/api/operations/{envelope['correlationId']}")
         view = await stack.get(f"/api/swarms/{swarm_id}")
-        logs = await stack.host.runtime.logs_tail(f"cp-{swarm_id}-generator", 40)
+        logs = await stack.host.runtime.logs_tail(keys.container_name(OWNER, swarm_id, "generator"), 40)
         pytest.fail(f"no outcome; operation {op}; swarm {view}; bee log {logs}")
     assert stopped["state"]["status"] == "Stopped", "controller and bee obeyed after the restart"
     await act(stack, watcher, swarm_id, "remove")

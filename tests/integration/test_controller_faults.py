@@ -21,7 +21,7 @@ from controlplane.contract.topology import load_topology
 from controlplane.controller.host import HostController
 from controlplane.runtime.docker import DockerRuntime
 from controlplane.scenarios import load_catalog
-from tests.conftest import Stack, Watcher, new_key, new_swarm_id, running_stack
+from tests.conftest import OWNER, Stack, Watcher, new_key, new_swarm_id, running_stack
 from tests.integration.test_swarm_lifecycle import queue_depth
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,7 @@ async def test_bee_container_restart_keeps_its_config(controllers: Controllers, 
     assert (await controllers.act(watcher, "swarm-create", swarm_id))["result"] == "success"
     changed = await configure(controllers, watcher, "generator", bee, {"ratePerSec": 7}, swarm_id)
     assert changed["result"] == "success", changed
-    container = keys.container_name(swarm_id, "generator")
+    container = keys.container_name(OWNER, swarm_id, "generator")
     before = await runtime.get(container)
     assert before is not None
     restart = await asyncio.create_subprocess_exec("docker", "restart", "-t", "5", container)
@@ -209,7 +209,7 @@ async def test_host_controller_restarted_mid_create_finishes_it(controllers: Con
     sig = await controllers.send("swarm-create", swarm_id, swarmPlan=controllers.plan)
     # Stop the host controller once the create is under way: its bee is being started.
     async with asyncio.timeout(60):
-        while await runtime.get(keys.container_name(swarm_id, "generator")) is None:
+        while await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None:
             await asyncio.sleep(0.05)
     await controllers.restart_host()
     outcome = await outcome_of(watcher, "swarm-create", swarm_id, sig.correlation_id, 90)

@@ -107,7 +107,7 @@ async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
     listed = {t["id"]: t for t in body["templates"]}
     assert {"generator-demo", "http-load", "http-trigger"} <= set(listed) and body["invalid"] == []
     assert listed["generator-demo"]["bees"] == [{
-        "name": "generator", "role": "generator", "image": "controlplane:local", "work": {"out": "generated"},
+        "name": "generator", "role": "generator", "image": "controlplane:local", "env": {}, "work": {"out": "generated"},
         "enabled": False, "config": {"ratePerSec": 5, "message": {"kind": "demo"}}}]
     load = listed["http-load"]
     assert [b["role"] for b in load["bees"]] == ["generator", "moderator", "processor", "postprocessor"]

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from controlplane.contract import keys
-from tests.conftest import Stack, make_settings, new_key, new_swarm_id, running_stack
+from tests.conftest import OWNER, Stack, make_settings, new_key, new_swarm_id, running_stack
 from tests.integration.test_swarm_lifecycle import act, eventually
 
 pytestmark = pytest.mark.integration
@@ -238,7 +238,7 @@ async def test_command_target_swarm_sends_the_patch_to_every_component(load: Loa
 
 async def test_silent_bee_goes_stale_then_failed_and_a_killed_bee_fails(load: LoadSwarm, runtime: Any) -> None:
     # Paused, the postprocessor's container runs on but says nothing: its health degrades.
-    paused = keys.container_name(load.swarm_id, "postprocessor")
+    paused = keys.container_name(OWNER, load.swarm_id, "postprocessor")
     subprocess.run(["docker", "pause", paused], check=True, capture_output=True)
     try:
         assert await eventually(lambda: _health_is(load, "postprocessor", "stale"), 10)
@@ -247,7 +247,7 @@ async def test_silent_bee_goes_stale_then_failed_and_a_killed_bee_fails(load: Lo
         subprocess.run(["docker", "unpause", paused], check=True, capture_output=True)
     assert await eventually(lambda: _health_is(load, "postprocessor", "healthy"), 10), "it recovers once it reports"
 
-    killed = keys.container_name(load.swarm_id, "moderator")
+    killed = keys.container_name(OWNER, load.swarm_id, "moderator")
     subprocess.run(["docker", "kill", killed], check=True, capture_output=True)
     view = await eventually(lambda: _health_is(load, "moderator", "failed"), 10)
     assert view and view["containerState"] == "exited"

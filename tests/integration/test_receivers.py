@@ -18,7 +18,7 @@ from controlplane.bus import Bus
 from controlplane.contract import keys
 from controlplane.contract.models import Signal, new_id
 from controlplane.contract.topology import default_topology
-from tests.conftest import new_key, new_swarm_id
+from tests.conftest import OWNER, new_key, new_swarm_id
 from tests.integration.test_bee_sdk import Observer, _cleanup, _observe, _outcome_keys
 from tests.integration.test_controller_faults import Controllers, controllers  # noqa: F401  (fixture)
 
@@ -49,7 +49,7 @@ async def test_a_key_reused_for_start_then_stop_really_stops(controllers: Contro
     assert error["code"] == "unknown-signal" and error["correlationId"] == sig.correlation_id
     removed = await controllers.act(watcher, "swarm-remove", swarm_id, key=key)
     assert removed["result"] == "success" and removed["state"]["status"] == "Removed"
-    assert await runtime.get(keys.container_name(swarm_id, "generator")) is None
+    assert await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ DOCKER_URL = os.environ.get("CP_DOCKER_URL", "unix:///var/run/docker.sock")
 IMAGE = "controlplane-busybox:local"
 MISSING_IMAGE = "controlplane-does-not-exist:none"
 SLEEP = ["sleep", "300"]
+# The missing image is allowed too: its test is about the engine, not the policy.
+BEES_ON_BUSYBOX = RuntimePolicy(allowed_images={"bee": frozenset({IMAGE, MISSING_IMAGE})})
 
 
 def _busybox_rootfs_tar() -> bytes:
@@ -74,7 +76,7 @@ def run_swarm() -> str:
 
 @pytest.fixture
 async def runtime(busybox_image: str, run_swarm: str) -> AsyncIterator[DockerRuntime]:
-    rt = DockerRuntime(DOCKER_URL, workers=8, policy=RuntimePolicy())
+    rt = DockerRuntime(DOCKER_URL, workers=8, policy=BEES_ON_BUSYBOX)
     try:
         yield rt
     finally:
@@ -183,7 +185,9 @@ def test_policy_mount_paths() -> None:
 
 async def test_policy_allows_what_the_operator_permits(make_spec, run_swarm, tmp_path: Path) -> None:
     (tmp_path / "greeting").write_text("mounted-ok\n")
-    policy = RuntimePolicy(allow_host_network=True, allow_privileged=True, allowed_mounts=(str(tmp_path),))
+    tmp_path.chmod(0o755)  # containers run as a non-root user
+    policy = RuntimePolicy(allowed_images=BEES_ON_BUSYBOX.allowed_images, allow_host_network=True,
+                           allow_privileged=True, allowed_mounts=(str(tmp_path),))
     policy.check(make_spec("privileged", privileged=True))
     # Privileged containers are only checked, not run: a nested engine may lack the capabilities.
     spec = make_spec(

@@ -9,7 +9,7 @@ import pytest
 
 from controlplane.contract import keys
 from controlplane.bus.management import Management
-from tests.conftest import MANAGEMENT, Stack, new_key, new_swarm_id, running_stack
+from tests.conftest import OWNER, MANAGEMENT, Stack, new_key, new_swarm_id, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ async def test_full_lifecycle(stack: Stack, watch: Any, runtime: Any, vhost: str
     assert watcher.keys_seen().index(f"ev.ready.swarm-controller.{swarm_id}") < \
         watcher.keys_seen().index(f"ev.ready.swarm-create.{swarm_id}")
 
-    bee = await runtime.get(keys.container_name(swarm_id, "generator"))
+    bee = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
     assert bee is not None and bee.state == "running"
     assert bee.labels["controlplane.managed"] == "true"
     assert bee.labels["controlplane.kind"] == "bee"
@@ -100,12 +100,12 @@ async def test_full_lifecycle(stack: Stack, watch: Any, runtime: Any, vhost: str
 
     envelope, stopped = await act(stack, watcher, swarm_id, "stop")
     assert envelope["timeoutMs"] == 90000 and stopped["state"]["status"] == "Stopped"
-    kept = await runtime.get(keys.container_name(swarm_id, "generator"))
+    kept = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
     assert kept is not None and kept.id == bee.id, "stop keeps the containers"
 
     envelope, removed = await act(stack, watcher, swarm_id, "remove")
     assert envelope["timeoutMs"] == 180000 and removed["state"]["status"] == "Removed"
-    assert await runtime.get(keys.container_name(swarm_id, "generator")) is None
+    assert await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None
     assert await queue_depth(vhost, work_queue) is None, "the swarm's work queue is deleted"
     assert await eventually(lambda: _is_gone(stack, swarm_id)), "a removed swarm leaves the read model"
 
@@ -163,7 +163,7 @@ async def test_timeout_is_published_on_the_watched_error_topic(settings_factory:
         # With its controller gone, remove is done by the host controller.
         _, removed = await act(stack, watcher, swarm_id, "remove")
         assert removed["details"]["removedBy"] == "host-controller"
-        assert await runtime.get(keys.container_name(swarm_id, "generator")) is None
+        assert await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None
 
 
 async def test_gateway_restart_keeps_idempotency_and_operations(settings_factory: Any, runtime: Any,
@@ -198,9 +198,9 @@ async def test_host_controller_restart_readopts_running_swarm(settings_factory: 
     async with running_stack(settings, runtime) as stack:
         await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
         await act(stack, watcher, swarm_id, "start")
-        bee = await runtime.get(keys.container_name(swarm_id, "generator"))
+        bee = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
         await stack.host.stop()
-        still = await runtime.get(keys.container_name(swarm_id, "generator"))
+        still = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
         assert still is not None and still.state == "running" and still.id == bee.id, "nothing is destroyed"
 
         stack.host = await HostController(stack.bus, runtime, settings).start()
@@ -209,7 +209,7 @@ async def test_host_controller_restart_readopts_running_swarm(settings_factory: 
         assert adopted["state"]["status"] == "Running", "the adopted controller sees its bees enabled"
         _, stopped = await act(stack, watcher, swarm_id, "stop")
         assert stopped["state"]["status"] == "Stopped"
-        same = await runtime.get(keys.container_name(swarm_id, "generator"))
+        same = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
         assert same is not None and same.id == bee.id
         await act(stack, watcher, swarm_id, "remove")
 
@@ -234,7 +234,7 @@ async def test_bee_that_exits_fails_create_with_its_logs(settings_factory: Any, 
         _, event = await act(stack, watcher, swarm_id, "create", {"templateId": "crashing"}, expect="error")
         assert event["code"] == "container-exited"
         assert "No module named bees.no_such_role" in event["message"], "the bee's last log lines explain the crash"
-        assert await runtime.get(keys.container_name(swarm_id, "crash")) is None, "a failed create cleans up"
+        assert await runtime.get(keys.container_name(OWNER, swarm_id, "crash")) is None, "a failed create cleans up"
 
 
 async def test_missing_image_fails_create_with_its_code(settings_factory: Any, runtime: Any, watch: Any,
@@ -261,7 +261,7 @@ async def test_controller_in_a_container(settings_factory: Any, runtime: Any, wa
         swarm_id = new_swarm_id()
         watcher = await watch("ev.#")
         await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
-        controller = await runtime.get(keys.container_name(swarm_id, "ctl"))
+        controller = await runtime.get(keys.container_name(OWNER, swarm_id, keys.CONTROLLER_PART))
         assert controller is not None and controller.state == "running"
         assert controller.labels["controlplane.kind"] == "swarm-controller"
         _, started = await act(stack, watcher, swarm_id, "start")
@@ -269,16 +269,16 @@ async def test_controller_in_a_container(settings_factory: Any, runtime: Any, wa
         # A host controller restart keeps the controller container as it is.
         await stack.host.stop()
         stack.host = await HostController(stack.bus, runtime, settings).start()
-        kept = await runtime.get(keys.container_name(swarm_id, "ctl"))
+        kept = await runtime.get(keys.container_name(OWNER, swarm_id, keys.CONTROLLER_PART))
         assert kept is not None and kept.id == controller.id and kept.state == "running"
         _, stopped = await act(stack, watcher, swarm_id, "stop")
         assert stopped["state"]["status"] == "Stopped"
         await act(stack, watcher, swarm_id, "remove")
         for _ in range(50):
-            if await runtime.get(keys.container_name(swarm_id, "ctl")) is None:
+            if await runtime.get(keys.container_name(OWNER, swarm_id, keys.CONTROLLER_PART)) is None:
                 break
             await asyncio.sleep(0.2)
-        assert await runtime.get(keys.container_name(swarm_id, "ctl")) is None, "the controller is torn down"
+        assert await runtime.get(keys.container_name(OWNER, swarm_id, keys.CONTROLLER_PART)) is None, "the controller is torn down"
 
 
 async def _view_if(stack: Stack, swarm_id: str, status: str) -> dict[str, Any] | None:
@@ -299,7 +299,7 @@ async def test_template_reapplies_a_plan(stack: Stack, watch: Any, runtime: Any)
     swarm_id = new_swarm_id()
     watcher = await watch("ev.#")
     await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
-    first = await runtime.get(keys.container_name(swarm_id, "generator"))
+    first = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
     plan = {"bees": [
         {"name": "generator", "role": "generator", "image": "controlplane:local", "work": {"out": "generated"},
          "config": {"ratePerSec": 5, "message": {"kind": "demo"}}},
@@ -308,23 +308,23 @@ async def test_template_reapplies_a_plan(stack: Stack, watch: Any, runtime: Any)
     ]}
     envelope, applied = await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
     assert envelope["timeoutMs"] == 180000 and applied["state"]["status"] == "Ready"
-    second = await runtime.get(keys.container_name(swarm_id, "second"))
+    second = await runtime.get(keys.container_name(OWNER, swarm_id, "second"))
     assert second is not None and second.state == "running"
-    unchanged = await runtime.get(keys.container_name(swarm_id, "generator"))
+    unchanged = await runtime.get(keys.container_name(OWNER, swarm_id, "generator"))
     assert unchanged is not None and unchanged.id == first.id, "an unchanged bee keeps its container"
     view = await eventually(lambda: _bees_are(stack, swarm_id, 2), 10)
     assert view, "the read model shows both bees"
 
     plan["bees"] = [{**plan["bees"][1], "enabled": True}]
     _, applied = await act(stack, watcher, swarm_id, "template", {"swarmPlan": plan})
-    assert await runtime.get(keys.container_name(swarm_id, "generator")) is None, "a bee left out is removed"
+    assert await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None, "a bee left out is removed"
     assert applied["state"]["status"] == "Running", "a plan that brings a bee in enabled runs it"
-    replaced = await runtime.get(keys.container_name(swarm_id, "second"))
+    replaced = await runtime.get(keys.container_name(OWNER, swarm_id, "second"))
     assert replaced is not None and replaced.id != second.id, "a changed bee gets a new container"
     _, stopped = await act(stack, watcher, swarm_id, "stop")
     assert stopped["state"]["status"] == "Stopped"
     await act(stack, watcher, swarm_id, "remove")
-    assert await runtime.get(keys.container_name(swarm_id, "second")) is None
+    assert await runtime.get(keys.container_name(OWNER, swarm_id, "second")) is None
 
 
 async def _bees_are(stack: Stack, swarm_id: str, count: int) -> dict[str, Any] | None:

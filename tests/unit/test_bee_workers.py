@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import asyncio
 import math
 from typing import Any
@@ -24,6 +26,7 @@ from bees.sdk import BeeContext
 from bees.sut import MAX_PATHS, OTHER_PATHS, Counts, SutEnv
 from bees.trigger import TriggerConfig
 from controlplane.config import settings_or_exit
+from controlplane.contract.egress import Egress, GuardedResolver
 
 SUT = "http://sut.test:8080"
 
@@ -32,8 +35,12 @@ def _env(sut_url: str | None = None, **fields: Any) -> BeeEnv:
     return BeeEnv(swarm_id="s1", role="test", instance="s1-test", sut_url=sut_url, **fields)
 
 
+# Hosts these tests call besides the SUT, as an operator would allow them.
+ALLOWED = ["other:9", "elsewhere:81", "sut.test"]
+
+
 def _parse(model: type[Any], data: dict[str, Any], sut_url: str | None = None) -> Any:
-    return parse_config(model, data, config_context(_env(sut_url)))
+    return parse_config(model, data, config_context(_env(sut_url, allowed_targets=ALLOWED)))
 
 
 def _refused(model: type[Any], data: dict[str, Any], sut_url: str | None = None) -> ConfigRejected:
@@ -226,7 +233,7 @@ def test_processor_without_any_address_is_refused_naming_base_url() -> None:
 
 
 def test_patch_that_removes_the_only_address_is_refused() -> None:
-    context = config_context(_env())
+    context = config_context(_env(allowed_targets=ALLOWED))
     current = parse_config(ProcessorConfig, {"baseUrl": SUT}, context)
     with pytest.raises(ConfigRejected) as caught:
         apply_patch(ProcessorConfig, current, {"baseUrl": None}, context)
@@ -431,3 +438,48 @@ def test_sut_environment_is_validated_naming_the_variable(monkeypatch: pytest.Mo
     monkeypatch.setenv("CP_SUT_PORT", "9090")
     env = settings_or_exit(SutEnv)
     assert env.sut_error_rate == 0.25 and env.sut_port == 9090 and env.sut_host == "0.0.0.0"
+
+
+# --- where calls may go ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:15672/api/whoami",  # the broker's management API on loopback
+    "http://127.0.0.1:8081/",  # loopback, not the SUT's port
+    "http://localhost:8080/",
+    "http://169.254.169.254/latest/meta-data/",  # a cloud metadata service
+    "http://10.0.0.5/",
+    "http://[::1]:8080/",
+    "http://example.com/",  # public, but not allowed by the operator
+    "http://sut.test:15672/",  # an allowed host, on the broker's port
+])
+def test_calls_go_to_the_sut_and_allowed_targets_only(url: str) -> None:
+    env = _env("http://127.0.0.1:8080", allowed_targets=["sut.test"])
+    for model, field in ((TriggerConfig, "url"), (ProcessorConfig, "baseUrl")):
+        with pytest.raises(ConfigRejected) as caught:
+            parse_config(model, {field: url}, config_context(env))
+        assert caught.value.fields == [field] and "not allowed" in caught.value.message
+    assert parse_config(TriggerConfig, {"url": "http://127.0.0.1:8080/ping"}, config_context(env)).url
+
+
+def test_operator_networks_and_resolved_addresses() -> None:
+    egress = Egress.of("http://172.17.0.3:8080", ["10.1.0.0/16", "api.example.com:443"])
+    assert egress.problem("http://172.17.0.3:8080/x") is None, "the SUT, on a private bridge"
+    assert egress.problem("http://10.1.2.3:80/") is None, "a network the operator listed"
+    assert egress.problem("http://10.2.0.1/") is not None
+    assert egress.problem("https://api.example.com/") is None
+    assert egress.problem("https://api.example.com:444/") is not None
+    # At connect time a listed name must still resolve to a public address.
+    assert egress.address_problem(ipaddress.ip_address("127.0.0.1"), 443) == "127.0.0.1 is a loopback address"
+    assert egress.address_problem(ipaddress.ip_address("10.1.9.9"), 443) is None
+    assert egress.address_problem(ipaddress.ip_address("93.184.216.34"), 443) is None
+    assert egress.address_problem(ipaddress.ip_address("93.184.216.34"), 5672) is not None
+
+
+async def test_a_name_that_resolves_to_loopback_is_refused_at_connect_time() -> None:
+    resolver = GuardedResolver(Egress.of(None, ["rebound.example"]))
+    try:
+        with pytest.raises(OSError, match="resolves only to refused addresses"):
+            await resolver.resolve("localhost", 8080)  # as a rebound name would, to loopback
+    finally:
+        await resolver.close()

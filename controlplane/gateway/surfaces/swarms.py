@@ -11,14 +11,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from controlplane.contract import keys
+from controlplane.contract.redact import redact
 from controlplane.contract.models import (
     ActionRequest, CreateSwarmRequest, Envelope, Outcome, SwarmPlan, SwarmStatus, TemplateRequest, utcnow,
 )
 from controlplane.gateway.actions import Action, operation_view, read_action, submit
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.middleware import ApiError, require_slug
+from controlplane.gateway.middleware import ApiError, require_slug, validation_error
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.surface import Surface
 from controlplane.gateway.registry import component_view, health, worst
@@ -70,10 +72,10 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
     async def handler(request: web.Request) -> web.Response:
         ctx = context_of(request)
         swarm_id = _swarm_id(request)
-        body = model.model_validate(await read_action(request))
+        body = _validated(model, await read_action(request))
         args: dict[str, Any] = {}
         if isinstance(body, TemplateRequest):
-            _check_images(ctx, body.swarm_plan)
+            _check_plan(ctx, body.swarm_plan)
             args = {"swarmPlan": body.swarm_plan.model_dump(mode="json", by_alias=True)}
 
         async def precondition() -> None:
@@ -90,23 +92,36 @@ def _lifecycle(signal: str, model: type[ActionRequest]) -> Callable[[web.Request
     return handler
 
 
-def allowed_images(ctx: GatewayContext) -> set[str]:
-    if ctx.settings.allowed_images:
-        return set(ctx.settings.allowed_images)
-    named = {image for template in ctx.catalog.templates.values() for image in template.images()}
-    return named | {ctx.settings.project_image}
+# Errors of a plan that is well formed but refused by the plan's own rules (too many bees, a
+# reserved or repeated name, a cycle): the request was understood, so 422, not 400.
+_PLAN_RULES = {"value_error", "too_long"}
 
 
-def _check_images(ctx: GatewayContext, plan: SwarmPlan) -> None:
-    """A caller's plan runs only images the operator allowed (CP_ALLOWED_IMAGES)."""
-    allowed = allowed_images(ctx)
+def _validated(model: type[ActionRequest], body: dict[str, Any]) -> ActionRequest:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if all(e["type"] in _PLAN_RULES and e["loc"][:1] == ("swarmPlan",) for e in errors):
+            raise validation_error(exc, 422, "invalid-plan") from None
+        raise
+
+
+def _check_plan(ctx: GatewayContext, plan: SwarmPlan) -> None:
+    """A caller's plan runs only what the runtime's policy allows, told here field by field."""
+    policy = ctx.policy
     refused = [{"field": f"swarmPlan.bees.{i}.image", "reason": f"image {bee.image!r} is not allowed"}
-               for i, bee in enumerate(plan.bees) if bee.image not in allowed]
-    if plan.sut is not None and plan.sut.image not in allowed:
+               for i, bee in enumerate(plan.bees) if not policy.image_allowed("bee", bee.image)]
+    if plan.sut is not None and not policy.image_allowed("sut", plan.sut.image):
         refused.append({"field": "swarmPlan.sut.image", "reason": f"image {plan.sut.image!r} is not allowed"})
     if refused:
+        allowed = ", ".join(sorted(policy.allowed_images.get("bee", ())))
         raise ApiError(422, "image-not-allowed", "; ".join(f"{r['field']}: {r['reason']}" for r in refused)
-                       + f" (allowed: {', '.join(sorted(allowed))}; see CP_ALLOWED_IMAGES)", refused)
+                       + f" (allowed: {allowed}; see CP_ALLOWED_IMAGES)", refused)
+    if plan.sut is not None and plan.sut.command is not None and not policy.allow_sut_command:
+        raise ApiError(422, "sut-command-not-allowed", "swarmPlan.sut.command: a system under test with a command "
+                       "of its own is refused unless the operator sets CP_ALLOW_SUT_COMMAND=true",
+                       [{"field": "swarmPlan.sut.command", "reason": "not allowed by the operator"}])
 
 
 def swarm_view(ctx: GatewayContext, swarm: SwarmRow, active: OperationRow | None,
@@ -191,17 +206,17 @@ async def get_swarm(request: web.Request) -> web.Response:
 
 async def list_templates(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    return web.json_response({
+    return web.json_response(redact({
         "templates": [
             {"id": t.id, "name": t.name, "description": t.description, "controllerImage": t.controller_image,
              "sut": t.sut.model_dump(mode="json", by_alias=True) if t.sut else None,
-             "bees": [{"name": b.name, "role": b.role, "image": b.image,
+             "bees": [{"name": b.name, "role": b.role, "image": b.image, "env": b.env,
                        "work": b.work.model_dump(mode="json", by_alias=True, exclude_none=True),
                        "enabled": b.enabled, "config": b.config} for b in t.bees]}
             for t in ctx.catalog.templates.values()
         ],
         "invalid": [{"file": name, "problem": why} for name, why in sorted(ctx.catalog.problems.items())],
-    })
+    }))
 
 
 ACTION_STATUSES = (200, 202, 400, 401, 403, 404, 409, 422, 503)

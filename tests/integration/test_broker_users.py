@@ -1,0 +1,127 @@
+"""Each launched container talks to the broker as a user of its own, which the broker itself
+limits to the container's queues and routing keys. Real RabbitMQ and Docker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import aio_pika
+import docker
+import pytest
+from aio_pika.exceptions import AMQPError
+from yarl import URL
+
+from controlplane.contract import keys
+from controlplane.contract.models import Status
+from controlplane.bus.management import Management
+from tests.conftest import MANAGEMENT, OWNER, Stack, new_swarm_id, running_stack
+from tests.integration.test_swarm_lifecycle import TEMPLATE, act
+
+pytestmark = pytest.mark.integration
+
+
+def _amqp_url_of(container: str) -> str:
+    with docker.APIClient(base_url="unix:///var/run/docker.sock", version="auto") as client:
+        env = client.inspect_container(container)["Config"]["Env"]
+    return next(v.split("=", 1)[1] for v in env if v.startswith("CP_AMQP_URL="))
+
+
+async def _publish(connection: aio_pika.abc.AbstractConnection, routing_key: str, body: dict[str, Any],
+                   exchange: str = keys.CONTROL_EXCHANGE) -> None:
+    """A confirmed publish on a channel of its own (a refusal closes the channel)."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        await asyncio.wait_for(target.publish(aio_pika.Message(json.dumps(body).encode()), routing_key), 10)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _refused(connection: aio_pika.abc.AbstractConnection, routing_key: str, exchange: str = keys.CONTROL_EXCHANGE,
+                   ) -> str:
+    with pytest.raises(AMQPError) as caught:
+        await _publish(connection, routing_key, {"forged": True}, exchange)
+    return str(caught.value)
+
+
+async def test_a_bee_may_publish_only_its_own_events(stack: Stack, watch: Any) -> None:
+    swarm_id = new_swarm_id()
+    watcher = await watch("ev.#")
+    await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
+    try:
+        url = _amqp_url_of(keys.container_name(OWNER, swarm_id, "generator"))
+        instance = keys.bee_instance(swarm_id, "generator")
+        assert URL(url).user == f"cp.{OWNER}.generator.{instance}", "not the shared account"
+        connection = await aio_pika.connect(url)
+        try:
+            refused = await _refused(connection, keys.signal_key("swarm-template", swarm_id))
+            assert "ACCESS_REFUSED" in refused and "topic" in refused
+            await _refused(connection, keys.ready_key("swarm-remove", swarm_id))
+            await _refused(connection, keys.ready_key("swarm-remove", instance))  # a scope that looks like its own
+            await _refused(connection, keys.HOST_CONTROLLER_QUEUE, exchange="")  # straight into a queue
+            # What is its own goes through, with the same credentials.
+            status = Status(kind="status-delta", role="generator", instance=instance, swarm_id=swarm_id)
+            await _publish(connection, status.routing_key(), status.to_dict())
+        finally:
+            await connection.close()
+    finally:
+        await act(stack, watcher, swarm_id, "remove")
+
+
+async def test_a_controller_container_may_act_for_its_own_swarm_only(settings_factory: Any, runtime: Any,
+                                                                      watch: Any) -> None:
+    async with running_stack(settings_factory(controller_mode="container"), runtime) as stack:
+        swarm_id, other = new_swarm_id(), new_swarm_id()
+        watcher = await watch("ev.#")
+        await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})
+        try:
+            url = _amqp_url_of(keys.container_name(OWNER, swarm_id, keys.CONTROLLER_PART))
+            assert URL(url).user == f"cp.{OWNER}.swarm-controller.{swarm_id}"
+            connection = await aio_pika.connect(url)
+            try:
+                await _refused(connection, keys.signal_key("swarm-create", other))
+                await _refused(connection, keys.ready_key("swarm-remove", other))
+                await _refused(connection, keys.signal_key("config-update", f"generator.{other}-generator"))
+            finally:
+                await connection.close()
+            # Its own work still goes through: a start reaches its bee and comes back.
+            _, started = await act(stack, watcher, swarm_id, "start")
+            assert started["state"]["status"] == "Running"
+        finally:
+            await act(stack, watcher, swarm_id, "remove")
+        # The controller's user goes once the host controller has retired it, right after the remove.
+        async with Management(MANAGEMENT) as management, asyncio.timeout(20):
+            while left := [u for u in await management.users() if swarm_id in u]:
+                await asyncio.sleep(0.2)
+        assert not left, "a removed swarm leaves no broker user behind"
+
+
+async def test_an_event_whose_body_disagrees_with_its_key_is_dropped_and_counted(stack: Stack, watch: Any) -> None:
+    swarm_id = new_swarm_id()
+    watcher = await watch("ev.#")
+    await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})  # statuses of unknown swarms are ignored
+    try:
+        forged = Status(kind="status-full", role="generator", instance=f"{swarm_id}-forged", swarm_id=swarm_id)
+        honest = Status(kind="status-full", role="generator", instance=f"{swarm_id}-honest", swarm_id=swarm_id)
+        before = await _mismatches(stack)
+        # Under another component's key: what a component allowed only that key could send.
+        await stack.bus.publish(honest.routing_key(), forged)
+        await stack.bus.publish(honest.routing_key(), honest)  # comes after it on the same queue
+        async with asyncio.timeout(10):
+            while (await stack.get(f"/api/components/generator/{swarm_id}-honest"))[0] != 200:
+                await asyncio.sleep(0.05)
+        assert (await stack.get(f"/api/components/generator/{swarm_id}-forged"))[0] == 404
+        assert await _mismatches(stack) == before + 1
+    finally:
+        await act(stack, watcher, swarm_id, "remove")
+
+
+async def _mismatches(stack: Stack) -> float:
+    text = await (await stack.client.get("/metrics")).text()
+    found = re.search(r'^cp_messages_key_mismatch_total\{kind="status"\} (\S+)$', text, re.MULTILINE)
+    assert found, "the counter is exported"
+    return float(found.group(1))
