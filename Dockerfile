@@ -1,11 +1,13 @@
 # The project image: the controlplane package (with bees/) in a venv at /opt/venv.
-# Build it with scripts/build-images.sh, which first puts wheels for the project and all its
-# dependencies in build/wheels (the build itself needs no network) and builds the local base image.
+# Build it with scripts/build-images.sh, which first puts the project's wheel and its locked
+# dependencies (requirements.lock, hashes checked) in build/wheels, so the build itself needs no
+# network, and builds the local base image.
 FROM controlplane-base:bookworm AS install
 LABEL controlplane.stage=install
 COPY build/wheels /wheels
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install -q --no-index --find-links /wheels controlplane
+ && /opt/venv/bin/pip install -q --no-index --find-links /wheels --require-hashes -r /wheels/requirements.lock \
+ && /opt/venv/bin/pip install -q --no-index --no-deps /wheels/controlplane-*.whl
 
 FROM controlplane-base:bookworm
 COPY --from=install /opt/venv /opt/venv

@@ -1,5 +1,6 @@
 # Entry points for working on and checking the project (GNU make):
-#   make venv    .venv with the project installed in editable mode, plus test tools
+#   make venv    .venv with the locked dependencies (hashes checked), the project in editable mode
+#   make lock    requirements*.lock from pyproject.toml, with hashes (keeps existing pins)
 #   make infra   RabbitMQ, the Docker engine and the local images, started or built when missing
 #   make run     the whole control plane on this machine (API on :8080)
 #   make test    the test suite against the real RabbitMQ and Docker engine
@@ -11,14 +12,26 @@ VENV := .venv
 BASE_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PYTEST_ARGS ?=
 
-.PHONY: venv infra images run test clean
+.PHONY: venv lock infra images run test clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Every dependency comes from the lock, each file checked against its hash; the project
+# itself goes on top without resolving anything again.
+$(VENV)/.installed: pyproject.toml requirements-test.lock
 	test -x $(VENV)/bin/python || $(BASE_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements-test.lock
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
+
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --generate-hashes --strip-extras \
+	--allow-unsafe --no-emit-index-url --no-emit-find-links
+
+# The image installs requirements.lock; the venv adds the test tools, pinned to the same versions.
+lock:
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check pip-tools
+	$(PIP_COMPILE) -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra test -c requirements.lock -o requirements-test.lock pyproject.toml
 
 infra:
 	bash scripts/ensure-rabbitmq.sh

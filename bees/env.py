@@ -29,6 +29,8 @@ class BeeEnv(BaseSettings):
     sut_url: str | None = None  # the swarm's system under test, e.g. http://127.0.0.1:8080
     # Hosts, addresses or networks (with an optional :port) HTTP calls may reach besides the SUT.
     allowed_targets: list[str] = Field(default_factory=list)
+    # Config keys the plan marks secret: masked in what the bee reports.
+    secret_keys: list[str] = Field(default_factory=list)
     bee_config: dict[str, Any] = Field(default_factory=dict)  # JSON object
     enabled: bool = False
     status_interval_s: float = Field(5.0, gt=0)

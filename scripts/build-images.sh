@@ -95,7 +95,7 @@ fi
 inputs=$(
   {
     docker image inspect -f '{{.Id}}' "$BASE"
-    sha256sum Dockerfile pyproject.toml
+    sha256sum Dockerfile pyproject.toml requirements.lock
     find controlplane bees scenarios -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
       | LC_ALL=C sort -z | xargs -0 -r sha256sum
   } | sha256sum | cut -d' ' -f1
@@ -116,7 +116,11 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 rm -rf build/wheels build/lib build/bdist.*
-"$python" -m pip wheel -q --disable-pip-version-check --wheel-dir build/wheels . >build/pip-wheel.log 2>&1 \
+# The dependencies as the lock names them, each file checked against its hash; the project's own wheel beside them.
+{ "$python" -m pip download -q --disable-pip-version-check --require-hashes --only-binary=:all: \
+      -r requirements.lock -d build/wheels \
+  && "$python" -m pip wheel -q --disable-pip-version-check --no-deps --wheel-dir build/wheels . \
+  && cp requirements.lock build/wheels/; } >build/pip-wheel.log 2>&1 \
   || { tail -n 20 build/pip-wheel.log >&2; exit 1; }
 if ! DOCKER_BUILDKIT=0 docker build --label "controlplane.inputs=$inputs" -t "$PROJECT" . \
        >build/docker-build.log 2>&1; then

@@ -30,6 +30,11 @@ if ! command -v rabbitmq-server >/dev/null; then
     exit 1
   fi
   echo "ensure-rabbitmq: installing rabbitmq-server"
+  # The broker installed here listens on loopback only, management UI included; written before
+  # the package starts its node (the package ships no rabbitmq.conf of its own).
+  mkdir -p /etc/rabbitmq
+  [ -e /etc/rabbitmq/rabbitmq.conf ] || printf '%s\n' "listeners.tcp.default = 127.0.0.1:5672" \
+    "management.tcp.ip = 127.0.0.1" > /etc/rabbitmq/rabbitmq.conf
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null

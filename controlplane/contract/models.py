@@ -80,6 +80,9 @@ class BeeSpec(Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
     enabled: bool = False
+    # Config keys whose values are secret wherever they appear: shown as *** in every read and
+    # event, like env, headers and keys named like a password or token.
+    secrets: list[str] = Field(default_factory=list, max_length=64)
 
     @field_validator("name")
     @classmethod

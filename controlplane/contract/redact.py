@@ -6,13 +6,15 @@ sees), and the gateway redacts its views again, so an older component cannot lea
 The real values stay where they are needed: in signals to the component and its own
 state snapshot.
 
-A value is secret when it sits under ``env`` or ``headers`` (every value of those maps), or
-when its key names a secret (``password``, ``token``, ``apiKey``, ``authorization``…).
+A value is secret when it sits under ``env`` or ``headers`` (every value of those maps), when
+its key names a secret (``password``, ``token``, ``apiKey``, ``authorization``…), or when its
+key is one a plan lists in a bee's ``secrets``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 MASK = "***"
@@ -27,22 +29,23 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key))
 
 
-def redact(value: Any) -> Any:
+def redact(value: Any, secret_keys: Collection[str] = ()) -> Any:
     """A copy of ``value`` (JSON-like) with every secret replaced by ``***``; keys are kept,
-    so a reader still sees which headers or variables are set."""
+    so a reader still sees which headers or variables are set. ``secret_keys``: more key
+    names whose values are secret (a bee's ``secrets`` in its plan)."""
     if isinstance(value, dict):
         out: dict[Any, Any] = {}
         for key, item in value.items():
             name = str(key)
             if name in SECRET_MAPS and isinstance(item, dict):
                 out[key] = {k: MASK for k in item}
-            elif is_secret_key(name) and item not in (None, "", {}, []):
+            elif (name in secret_keys or is_secret_key(name)) and item not in (None, "", {}, []):
                 out[key] = MASK
             else:
-                out[key] = redact(item)
+                out[key] = redact(item, secret_keys)
         return out
     if isinstance(value, list):
-        return [redact(item) for item in value]
+        return [redact(item, secret_keys) for item in value]
     return value
 
 

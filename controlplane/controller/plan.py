@@ -38,6 +38,7 @@ def bee_container_spec(settings: Settings, swarm_id: str, bee: BeeSpec, owner: s
         "CP_ENABLED": "true" if bee.enabled else "false",
         "CP_STATUS_INTERVAL_S": str(settings.status_interval_s),
         "CP_ALLOWED_TARGETS": json.dumps(settings.allowed_targets),
+        "CP_SECRET_KEYS": json.dumps(bee.secrets),
     })
     if bee.work.in_:
         env["CP_WORK_IN"] = bee.work.in_

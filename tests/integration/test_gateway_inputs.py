@@ -108,7 +108,7 @@ async def test_templates_listed_and_health_endpoints(gateway: Stack) -> None:
     assert {"generator-demo", "http-load", "http-trigger"} <= set(listed) and body["invalid"] == []
     assert listed["generator-demo"]["bees"] == [{
         "name": "generator", "role": "generator", "image": "controlplane:local", "env": {}, "work": {"out": "generated"},
-        "enabled": False, "config": {"ratePerSec": 5, "message": {"kind": "demo"}}}]
+        "enabled": False, "config": {"ratePerSec": 5, "message": {"kind": "demo"}}, "secrets": []}]
     load = listed["http-load"]
     assert [b["role"] for b in load["bees"]] == ["generator", "moderator", "processor", "postprocessor"]
     assert load["sut"]["port"] == 18080 and load["sut"]["image"] == "controlplane:local"

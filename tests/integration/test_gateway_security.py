@@ -70,8 +70,9 @@ def secret_scenarios(tmp_path: Path) -> Path:
         "id": "secrets",
         "sut": {"image": "controlplane:local", "port": 18082, "env": {"DB_PASSWORD": SECRET}},
         "bees": [{"name": "trigger", "role": "trigger", "image": "controlplane:local",
-                  "env": {"TOKEN": SECRET},
-                  "config": {"intervalS": 60, "path": "/ping", "headers": {"Authorization": f"Bearer {SECRET}"}}}],
+                  "env": {"TOKEN": SECRET}, "secrets": ["dsn"],
+                  "config": {"intervalS": 60, "path": "/ping", "headers": {"Authorization": f"Bearer {SECRET}"},
+                             "body": {"dsn": SECRET, "table": "orders"}}}],
     }))
     return folder
 
@@ -85,6 +86,7 @@ async def test_secrets_are_masked_in_every_read_and_event(settings_factory: Any,
         assert template["sut"]["env"] == {"DB_PASSWORD": "***"}
         assert template["bees"][0]["env"] == {"TOKEN": "***"}
         assert template["bees"][0]["config"]["headers"] == {"Authorization": "***"}
+        assert template["bees"][0]["config"]["body"] == {"dsn": "***", "table": "orders"}, "marked secret by the plan"
 
         swarm_id = new_swarm_id()
         watcher = await watch("ev.#")

@@ -1,4 +1,4 @@
-"""The container policy and the plan rules: pure logic, no engine."""
+"""The container policy, the plan rules and redaction: pure logic, no engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from controlplane.config import Settings
 from controlplane.contract.models import MAX_BEES, SwarmPlan
+from controlplane.contract.redact import redact, safe_text
 from controlplane.runtime import ContainerSpec, Mount, PolicyViolation
 from controlplane.runtime.labels import managed_labels
 from controlplane.runtime.policy import RuntimePolicy
@@ -80,3 +81,14 @@ def test_plan_limits_and_reserved_names() -> None:
             SwarmPlan.model_validate({"bees": [_bee(name)]})
     with pytest.raises(ValidationError, match="repeated: a"):
         SwarmPlan.model_validate({"bees": [_bee("a"), _bee("a")]})
+
+
+def test_redaction_masks_maps_named_keys_and_the_keys_a_plan_marks() -> None:
+    config = {"env": {"A": "1"}, "headers": {"X-Key": "k"}, "apiKey": "k", "password": "", "dsn": "pg://u:p@h/db",
+              "nested": [{"token": "t", "path": "/x"}], "rate": 5}
+    assert redact(config, ["dsn"]) == {"env": {"A": "***"}, "headers": {"X-Key": "***"}, "apiKey": "***",
+                                       "password": "", "dsn": "***", "nested": [{"token": "***", "path": "/x"}],
+                                       "rate": 5}
+    assert redact(config)["dsn"] == "pg://u:p@h/db", "only when the plan marks it"
+    assert safe_text("a\x1b[2Jb\r\nc") == "a\ufffd[2Jb\nc"
+    assert safe_text("x" * 900, limit=10) == "…" + "x" * 9

@@ -212,7 +212,8 @@ async def list_templates(request: web.Request) -> web.Response:
              "sut": t.sut.model_dump(mode="json", by_alias=True) if t.sut else None,
              "bees": [{"name": b.name, "role": b.role, "image": b.image, "env": b.env,
                        "work": b.work.model_dump(mode="json", by_alias=True, exclude_none=True),
-                       "enabled": b.enabled, "config": b.config} for b in t.bees]}
+                       "enabled": b.enabled, "config": redact(b.config, b.secrets), "secrets": b.secrets}
+                      for b in t.bees]}
             for t in ctx.catalog.templates.values()
         ],
         "invalid": [{"file": name, "problem": why} for name, why in sorted(ctx.catalog.problems.items())],
