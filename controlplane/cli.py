@@ -27,6 +27,7 @@ from aiohttp import web
 
 from controlplane import logs
 from controlplane.bus import Bus
+from controlplane.bus.accounts import HOST_GRANT, BrokerAccounts, gateway_grant
 from controlplane.config import Settings, load_settings_or_exit
 from controlplane.contract import keys
 from controlplane.contract.models import Signal, SwarmPlan
@@ -170,6 +171,32 @@ def swarm_controller(swarm_id: str) -> None:
             for t in (task, stopper):
                 t.cancel()
             await asyncio.gather(task, stopper, return_exceptions=True)
+
+    _run(run)
+
+
+@main.command("broker-users")
+def broker_users() -> None:
+    """Make the gateway's and the host controller's own broker users; print their CP_AMQP_URL.
+
+    Run once with an administrator's CP_AMQP_URL; then start each process with its own URL.
+    The gateway's user may declare the shared topology and its own queues and publish commands,
+    nothing else; the host controller's is an administrator, since it makes the users of the
+    containers it launches. Passwords are derived from CP_BROKER_USER_SECRET: set it, so that
+    the host controller keeps deriving the same ones once it runs as its own user.
+    """
+    settings = _settings()
+
+    async def run(_stop: asyncio.Event) -> None:
+        accounts = BrokerAccounts.from_settings(settings.model_copy(update={"broker_users": True}))
+        assert accounts is not None
+        base = settings.amqp_url.get_secret_value()
+        gateway_url = await accounts.ensure("gateway", settings.gateway_name, gateway_grant(settings.gateway_name),
+                                            base=base)
+        host_url = await accounts.ensure("host-controller", settings.instance_id, HOST_GRANT, tags="administrator",
+                                         base=base)
+        click.echo(f"gateway          CP_AMQP_URL={gateway_url}")
+        click.echo(f"host-controller  CP_AMQP_URL={host_url}")
 
     _run(run)
 

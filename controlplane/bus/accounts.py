@@ -110,6 +110,26 @@ def controller_grant(swarm_id: str) -> Grant:
     )
 
 
+def gateway_grant(gateway_id: str) -> Grant:
+    """A gateway: the shared exchanges and the static queues (it declares them), its own event
+    queues; it publishes commands, the timeouts it calls, its readiness probes."""
+    static = [re.escape(n) for n in (keys.DEAD_LETTER_QUEUE, keys.HOST_CONTROLLER_QUEUE,
+                                     keys.HOST_CONTROLLER_REPLIES_QUEUE)]
+    exchanges = [re.escape(keys.CONTROL_EXCHANGE), re.escape(keys.DEAD_LETTER_EXCHANGE)]
+    own = rf"{re.escape(keys.CONTROL_EXCHANGE)}\.gateway\.{re.escape(gateway_id)}(\.status)?"
+    return Grant(
+        configure=_any(*exchanges, *static, own),
+        write=_any(*exchanges, *static, own),
+        read=_any(*exchanges, own),
+        topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+"),
+        topic_read=".*",
+    )
+
+
+# The host controller makes the other users: that takes RabbitMQ's administrator tag.
+HOST_GRANT = Grant(configure=".*", write=".*", read=".*", topic_write=".*", topic_read=".*")
+
+
 def management_login(settings: Settings) -> tuple[str, str, str]:
     """The management API and an administrator's credentials (default: those of CP_AMQP_URL)."""
     admin = URL(settings.amqp_url.get_secret_value())
@@ -174,20 +194,21 @@ class BrokerAccounts:
     def password(self, user: str) -> str:
         return hmac.new(self._secret.encode(), f"{self.vhost}/{user}".encode(), hashlib.sha256).hexdigest()
 
-    def url_for(self, user: str) -> str:
-        """The broker as the containers reach it, with this user's credentials."""
-        return str(self._container_url.with_user(user).with_password(self.password(user)))
+    def url_for(self, user: str, base: str | None = None) -> str:
+        """The broker as the containers reach it (or at ``base``), with this user's credentials."""
+        url = URL(base) if base else self._container_url
+        return str(url.with_user(user).with_password(self.password(user)))
 
-    async def ensure(self, role: str, instance: str, grant: Grant) -> str:
+    async def ensure(self, role: str, instance: str, grant: Grant, tags: str = "", base: str | None = None) -> str:
         """Create (or refresh) the user with exactly ``grant``; its broker URL."""
         user = self.user_name(role, instance)
         async with Management(*self._management) as management:
-            await management.put_user(user, self.password(user))
+            await management.put_user(user, self.password(user), tags)
             await management.set_permissions(self.vhost, user, grant.configure, grant.write, grant.read)
             await management.set_topic_permissions(self.vhost, user, keys.CONTROL_EXCHANGE,
                                                    grant.topic_write, grant.topic_read)
         log.info("broker user ready", user=user, vhost=self.vhost)
-        return self.url_for(user)
+        return self.url_for(user, base)
 
     async def remove(self, role: str, instance: str) -> None:
         """Remove the user; a failure is logged, not raised: teardown goes on without it."""

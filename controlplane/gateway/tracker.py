@@ -22,7 +22,6 @@ from datetime import timedelta
 from typing import Any
 
 from controlplane.bus import Consumer
-from controlplane.bus.accounts import apply_policies
 from controlplane.bus.metrics import KEY_MISMATCHES, MessageKind
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Scope, Status, SwarmStatus, utcnow
@@ -52,7 +51,6 @@ class Tracker:
         # a signal published before its receiver's queue is declared would be dropped.
         for static in ctx.bus.topology.queues:
             await ctx.bus.declare_queue(static)
-        await apply_policies(ctx.settings, ctx.bus.topology)
         templates, name = ctx.bus.topology.templates, ctx.settings.gateway_name
         self._consumers = [
             await ctx.bus.consume(templates.gateway_queue.render(instance=name), self._on_event, prefetch=256),

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
 import docker
@@ -17,7 +22,7 @@ from yarl import URL
 from controlplane.contract import keys
 from controlplane.contract.models import Status
 from controlplane.bus.management import Management
-from tests.conftest import MANAGEMENT, OWNER, Stack, new_swarm_id, running_stack
+from tests.conftest import BROKER, MANAGEMENT, OWNER, Stack, fresh_vhost, new_key, new_swarm_id, running_stack
 from tests.integration.test_swarm_lifecycle import TEMPLATE, act
 
 pytestmark = pytest.mark.integration
@@ -125,3 +130,43 @@ async def _mismatches(stack: Stack) -> float:
     found = re.search(r'^cp_messages_key_mismatch_total\{kind="status"\} (\S+)$', text, re.MULTILINE)
     assert found, "the counter is exported"
     return float(found.group(1))
+
+
+async def test_gateway_and_host_controller_run_as_their_own_users(settings_factory: Any, runtime: Any,
+                                                                   tmp_path: Path) -> None:
+    async with fresh_vhost() as vhost:
+        admin = f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}"
+        env = {**os.environ, "CP_AMQP_URL": admin, "CP_INSTANCE_ID": f"{OWNER}-own", "CP_GATEWAY_ID": "gw1",
+               "CP_BROKER_USER_SECRET": "a-secret-for-this-test"}
+        made = subprocess.run([sys.executable, "-m", "controlplane.cli", "broker-users"], env=env, check=True,
+                              capture_output=True, text=True, timeout=60)
+        urls = dict(line.split(maxsplit=1) for line in made.stdout.splitlines())
+        gateway_url = urls["gateway"].removeprefix("CP_AMQP_URL=")
+        host_url = urls["host-controller"].removeprefix("CP_AMQP_URL=")
+        assert URL(gateway_url).user == f"cp.{OWNER}-own.gateway.gw1"
+
+        common = {"instance_id": f"{OWNER}-own", "broker_user_secret": "a-secret-for-this-test",
+                  "bee_amqp_url": admin}
+        # The host controller's stack serves a gateway of its own too: another id, another store.
+        host_settings = settings_factory(amqp_url=host_url, gateway_id="gw-host", **common,
+                                         database_url=f"sqlite:///{tmp_path / 'host.db'}")
+        gateway_settings = settings_factory(amqp_url=gateway_url, gateway_id="gw1", **common,
+                                            database_url=f"sqlite:///{tmp_path / 'gw1.db'}")
+        async with running_stack(host_settings, runtime) as host_side, \
+                running_stack(gateway_settings, runtime, with_host=False) as gateway:
+            swarm_id = new_swarm_id()
+            status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/create",
+                                                  {"idempotencyKey": new_key(), "templateId": TEMPLATE})
+            assert status == 202
+            _, operation = await gateway.get(f"/api/operations/{envelope['correlationId']}?wait=90")
+            assert operation["status"] == "succeeded", operation
+            assert host_side.host is not None
+            connection = await aio_pika.connect(gateway_url)
+            try:  # the gateway publishes commands, never another component's success
+                await _refused(connection, keys.ready_key("swarm-remove", swarm_id))
+                await _refused(connection, keys.state_key("generator", f"{swarm_id}-generator"))
+            finally:
+                await connection.close()
+            status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()})
+            _, operation = await gateway.get(f"/api/operations/{envelope['correlationId']}?wait=60")
+            assert operation["status"] == "succeeded", operation
