@@ -92,7 +92,7 @@ def controller_grant(swarm_id: str) -> Grant:
     own = [re.escape(q) for q in (keys.component_queue(role, instance), keys.replies_queue(role, instance),
                                   keys.state_queue(role, instance))]
     swarm = re.escape(keys.swarm_scope(swarm_id))
-    bee = rf"{_SEGMENT}\.{swarm}-{_SEGMENT}"  # <role>.<instance> of one of its bees
+    bee = rf"{_SEGMENT}\.{swarm}{keys.INSTANCE_SEPARATOR}{_SEGMENT}"  # <role>.<instance> of one of its bees
     own_scope = re.escape(keys.component_scope(role, instance))
     state = re.escape(keys.state_key(role, instance))
     exchanges = [re.escape(keys.CONTROL_EXCHANGE)]

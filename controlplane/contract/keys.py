@@ -59,8 +59,25 @@ def check_slug(value: str, what: str = "id") -> str:
 # --- building ---------------------------------------------------------------------------
 
 
+# Joins a swarm id and a bee name into the bee's instance id. Neither may contain it, so an
+# instance id reads one way only: swarm "a"'s bee "b-gen" and swarm "a-b"'s bee "gen" differ,
+# and a swarm-controller's broker permissions for "<swarm>--*" cover its own bees only.
+INSTANCE_SEPARATOR = "--"
+
+
+def part_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a swarm id or a bee name, or None."""
+    problem = slug_problem(value)
+    if problem is None and INSTANCE_SEPARATOR in value:
+        problem = f"must not contain {INSTANCE_SEPARATOR!r}, which joins a swarm and its bee in an instance id"
+    return problem
+
+
 def swarm_scope(swarm_id: str) -> str:
-    return check_slug(swarm_id, "swarmId")
+    problem = part_problem(swarm_id)
+    if problem:
+        raise InvalidKey(f"swarmId {swarm_id!r} {problem}")
+    return swarm_id
 
 
 def component_scope(role: str, instance: str) -> str:
@@ -147,7 +164,10 @@ def controller_instance(swarm_id: str) -> str:
 
 def bee_instance(swarm_id: str, bee_name: str) -> str:
     """Bee instance ids embed the swarm id so they are unique across swarms."""
-    return check_slug(f"{swarm_scope(swarm_id)}-{check_slug(bee_name, 'bee name')}", "bee instance")
+    problem = part_problem(bee_name)
+    if problem:
+        raise InvalidKey(f"bee name {bee_name!r} {problem}")
+    return check_slug(f"{swarm_scope(swarm_id)}{INSTANCE_SEPARATOR}{bee_name}", "bee instance")
 
 
 def container_name(owner: str, swarm_id: str, part: str) -> str:

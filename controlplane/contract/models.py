@@ -90,7 +90,10 @@ class BeeSpec(Strict):
         if value in keys.RESERVED_CONTAINER_PARTS:
             raise ValueError(f"bee name {value!r} is reserved (the swarm's "
                              f"{'controller' if value == keys.CONTROLLER_PART else 'system under test'} has it)")
-        return _slug(value, "bee name")
+        problem = keys.part_problem(value)
+        if problem:
+            raise ValueError(f"bee name {problem}")
+        return value
 
     @field_validator("role")
     @classmethod

@@ -90,7 +90,7 @@ async def test_a_controller_container_may_act_for_its_own_swarm_only(settings_fa
             try:
                 await _refused(connection, keys.signal_key("swarm-create", other))
                 await _refused(connection, keys.ready_key("swarm-remove", other))
-                await _refused(connection, keys.signal_key("config-update", f"generator.{other}-generator"))
+                await _refused(connection, keys.signal_key("config-update", f"generator.{keys.bee_instance(other, 'generator')}"))
             finally:
                 await connection.close()
             # Its own work still goes through: a start reaches its bee and comes back.
@@ -110,16 +110,16 @@ async def test_an_event_whose_body_disagrees_with_its_key_is_dropped_and_counted
     watcher = await watch("ev.#")
     await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE})  # statuses of unknown swarms are ignored
     try:
-        forged = Status(kind="status-full", role="generator", instance=f"{swarm_id}-forged", swarm_id=swarm_id)
-        honest = Status(kind="status-full", role="generator", instance=f"{swarm_id}-honest", swarm_id=swarm_id)
+        forged = Status(kind="status-full", role="generator", instance=keys.bee_instance(swarm_id, "forged"), swarm_id=swarm_id)
+        honest = Status(kind="status-full", role="generator", instance=keys.bee_instance(swarm_id, "honest"), swarm_id=swarm_id)
         before = await _mismatches(stack)
         # Under another component's key: what a component allowed only that key could send.
         await stack.bus.publish(honest.routing_key(), forged)
         await stack.bus.publish(honest.routing_key(), honest)  # comes after it on the same queue
         async with asyncio.timeout(10):
-            while (await stack.get(f"/api/components/generator/{swarm_id}-honest"))[0] != 200:
+            while (await stack.get(f"/api/components/generator/{keys.bee_instance(swarm_id, 'honest')}"))[0] != 200:
                 await asyncio.sleep(0.05)
-        assert (await stack.get(f"/api/components/generator/{swarm_id}-forged"))[0] == 404
+        assert (await stack.get(f"/api/components/generator/{keys.bee_instance(swarm_id, 'forged')}"))[0] == 404
         assert await _mismatches(stack) == before + 1
     finally:
         await act(stack, watcher, swarm_id, "remove")
@@ -164,7 +164,7 @@ async def test_gateway_and_host_controller_run_as_their_own_users(settings_facto
             connection = await aio_pika.connect(gateway_url)
             try:  # the gateway publishes commands, never another component's success
                 await _refused(connection, keys.ready_key("swarm-remove", swarm_id))
-                await _refused(connection, keys.state_key("generator", f"{swarm_id}-generator"))
+                await _refused(connection, keys.state_key("generator", keys.bee_instance(swarm_id, "generator")))
             finally:
                 await connection.close()
             status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()})

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from controlplane.contract import keys
 from tests.conftest import Stack, new_key, new_swarm_id, running_stack
 from tests.integration.test_swarm_lifecycle import act
 
@@ -92,7 +93,7 @@ async def test_secrets_are_masked_in_every_read_and_event(settings_factory: Any,
         watcher = await watch("ev.#")
         await act(stack, watcher, swarm_id, "create", {"templateId": "secrets"})
         try:
-            instance = f"{swarm_id}-trigger"
+            instance = keys.bee_instance(swarm_id, "trigger")
             status, envelope = await stack.post(f"/api/components/trigger/{instance}/config", {
                 "idempotencyKey": new_key(), "patch": {"headers": {"X-Api-Key": SECRET}}})
             assert status == 202, envelope

@@ -80,13 +80,13 @@ async def test_full_lifecycle(stack: Stack, watch: Any, runtime: Any, vhost: str
     assert bee.labels["controlplane.kind"] == "bee"
     assert bee.labels["controlplane.swarm"] == swarm_id
     assert bee.labels["controlplane.role"] == "generator"
-    assert bee.labels["controlplane.instance"] == f"{swarm_id}-generator"
+    assert bee.labels["controlplane.instance"] == keys.bee_instance(swarm_id, "generator")
 
     view = await eventually(lambda: _view_if(stack, swarm_id, "Ready"))
     assert view and view["templateId"] == TEMPLATE
     assert view["controller"]["instance"] == swarm_id
     assert [(b["role"], b["image"], b["instance"]) for b in view["bees"]] == \
-        [("generator", "controlplane:local", f"{swarm_id}-generator")]
+        [("generator", "controlplane:local", keys.bee_instance(swarm_id, "generator"))]
 
     envelope, started = await act(stack, watcher, swarm_id, "start")
     assert envelope["timeoutMs"] == 180000 and started["state"]["status"] == "Running"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
+from controlplane.bus.accounts import controller_grant
 from controlplane.config import Settings
+from controlplane.contract import keys
 from controlplane.contract.models import MAX_BEES, SwarmPlan
 from controlplane.contract.redact import redact, safe_text
 from controlplane.runtime import ContainerSpec, Mount, PolicyViolation
@@ -92,3 +96,16 @@ def test_redaction_masks_maps_named_keys_and_the_keys_a_plan_marks() -> None:
     assert redact(config)["dsn"] == "pg://u:p@h/db", "only when the plan marks it"
     assert safe_text("a\x1b[2Jb\r\nc") == "a\ufffd[2Jb\nc"
     assert safe_text("x" * 900, limit=10) == "…" + "x" * 9
+
+
+def test_an_instance_id_reads_one_way_only() -> None:
+    assert keys.bee_instance("a", "b-gen") == "a--b-gen" != keys.bee_instance("a-b", "gen")
+    for bad_swarm, bad_bee in (("a--b", "gen"), ("a", "b--gen")):
+        with pytest.raises(keys.InvalidKey, match="--"):
+            keys.bee_instance(bad_swarm, bad_bee)
+    with pytest.raises(ValidationError, match="--"):
+        SwarmPlan.model_validate({"bees": [_bee("b--gen")]})
+    # Swarm a's controller may signal its own bees, not those of swarm a-b.
+    pattern = re.compile(controller_grant("a").topic_write)
+    assert pattern.match(keys.signal_key("config-update", f"generator.{keys.bee_instance('a', 'b-gen')}"))
+    assert not pattern.match(keys.signal_key("config-update", f"generator.{keys.bee_instance('a-b', 'gen')}"))

@@ -38,7 +38,12 @@ ALLOWED_FROM: dict[str, set[str]] = {
 
 
 def _swarm_id(request: web.Request) -> str:
-    return require_slug("swarmId", request.match_info["swarmId"])
+    swarm_id = require_slug("swarmId", request.match_info["swarmId"])
+    problem = keys.part_problem(swarm_id)
+    if problem:
+        raise ApiError(400, "invalid-swarmId", f"swarmId {swarm_id!r} {problem}",
+                       [{"field": "swarmId", "reason": problem}])
+    return swarm_id
 
 
 async def create_swarm(request: web.Request) -> web.Response:
