@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import aio_pika
 import aiohttp
 import click
+from pydantic import SecretStr
 from aiohttp import web
 
 from controlplane import logs
 from controlplane.bus import Bus
-from controlplane.bus.accounts import HOST_GRANT, BrokerAccounts, gateway_grant
+from controlplane.bus.accounts import BrokerAccounts, ensure_process_users
+from controlplane.bus.management import ManagementError
 from controlplane.config import Settings, load_settings_or_exit
 from controlplane.contract import keys
 from controlplane.contract.models import Signal, SwarmPlan
@@ -83,6 +85,22 @@ async def _open_runtime(stack: AsyncExitStack, settings: Settings) -> DockerRunt
     return runtime
 
 
+async def _as_own_users(settings: Settings) -> tuple[Settings, Settings]:
+    """Gateway and host controller settings, each with a broker user of its own (made from
+    CP_AMQP_URL's administrator); the URL as given when users are off or cannot be made."""
+    accounts = BrokerAccounts.from_settings(settings)
+    if accounts is None:
+        return settings, settings
+    try:
+        gateway_url, host_url = await ensure_process_users(accounts, settings)
+    except (ManagementError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        log.warning("running with CP_AMQP_URL as given: the broker users could not be made", error=repr(exc))
+        return settings, settings
+    pinned = accounts.as_settings()  # the containers' users keep the passwords the administrator derives
+    return (settings.model_copy(update={"amqp_url": SecretStr(gateway_url), **pinned}),
+            settings.model_copy(update={"amqp_url": SecretStr(host_url), **pinned}))
+
+
 async def _start_host(stack: AsyncExitStack, settings: Settings, bus: Bus) -> None:
     host = await HostController(bus, await _open_runtime(stack, settings), settings).start()
     stack.push_async_callback(host.stop)
@@ -108,9 +126,11 @@ def up() -> None:
 
     async def run(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            bus = await _open_bus(stack, settings, f"controlplane-up.{settings.instance_id}")
-            await _serve_gateway(stack, settings, bus)
-            await _start_host(stack, settings, bus)
+            gateway_settings, host_settings = await _as_own_users(settings)
+            await _serve_gateway(stack, gateway_settings,
+                                 await _open_bus(stack, gateway_settings, f"gateway.{settings.gateway_name}"))
+            await _start_host(stack, host_settings,
+                              await _open_bus(stack, host_settings, f"host-controller.{settings.instance_id}"))
             base = f"http://{settings.host}:{settings.port}"
             click.echo(f"controlplane is up\n  API:           {base}/api\n  health:        {base}/readyz\n"
                        f"  management UI: {settings.management_url} (guest/guest from this machine)", err=True)
@@ -190,11 +210,7 @@ def broker_users() -> None:
     async def run(_stop: asyncio.Event) -> None:
         accounts = BrokerAccounts.from_settings(settings.model_copy(update={"broker_users": True}))
         assert accounts is not None
-        base = settings.amqp_url.get_secret_value()
-        gateway_url = await accounts.ensure("gateway", settings.gateway_name, gateway_grant(settings.gateway_name),
-                                            base=base)
-        host_url = await accounts.ensure("host-controller", settings.instance_id, HOST_GRANT, tags="administrator",
-                                         base=base)
+        gateway_url, host_url = await ensure_process_users(accounts, settings)
         click.echo(f"gateway          CP_AMQP_URL={gateway_url}")
         click.echo(f"host-controller  CP_AMQP_URL={host_url}")
 

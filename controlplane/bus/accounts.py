@@ -23,10 +23,11 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import aiohttp
+from pydantic import SecretStr
 from yarl import URL
 
 from controlplane.bus.management import Management, ManagementError
@@ -120,7 +121,8 @@ def gateway_grant(gateway_id: str) -> Grant:
     return Grant(
         configure=_any(*exchanges, *static, own),
         write=_any(*exchanges, *static, own),
-        read=_any(*exchanges, own),
+        # Declaring a queue that names a dead-letter exchange takes read on the queue too.
+        read=_any(*exchanges, *static, own),
         topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+"),
         topic_read=".*",
     )
@@ -128,6 +130,15 @@ def gateway_grant(gateway_id: str) -> Grant:
 
 # The host controller makes the other users: that takes RabbitMQ's administrator tag.
 HOST_GRANT = Grant(configure=".*", write=".*", read=".*", topic_write=".*", topic_read=".*")
+
+
+async def ensure_process_users(accounts: BrokerAccounts, settings: Settings) -> tuple[str, str]:
+    """The gateway's and the host controller's own users; their URLs at CP_AMQP_URL's broker."""
+    base = settings.amqp_url.get_secret_value()
+    gateway = await accounts.ensure("gateway", settings.gateway_name, gateway_grant(settings.gateway_name), base=base)
+    host = await accounts.ensure("host-controller", settings.instance_id, HOST_GRANT, tags="administrator",
+                                 base=base)
+    return gateway, host
 
 
 def management_login(settings: Settings) -> tuple[str, str, str]:
@@ -169,6 +180,12 @@ class BrokerAccounts:
         self.vhost = vhost_of(container_url)
         self.owner = owner
         self._secret = secret
+
+    def as_settings(self) -> dict[str, Any]:
+        """Settings that make another login derive the same passwords and manage the same users."""
+        url, user, password = self._management
+        return {"management_url": url, "management_user": user, "management_password": SecretStr(password),
+                "broker_user_secret": SecretStr(self._secret), "broker_users": True}
 
     def delegated_env(self) -> dict[str, str]:
         """What a swarm-controller container needs to manage its bees' users as this one would."""

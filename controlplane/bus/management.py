@@ -52,6 +52,10 @@ class Management:
         """A queue's details (``messages``, ``consumers``, ``message_stats``), None if absent."""
         return await self._call("GET", f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}", ok=(200, 404))
 
+    async def connections(self) -> list[dict[str, Any]]:
+        """Every client connection (``user``, ``vhost``, ``client_properties``…)."""
+        return await self._call("GET", "/connections")
+
     async def connections_named(self, connection_name: str) -> list[str]:
         """Broker-side names of the connections a client opened under ``connection_name``."""
         found = await self._call("GET", "/connections")

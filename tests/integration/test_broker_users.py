@@ -4,9 +4,11 @@ limits to the container's queues and routing keys. Real RabbitMQ and Docker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aio_pika
+import aiohttp
 import docker
 import pytest
 from aio_pika.exceptions import AMQPError
@@ -170,3 +173,32 @@ async def test_gateway_and_host_controller_run_as_their_own_users(settings_facto
             status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()})
             _, operation = await gateway.get(f"/api/operations/{envelope['correlationId']}?wait=60")
             assert operation["status"] == "succeeded", operation
+
+
+async def test_up_runs_gateway_and_host_controller_as_their_own_users(tmp_path: Path) -> None:
+    owner = f"{OWNER}-up"
+    async with fresh_vhost() as vhost:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {**os.environ, "CP_AMQP_URL": f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}",
+               "CP_PORT": str(port), "CP_INSTANCE_ID": owner, "CP_LOG_LEVEL": "WARNING",
+               "CP_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "controlplane.cli", "up", env=env,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        try:
+            async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+                while True:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                            if response.status == 200:  # a confirmed publish went through
+                                break
+                    await asyncio.sleep(0.2)
+            expected = {f"cp.{owner}.gateway.{owner}", f"cp.{owner}.host-controller.{owner}"}
+            async with Management(MANAGEMENT) as management, asyncio.timeout(30):
+                while (users := {c["user"] for c in await management.connections() if c["vhost"] == vhost}) != expected:
+                    await asyncio.sleep(0.5)  # the management API lists connections a few seconds late
+            assert "guest" not in users
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
