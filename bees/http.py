@@ -10,17 +10,21 @@ kind: None when the call succeeded (status below 400), else ``http-4xx``, ``http
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from pydantic import Field, ValidationInfo, field_validator
 from yarl import URL
 
 from controlplane.contract.models import Strict, utcnow
-from controlplane.contract.egress import Egress, guarded_connector
+from controlplane.contract.egress import Egress
 from bees.env import BeeEnv
 from bees.patching import context_env
 
@@ -150,6 +154,31 @@ async def call(session: aiohttp.ClientSession, request: HttpRequest) -> HttpResu
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves as usual, then keeps only the addresses the egress rules allow."""
+
+    def __init__(self, egress: Egress) -> None:
+        self.egress = egress
+        self._resolver = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        kept = [r for r in results if self.egress.address_problem(ipaddress.ip_address(r["host"]), port) is None]
+        if not kept:
+            reasons = {self.egress.address_problem(ipaddress.ip_address(r["host"]), port) for r in results}
+            raise OSError(f"{host} resolves only to refused addresses: {'; '.join(sorted(filter(None, reasons)))}")
+        return kept
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def guarded_connector(egress: Egress, **options: Any) -> aiohttp.TCPConnector:
+    """A TCP connector whose every name resolution goes through the egress rules."""
+    return aiohttp.TCPConnector(resolver=GuardedResolver(egress), **options)
 
 
 def egress_of(env: BeeEnv | None) -> Egress:

@@ -6,20 +6,16 @@ Checked twice. When a config is applied, an address that is not allowed is refus
 each address checked again, so a name that later resolves somewhere else (DNS rebinding)
 does not get through: loopback, link-local, private and other non-public addresses are
 refused unless the operator listed them (an address or a network), and the broker's ports
-are refused always.
+are refused always. The rules are here; the resolver that applies them at connect time is
+``bees.http.GuardedResolver`` (this module stays free of aiohttp: every bee imports it).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -123,28 +119,3 @@ class Egress:
         if any(t.network is not None and t.matches("", port, address) for t in self.allowed):
             return None
         return f"{address} is {reason}"
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves as usual, then keeps only the addresses the egress rules allow."""
-
-    def __init__(self, egress: Egress) -> None:
-        self.egress = egress
-        self._resolver = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
-        kept = [r for r in results if self.egress.address_problem(ipaddress.ip_address(r["host"]), port) is None]
-        if not kept:
-            reasons = {self.egress.address_problem(ipaddress.ip_address(r["host"]), port) for r in results}
-            raise OSError(f"{host} resolves only to refused addresses: {'; '.join(sorted(filter(None, reasons)))}")
-        return kept
-
-    async def close(self) -> None:
-        await self._resolver.close()
-
-
-def guarded_connector(egress: Egress, **options: Any) -> aiohttp.TCPConnector:
-    """A TCP connector whose every name resolution goes through the egress rules."""
-    return aiohttp.TCPConnector(resolver=GuardedResolver(egress), **options)

@@ -334,9 +334,10 @@ class SwarmController:
             await asyncio.wait({first_status}, timeout=min(2.0, max(deadline - loop.time(), 0.01)))
             if first_status.done():
                 break
-            info = await self.runtime.get(keys.container_name(self.owner, self.swarm_id, bee.name))
+            name = keys.container_name(self.owner, self.swarm_id, bee.name)
+            info = await self.runtime.get(name)
             if info is None or info.state in ("exited", "dead"):
-                logs = await self.runtime.logs_tail(keys.container_name(self.owner, self.swarm_id, bee.name), 20) if info else ""
+                logs = await self.runtime.logs_tail(name, 20) if info else ""
                 code = info.exit_code if info else None
                 raise Failure("container-exited", f"bee {bee.name!r} exited (code {code}) before reporting "
                               f"its status; last log lines: {safe_text(logs.strip())}", "apply")

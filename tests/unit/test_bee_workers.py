@@ -13,8 +13,8 @@ import pytest
 
 from bees.env import BeeEnv
 from bees.generator import Generator, GeneratorConfig
-from bees.http import (CONNECTION, HTTP_4XX, HTTP_5XX, INVALID_REQUEST, TIMEOUT, HttpResult, HttpStats,
-                       classify_error, classify_status, join_url)
+from bees.http import (CONNECTION, HTTP_4XX, HTTP_5XX, INVALID_REQUEST, TIMEOUT, GuardedResolver, HttpResult,
+                       HttpStats, classify_error, classify_status, join_url)
 from bees.moderator import (FIXED_RATE_MIN_PREFETCH, PASS_THROUGH_PREFETCH, Moderator, ModeratorConfig,
                             prefetch_for)
 from bees.pacing import Gate, Pacer
@@ -26,7 +26,7 @@ from bees.sdk import BeeContext
 from bees.sut import MAX_PATHS, OTHER_PATHS, Counts, SutEnv
 from bees.trigger import TriggerConfig
 from controlplane.config import settings_or_exit
-from controlplane.contract.egress import Egress, GuardedResolver
+from controlplane.contract.egress import Egress
 
 SUT = "http://sut.test:8080"
 
