@@ -542,9 +542,12 @@ async def deployment(management: Any, tmp: Path, label: str, owner: str, *, gate
         folder.mkdir()
         settings = make_settings(vhost, owner, folder)
         amqp_url = settings.amqp_url.get_secret_value()
+        # The registration and bulk-toggle parts create a swarm per simulated controller: past
+        # the default bound on swarms (CP_MAX_SWARMS), which this benchmark raises.
         common = {"amqp_url": amqp_url,
                   "database_url": database_url or settings.database_url.get_secret_value(),
-                  "instance_id": owner, "status_interval_s": status_interval_s, "log_level": "WARNING"}
+                  "instance_id": owner, "status_interval_s": status_interval_s, "log_level": "WARNING",
+                  "max_swarms": 100_000}
         started: list[GatewayProcess] = []
         for i in range(gateways):  # one after the other: the first one migrates the database
             name = f"{label}-{'ab'[i] if gateways > 1 else 'gw'}"

@@ -292,7 +292,8 @@ def _check_limits(ctx: GatewayContext, action: Action) -> None:
         raise ApiError(422, "too-many-targets", f"this request addresses {len(action.fan_out)} components; at most "
                        f"{limit} may be addressed at once (CP_MAX_FANOUT_TARGETS): narrow it with targets or "
                        "commandTarget", [{"field": "targets", "reason": f"more than {limit}"}])
-    if action.create_swarm is not None:
+    # Counted only near the bound: a create must not walk every swarm.
+    if action.create_swarm is not None and ctx.swarms.size() >= ctx.settings.max_swarms:
         active = sum(1 for s in ctx.swarms.all() if s.status not in (SwarmStatus.REMOVED, SwarmStatus.FAILED)
                      and s.id != action.create_swarm.id)
         if active >= ctx.settings.max_swarms:

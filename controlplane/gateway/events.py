@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import islice
 from typing import Any
 
@@ -67,41 +68,28 @@ class TopicPattern:
         return cls(text, words)
 
     def matches(self, routing_key: str) -> bool:
-        return _match(self.words, routing_key)
+        return _compiled(self.words).fullmatch("." + routing_key) is not None
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """Whether ``routing_key`` matches ``pattern`` the way a RabbitMQ topic binding does."""
-    return _match(tuple(pattern.split(".")), routing_key)
+    return _compiled(tuple(pattern.split("."))).fullmatch("." + routing_key) is not None
 
 
-def _match(words: tuple[str, ...], routing_key: str) -> bool:
-    # A small automaton over the pattern's words: the set of positions reachable after each
-    # word of the key, so '#' costs no backtracking.
-    def closure(positions: set[int]) -> set[int]:
-        # '#' may match zero words: standing before it also means standing after it.
-        out, todo = set(positions), list(positions)
-        while todo:
-            p = todo.pop()
-            if p < len(words) and words[p] == "#" and p + 1 not in out:
-                out.add(p + 1)
-                todo.append(p + 1)
-        return out
-
-    positions = closure({0})
-    for word in routing_key.split("."):
-        following: set[int] = set()
-        for p in positions:
-            if p == len(words):
-                continue
-            if words[p] == "#":
-                following.add(p)
-            elif words[p] in ("*", word):
-                following.add(p + 1)
-        positions = closure(following)
-        if not positions:
-            return False
-    return len(words) in positions
+@lru_cache(maxsize=4096)
+def _compiled(words: tuple[str, ...]) -> re.Pattern[str]:
+    """The pattern as a regular expression over ``"." + routing key``, where every word comes
+    after its dot: ``*`` is one word, ``#`` zero or more, so '#' costs no backtracking of ours
+    (every event passes through these on the tracker's path)."""
+    parts = []
+    for word in words:
+        if word == "#":
+            parts.append(r"(?:\.[^.]*)*")
+        elif word == "*":
+            parts.append(r"\.[^.]*")
+        else:
+            parts.append(r"\." + re.escape(word))
+    return re.compile("".join(parts))
 
 
 def parse_topics(values: Iterable[str]) -> tuple[TopicPattern, ...]:
@@ -118,18 +106,28 @@ def parse_topics(values: Iterable[str]) -> tuple[TopicPattern, ...]:
 # --- the hub ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Event:
-    """One consumed event with its sequence number and its SSE frame, encoded once."""
+    """One consumed event with its sequence number; its SSE frame is encoded once, when a
+    client first needs it (most events are held without anyone reading them)."""
 
-    id: int
-    routing_key: str
-    frame: bytes
+    __slots__ = ("id", "routing_key", "_body", "_frame")
+
+    def __init__(self, event_id: int, routing_key: str, body: Any) -> None:
+        self.id, self.routing_key, self._body = event_id, routing_key, body
+        self._frame: bytes | None = None
 
     @classmethod
     def encode(cls, event_id: int, routing_key: str, body: Any) -> Event:
-        data = json.dumps({"routingKey": routing_key, "body": body}, separators=(",", ":"), default=str)
-        return cls(event_id, routing_key, f"id: {event_id}\nevent: {routing_key}\ndata: {data}\n\n".encode())
+        return cls(event_id, routing_key, body)
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            data = json.dumps({"routingKey": self.routing_key, "body": self._body}, separators=(",", ":"),
+                              default=str)
+            self._frame = f"id: {self.id}\nevent: {self.routing_key}\ndata: {data}\n\n".encode()
+            self._body = None
+        return self._frame
 
 
 def gap_frame(first_available: int, last_event_id: int) -> bytes:

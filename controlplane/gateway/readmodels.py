@@ -36,6 +36,10 @@ class Swarms:
                 self._rows.setdefault(swarm_id, row)
         return row
 
+    def size(self) -> int:
+        """Swarms in memory, whatever their status."""
+        return len(self._rows)
+
     def all(self) -> list[SwarmRow]:
         return [self._rows[k] for k in sorted(self._rows)]
 
