@@ -56,6 +56,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -260,29 +261,21 @@ async def client_levels(job: dict[str, Any]) -> dict[str, Any]:
                 done = await seen.wait(answer["correlationId"], 1, TIMEOUT_MS / 1000)
                 return {"sent": sent, "answered": answered, "done": done}
 
-            async def bare_request(i: int) -> dict[str, float]:
+            async def signal_to(exchange: aio_pika.abc.AbstractExchange, i: int) -> dict[str, float]:
                 instance = instances[i % len(instances)]
                 sig = Signal(signal=SIGNAL, correlation_id=new_id(), idempotency_key=new_id(), swarm_id=swarm_id,
                              role=ROLE, instance=instance, command_target=CommandTarget.INSTANCE,
                              args={"patch": {"ratePerSec": i % 100 + 1}, "timeoutMs": TIMEOUT_MS})
                 sent = time.perf_counter()
-                await bare.publish(persistent(sig.to_json(), sig.correlation_id), routing_key=sig.routing_key())
+                await exchange.publish(persistent(sig.to_json(), sig.correlation_id), routing_key=sig.routing_key())
                 done = await seen.wait(sig.correlation_id, 1, TIMEOUT_MS / 1000)
                 return {"sent": sent, "done": done}
 
             control = await publishing.declare_exchange(keys.CONTROL_EXCHANGE, type="topic", durable=True)
-
-            async def to_bees(i: int) -> dict[str, float]:
-                """The same signal published straight to the bee, the way the gateway does: the
-                bees' share of a round trip, without the gateway's."""
-                instance = instances[i % len(instances)]
-                sig = Signal(signal=SIGNAL, correlation_id=new_id(), idempotency_key=new_id(), swarm_id=swarm_id,
-                             role=ROLE, instance=instance, command_target=CommandTarget.INSTANCE,
-                             args={"patch": {"ratePerSec": i % 100 + 1}, "timeoutMs": TIMEOUT_MS})
-                sent = time.perf_counter()
-                await control.publish(persistent(sig.to_json(), sig.correlation_id), routing_key=sig.routing_key())
-                done = await seen.wait(sig.correlation_id, 1, TIMEOUT_MS / 1000)
-                return {"sent": sent, "done": done}
+            # The bare reference's own exchange and responders; and the same signal published
+            # straight to the bee, the way the gateway does: the bees' share, without the gateway's.
+            bare_request = partial(signal_to, bare)
+            to_bees = partial(signal_to, control)
 
             results: list[dict[str, Any]] = []
             for index, level in enumerate(job["levels"]):
