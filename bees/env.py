@@ -49,9 +49,7 @@ class BeeEnv(BaseSettings):
     @field_validator("allowed_targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
-        for target in value:
-            Target.parse(target)  # a bad entry stops the bee with its name
-        return value
+        return Target.check_all(value)  # a bad entry stops the bee with its name
 
     @field_validator("sut_url", mode="before")
     @classmethod

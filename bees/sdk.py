@@ -422,7 +422,11 @@ class Bee(Generic[C]):
 
     def _state(self) -> OutcomeState:
         return OutcomeState(status=self.ctx.state, enabled=self.ctx.enabled,
-                            details={"config": redact(self._config_json(), self.env.secret_keys)})
+                            details={"config": self._reported_config()})
+
+    def _reported_config(self) -> dict[str, Any]:
+        """The config as statuses and outcomes show it, which everyone on ph.control reads."""
+        return redact(self._config_json(), self.env.secret_keys)
 
     def _config_json(self) -> dict[str, Any]:
         return self.ctx.config.model_dump(mode="json", by_alias=True)
@@ -452,7 +456,7 @@ class Bee(Generic[C]):
         if kind == "status-delta":
             self._last_at, self._last_totals = now, totals
         else:
-            data |= {"config": redact(self._config_json(), self.env.secret_keys), "workIn": self.env.work_in, "workOut": self.env.work_out}
+            data |= {"config": self._reported_config(), "workIn": self.env.work_in, "workOut": self.env.work_out}
         return Status(kind=kind, role=self.env.role, instance=self.env.instance, swarm_id=self.env.swarm_id,
                       enabled=self.ctx.enabled, state=state or self.ctx.state, totals=totals.as_dict(),
                       queue_stats=await self._queue_stats(), data=data, ts=utcnow())

@@ -109,9 +109,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
-        for target in value:
-            Target.parse(target)
-        return value
+        return Target.check_all(value)
 
     @field_validator("api_key", "read_api_key")
     @classmethod
@@ -137,6 +135,11 @@ class Settings(BaseSettings):
             return (f"CP_HOST={self.host} listens beyond this machine without CP_API_KEY: set a key, or set "
                     "CP_ALLOW_UNAUTHENTICATED=true if every caller that can reach it may run containers")
         return None
+
+    @property
+    def reads_guarded(self) -> bool:
+        """Whether reads (beyond health, metrics and the OpenAPI document) need a key."""
+        return self.api_key is not None and (self.protect_reads or self.read_api_key is not None)
 
     @property
     def gateway_name(self) -> str:

@@ -19,7 +19,10 @@ import aiohttp
 
 
 class ManagementError(RuntimeError):
-    """The management API refused a request."""
+    """The management API refused a request, or could not be reached in time."""
+
+# A call that takes longer is a broker in trouble: callers act on the error rather than hang.
+CALL_TIMEOUT_S = 10.0
 
 
 class Management:
@@ -29,7 +32,8 @@ class Management:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Management:
-        self._http = aiohttp.ClientSession(self._url, headers={"Authorization": self._auth})
+        self._http = aiohttp.ClientSession(self._url, headers={"Authorization": self._auth},
+                                           timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -38,12 +42,15 @@ class Management:
 
     async def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
         assert self._http is not None, "use Management as an async context manager"
-        async with self._http.request(method, f"/api{path}", **kwargs) as resp:
-            if resp.status == 404 and 404 in ok:
-                return None
-            if resp.status not in ok:
-                raise ManagementError(f"{method} {path}: {resp.status} {await resp.text()}")
-            return await resp.json() if resp.content_type == "application/json" else None
+        try:
+            async with self._http.request(method, f"/api{path}", **kwargs) as resp:
+                if resp.status == 404 and 404 in ok:
+                    return None
+                if resp.status not in ok:
+                    raise ManagementError(f"{method} {path}: {resp.status} {await resp.text()}")
+                return await resp.json() if resp.content_type == "application/json" else None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ManagementError(f"{method} {path}: the management API at {self._url} did not answer: {exc!r}") from exc
 
     async def overview(self) -> dict[str, Any]:
         return await self._call("GET", "/overview")

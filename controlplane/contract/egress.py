@@ -47,6 +47,13 @@ class Target:
                 raise ValueError(f"allowed target {text!r} names no host") from None
             return cls(host=host, port=port)
 
+    @classmethod
+    def check_all(cls, texts: list[str]) -> list[str]:
+        """A setting's list of targets, unchanged, once each parses (for validators)."""
+        for text in texts:
+            cls.parse(text)
+        return texts
+
     def matches(self, host: str, port: int | None, address: IpAddress | None = None) -> bool:
         if self.port is not None and self.port != port:
             return False

@@ -1,6 +1,7 @@
 """Ids callers send, each kind with its own check, so a bad one is a 400 that says why.
 
-A *slug* becomes a routing-key segment or a container name (``keys.slug_problem``). The other
+A *slug* becomes a routing-key segment or a container name (``keys.slug_problem``); a *swarm*
+id is a slug without ``--``, which joins it to a bee name in an instance id. The other
 surfaces' documents use ids of their own: UUIDs (streams, sessions, webhooks) and Docker
 container references (a full 64-hex id, a unique prefix of at least 12 hex digits, or a
 container name). Those never become key segments as they are.
@@ -16,7 +17,7 @@ from pydantic import AfterValidator
 
 from controlplane.contract import keys
 
-IdKind = Literal["slug", "uuid", "container"]
+IdKind = Literal["slug", "swarm", "uuid", "container"]
 
 _CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 # Docker's own rule for container names.
@@ -27,6 +28,8 @@ def problem(kind: IdKind, value: str) -> str | None:
     """Why ``value`` is not a valid id of ``kind``, or None when it is."""
     if kind == "slug":
         return keys.slug_problem(value)
+    if kind == "swarm":
+        return keys.part_problem(value)
     if kind == "uuid":
         try:
             uuid.UUID(value)

@@ -27,7 +27,7 @@ from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
 from controlplane.contract.receiver import Done, Failure, SignalServer, remaining_s
-from controlplane.controller.plan import plan_from_containers, plan_specs, teardown_swarm
+from controlplane.controller.plan import broker_user, check_plan, plan_from_containers, plan_specs, teardown_swarm
 from controlplane.controller.replies import Replies
 from controlplane.controller.swarm import SwarmController
 from controlplane.logs import get_logger
@@ -37,7 +37,6 @@ from controlplane.runtime.docker import (
     ContainerSpec,
     DockerRuntime,
     Mount,
-    PolicyViolation,
 )
 from controlplane.runtime.labels import KIND, SWARM, filter_for, managed_labels
 
@@ -189,10 +188,7 @@ class HostController:
         specs = plan_specs(self.settings, swarm_id, plan, self.owner)
         if self.settings.controller_mode == "container":
             specs.append(self._controller_container(swarm_id, plan, sig))
-        try:
-            self.runtime.policy.check_all(specs)
-        except PolicyViolation as exc:
-            raise Failure(exc.code, str(exc), "launch", state=_failed()) from None
+        check_plan(self.runtime.policy, specs, "launch", state=_failed())
 
     async def _remove_orphan(self, sig: Signal) -> Done | None:
         """Remove a swarm whose controller is gone; a live controller answers for itself."""
@@ -218,8 +214,8 @@ class HostController:
         if self.settings.controller_mode == "container":
             amqp_url = None
             if self.accounts is not None:
-                amqp_url = await self.accounts.ensure(keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id),
-                                                      controller_grant(swarm_id))
+                amqp_url = await broker_user(self.accounts, keys.CONTROLLER_ROLE, keys.controller_instance(swarm_id),
+                                             controller_grant(swarm_id), "launch", state=_failed())
             await self.runtime.ensure_running(self._controller_container(swarm_id, plan, sig, amqp_url))
             return
         if self.controller_alive(swarm_id) or plan is None:

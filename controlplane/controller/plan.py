@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from controlplane.bus import Bus
-from controlplane.bus.accounts import BrokerAccounts
+from controlplane.bus.accounts import BrokerAccounts, Grant
+from controlplane.bus.management import ManagementError
 from controlplane.config import Settings
 from controlplane.contract import keys
-from controlplane.contract.models import SUT_NAME, BeeSpec, SutSpec, SwarmPlan
-from controlplane.runtime.docker import ContainerInfo, ContainerSpec, DockerRuntime
-from controlplane.runtime.policy import DEFAULT_SUT_COMMAND
+from controlplane.contract.models import SUT_NAME, BeeSpec, OutcomeState, SutSpec, SwarmPlan
+from controlplane.contract.receiver import Failure
+from controlplane.runtime.docker import ContainerInfo, ContainerSpec, DockerRuntime, PolicyViolation
+from controlplane.runtime.policy import DEFAULT_SUT_COMMAND, RuntimePolicy
 from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for, managed_labels
 
 
@@ -77,6 +79,25 @@ def plan_specs(settings: Settings, swarm_id: str, plan: SwarmPlan, owner: str) -
     if plan.sut is not None:
         specs.append(sut_container_spec(settings, swarm_id, plan.sut, owner))
     return specs
+
+
+def check_plan(policy: RuntimePolicy, specs: Iterable[ContainerSpec], phase: str,
+               state: OutcomeState | None = None) -> None:
+    """Every container of a plan against the container policy, as the outcome a caller reads."""
+    try:
+        policy.check_all(specs)
+    except PolicyViolation as exc:
+        raise Failure(exc.code, str(exc), phase, state=state) from None
+
+
+async def broker_user(accounts: BrokerAccounts, role: str, instance: str, grant: Grant, phase: str,
+                      state: OutcomeState | None = None) -> str:
+    """A component's own broker URL, its user made (or refreshed) first."""
+    try:
+        return await accounts.ensure(role, instance, grant)
+    except ManagementError as exc:
+        raise Failure("broker-user-failed", f"the broker user of {role} {instance!r} could not be made: {exc}",
+                      phase, retryable=True, state=state) from None
 
 
 def sut_url(settings: Settings, sut: SutSpec, info: ContainerInfo) -> str:

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 
 from controlplane.bus import Bus, Consumer
 from controlplane.bus.accounts import BrokerAccounts, bee_grant
-from controlplane.bus.management import ManagementError
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.models import (
@@ -51,6 +50,8 @@ from controlplane.contract.receiver import Failure, SignalServer, remaining_s
 from controlplane.bus import snapshot
 from controlplane.controller.plan import (
     bee_container_spec,
+    broker_user,
+    check_plan,
     forget_component,
     plan_specs,
     plan_from_containers,
@@ -319,11 +320,7 @@ class SwarmController:
         """The bee's own broker URL, its user made (or refreshed) first; None: the shared URL."""
         if self.accounts is None:
             return None
-        try:
-            return await self.accounts.ensure(role, instance, bee_grant(self.swarm_id, role, instance))
-        except (ManagementError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise Failure("broker-user-failed", f"the broker user of bee {instance!r} could not be made through "
-                          f"the management API: {exc}", "apply", retryable=True) from None
+        return await broker_user(self.accounts, role, instance, bee_grant(self.swarm_id, role, instance), "apply")
 
     async def _await_first_status(self, bee: BeeSpec, instance: str, first_status: asyncio.Future[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -441,10 +438,7 @@ class SwarmController:
         return self._state()
 
     def _check_policy(self, plan: SwarmPlan) -> None:
-        try:
-            self.runtime.policy.check_all(plan_specs(self.settings, self.swarm_id, plan, self.owner))
-        except PolicyViolation as exc:
-            raise Failure(exc.code, str(exc), "apply") from None
+        check_plan(self.runtime.policy, plan_specs(self.settings, self.swarm_id, plan, self.owner), "apply")
 
     async def _remove(self, sig: Signal) -> OutcomeState:
         self.status = SwarmStatus.REMOVING

@@ -21,7 +21,7 @@ from controlplane.gateway.context import CTX, GatewayContext, context_of
 from controlplane.gateway.events import EventHub, stream_events
 from controlplane.gateway.ledger import Ledger
 from controlplane.gateway.dispatch import settle_dispatches
-from controlplane.gateway.middleware import make_middlewares, tag_stream
+from controlplane.gateway.middleware import OPEN_PATHS, make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
@@ -73,13 +73,14 @@ BASE_OPERATIONS = [
 def build_app(ctx: GatewayContext) -> web.Application:
     settings = ctx.settings
     api_keys = [k.get_secret_value() if k else None for k in (settings.api_key, settings.read_api_key)]
-    app = web.Application(middlewares=make_middlewares(*api_keys, protect_reads=settings.protect_reads),
+    app = web.Application(middlewares=make_middlewares(*api_keys, reads_guarded=settings.reads_guarded),
                           client_max_size=1 << 20)
     app[CTX] = ctx
     app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
                     web.get("/api/events", stream_events)])
-    spec = document(BASE_OPERATIONS + mount(app, SURFACES, claimed=BASE_OPERATIONS))
+    spec = document(BASE_OPERATIONS + mount(app, SURFACES, claimed=BASE_OPERATIONS),
+                    open_paths=frozenset(OPEN_PATHS) if settings.reads_guarded else None)
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(spec)

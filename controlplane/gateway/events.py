@@ -116,10 +116,6 @@ class Event:
         self.id, self.routing_key, self._body = event_id, routing_key, body
         self._frame: bytes | None = None
 
-    @classmethod
-    def encode(cls, event_id: int, routing_key: str, body: Any) -> Event:
-        return cls(event_id, routing_key, body)
-
     @property
     def frame(self) -> bytes:
         if self._frame is None:
@@ -233,7 +229,7 @@ class EventHub:
             log.warning("event with a line break in its routing key not streamed", routing_key=routing_key)
             return
         self._last_id += 1
-        event = Event.encode(self._last_id, routing_key, body)
+        event = Event(self._last_id, routing_key, body)
         self._ring.append(event)
         for sub in [s for s in self._subscribers if s.wants(routing_key)]:
             if not sub.offer(event):

@@ -117,10 +117,9 @@ async def tag_stream(request: web.Request, response: web.StreamResponse) -> None
 
 
 def make_middlewares(admin_key: str | None, read_key: str | None = None,
-                     protect_reads: bool = False) -> list[Callable[..., Any]]:
+                     reads_guarded: bool = False) -> list[Callable[..., Any]]:
     admin = admin_key.encode() if admin_key else None
     reader = read_key.encode() if read_key else None
-    reads_guarded = protect_reads or reader is not None
 
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:

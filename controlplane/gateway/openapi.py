@@ -44,7 +44,8 @@ class Op:
     query: tuple[str, ...] = ()  # optional string query parameters
 
 
-def document(ops: list[Op], title: str = "controlplane") -> dict[str, Any]:
+def document(ops: list[Op], title: str = "controlplane", open_paths: frozenset[str] | None = None) -> dict[str, Any]:
+    """``open_paths``: when reads need a key, the paths that still do not; None: reads are open."""
     models = {m for op in ops for m in (op.body, op.response) if m is not None} | {Envelope}
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template="#/components/schemas/{model}")
@@ -61,9 +62,11 @@ def document(ops: list[Op], title: str = "controlplane") -> dict[str, Any]:
         if op.body is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
-        if op.mutating:
+        statuses = op.statuses
+        if op.mutating or (open_paths is not None and op.path not in open_paths):
             operation["security"] = [{"bearer": []}]
-        for status in op.statuses:
+            statuses = tuple(sorted({*statuses, 401, 403}))
+        for status in statuses:
             if status < 400:
                 schema = {"$ref": f"#/components/schemas/{op.response.__name__}"} if op.response else {"type": "object"}
             else:

@@ -81,10 +81,7 @@ class RuntimePolicy:
 
     def check(self, spec: ContainerSpec) -> None:
         """Raise ``PolicyViolation`` listing everything refused and the setting that would allow it."""
-        images, others = self.problems(spec)
-        if images or others:
-            raise PolicyViolation(f"container {spec.name!r}: " + "; ".join(images + others),
-                                  code="policy-refused" if others else "image-not-allowed")
+        self.check_all((spec,))
 
     def check_all(self, specs: Iterable[ContainerSpec]) -> None:
         """``check`` for a whole plan at once, before any of it runs."""
@@ -92,8 +89,8 @@ class RuntimePolicy:
         others: list[str] = []
         for spec in specs:
             found_images, found_others = self.problems(spec)
-            images += [f"{spec.name}: {p}" for p in found_images]
-            others += [f"{spec.name}: {p}" for p in found_others]
+            images += [f"container {spec.name!r}: {p}" for p in found_images]
+            others += [f"container {spec.name!r}: {p}" for p in found_others]
         if images or others:
             raise PolicyViolation("; ".join(images + others), code="policy-refused" if others else "image-not-allowed")
 

@@ -202,3 +202,18 @@ async def test_up_runs_gateway_and_host_controller_as_their_own_users(tmp_path: 
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_no_management_api_fails_the_create_with_its_cause(settings_factory: Any, runtime: Any,
+                                                                  watch: Any) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    settings = settings_factory(management_url=f"http://127.0.0.1:{closed}/")
+    async with running_stack(settings, runtime) as stack:
+        swarm_id = new_swarm_id()
+        watcher = await watch("ev.#")
+        _, failed = await act(stack, watcher, swarm_id, "create", {"templateId": TEMPLATE}, expect="error")
+        assert failed["code"] == "broker-user-failed" and failed["retryable"] is True
+        assert "did not answer" in failed["message"]
+        assert await runtime.get(keys.container_name(OWNER, swarm_id, "generator")) is None, "no bee without its user"

@@ -38,6 +38,11 @@ async def test_a_read_key_reads_and_an_admin_key_writes(settings_factory: Any, r
         assert status == 403 and body["message"] == "this key may only read"
         status, _ = await gw.post(path, {"idempotencyKey": new_key()}, headers=bearer(ADMIN))
         assert status == 404, "past auth, the swarm is unknown"
+        status, spec = await gw.get("/openapi.json")
+        assert status == 200, "the description stays open"
+        listing = spec["paths"]["/api/swarms"]["get"]
+        assert listing["security"] == [{"bearer": []}] and {"401", "403"} <= set(listing["responses"])
+        assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
 async def _start_gateway(**env: str) -> tuple[int | None, str]:

@@ -20,7 +20,7 @@ from controlplane.contract.models import (
 )
 from controlplane.gateway.actions import Action, operation_view, read_action, submit
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.middleware import ApiError, require_slug, validation_error
+from controlplane.gateway.middleware import ApiError, require_id, validation_error
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.surface import Surface
 from controlplane.gateway.registry import component_view, health, worst
@@ -38,12 +38,7 @@ ALLOWED_FROM: dict[str, set[str]] = {
 
 
 def _swarm_id(request: web.Request) -> str:
-    swarm_id = require_slug("swarmId", request.match_info["swarmId"])
-    problem = keys.part_problem(swarm_id)
-    if problem:
-        raise ApiError(400, "invalid-swarmId", f"swarmId {swarm_id!r} {problem}",
-                       [{"field": "swarmId", "reason": problem}])
-    return swarm_id
+    return require_id("swarm", "swarmId", request.match_info["swarmId"])
 
 
 async def create_swarm(request: web.Request) -> web.Response:
