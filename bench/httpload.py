@@ -4,7 +4,7 @@ Keeping the client out of the gateway's process means the server's event loop on
 the client's own CPU cost lands on the machine's other core instead of inside the figure.
 
 Usage (what ``bench.lifecycle`` does): ``python -m bench.httpload JOBS_JSON`` where JOBS_JSON
-is a list of ``{"name", "method", "url", "body"?, "n", "concurrency", "expect_status",
+is a list of ``{"name", "method", "url", "body"? or "bodies"?, "n", "concurrency", "expect_status",
 "expect_header"?}``; the jobs run one after the other and one JSON line per job is printed:
 ``{"name", "n", "ok", "errors", "elapsed_s", "rps", "latency_ms": {...}}``.
 """
@@ -35,7 +35,9 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
     method, url, n, concurrency = job["method"], job["url"], int(job["n"]), int(job["concurrency"])
     body = job.get("body")
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
+    # "bodies": one body per request, sent in order (events that must each be new).
+    each = [json.dumps(b).encode() for b in job["bodies"]] if job.get("bodies") else None
+    headers = {"Content-Type": "application/json"} if data is not None or each else {}
     expect_status = int(job.get("expect_status", 200))
     expect_header = job.get("expect_header")  # [name, value] every answer must carry
     remaining = n
@@ -47,9 +49,10 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
         nonlocal remaining, ok_count
         while remaining > 0:
             remaining -= 1
+            payload = each[(n - remaining - 1) % len(each)] if each else data
             started = time.perf_counter()
             try:
-                async with session.request(method, url, data=data, headers=headers) as resp:
+                async with session.request(method, url, data=payload, headers=headers) as resp:
                     await resp.read()
                     ok = resp.status == expect_status and (
                         expect_header is None or resp.headers.get(expect_header[0]) == expect_header[1])

@@ -40,6 +40,7 @@ from controlplane.controller.swarm import SwarmController, plan_from_labels
 from controlplane.gateway.app import open_gateway
 from controlplane.gateway.events import KEEPALIVE_S
 from controlplane.runtime.docker import DockerRuntime
+from controlplane.scenarios import PoolConfigError, configured_pool, load_catalog
 
 log = logs.get_logger("cli")
 
@@ -47,6 +48,10 @@ log = logs.get_logger("cli")
 def _settings() -> Settings:
     settings = load_settings_or_exit()
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        configured_pool(settings, load_catalog(settings.scenarios_dir))
+    except PoolConfigError as exc:
+        raise SystemExit(f"invalid configuration:\n  {exc}") from None
     return settings
 
 

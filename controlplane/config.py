@@ -10,7 +10,7 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -103,8 +103,26 @@ class Settings(BaseSettings):
     # broker needs its own. Empty: the instance id.
     gateway_id: str = Field("", pattern=r"^$|^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 
+    # Engine-pool surface (the engine-pool orchestrator API) and the pool it drives: a swarm
+    # made from the ace_template scenario, each of its fields overridable through ace_pool
+    # (JSON, the scenario's names). An empty ace_pool_id serves no engine-pool surface.
+    ace_prefix: str = Field("/ace", pattern=r"^$|^(/[A-Za-z0-9._~-]+)+$")
+    ace_pool_id: str = Field("ace", pattern=r"^$|^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+    ace_template: str = "acestream"
+    ace_image: str = Field("acestream/engine:latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+    ace_pool: dict[str, Any] = Field(default_factory=dict)
+    # A Gluetun-like VPN container the pool's engines depend on (GET /vpn/status): its name.
+    vpn_container: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+
+    @field_validator("ace_pool_id")
+    @classmethod
+    def _pool_id(cls, value: str) -> str:
+        if "--" in value:
+            raise ValueError("must not contain '--', which joins a swarm and its bee in an instance id")
+        return value
 
     @field_validator("allowed_targets")
     @classmethod

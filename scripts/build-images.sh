@@ -3,12 +3,16 @@
 #   controlplane-base:bookworm   Debian bookworm (minbase) with python3, made with debootstrap
 #   controlplane-busybox:local   busybox only: a plain container that is not a bee
 #   controlplane:local           the project in /opt/venv, from ./Dockerfile
-# Each is skipped when present; controlplane:local is rebuilt only when its inputs change.
+#   controlplane-fake-engine:local  tests' stand-in for an AceStream engine, from docker/fake-engine
+#   controlplane-fake-vpn:local     tests' stand-in for a Gluetun VPN container, from docker/fake-vpn
+# Each is skipped when present; controlplane:local and the fakes are rebuilt only when their inputs change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE=controlplane-base:bookworm
 BUSYBOX=controlplane-busybox:local
+FAKE_ENGINE=controlplane-fake-engine:local
+FAKE_VPN=controlplane-fake-vpn:local
 PROJECT=controlplane:local
 mkdir -p build
 exec 9>build/.build-images.lock
@@ -90,6 +94,34 @@ else
   cleanup; tmp=""
   echo "build-images: $BUSYBOX built"
 fi
+
+# --- controlplane-fake-engine:local, controlplane-fake-vpn:local ----------------------------
+# Test stand-ins, each built from its folder on the base image, labelled with a hash of the base
+# image and the folder's files, and rebuilt when that hash differs.
+build_fake() {
+  local image=$1 dir=$2 log inputs current
+  log=build/docker-build-$(basename "$dir").log
+  inputs=$(
+    {
+      docker image inspect -f '{{.Id}}' "$BASE"
+      find "$dir" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
+        | LC_ALL=C sort -z | xargs -0 -r sha256sum
+    } | sha256sum | cut -d' ' -f1
+  )
+  current=$(docker image inspect -f '{{index .Config.Labels "controlplane.inputs"}}' "$image" 2>/dev/null || true)
+  if [ "$current" = "$inputs" ]; then
+    echo "build-images: $image up to date"
+    return
+  fi
+  if ! DOCKER_BUILDKIT=0 docker build --label "controlplane.inputs=$inputs" -t "$image" "$dir" >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  docker image prune -f --filter label=controlplane.inputs >/dev/null
+  echo "build-images: $image built (log: $log)"
+}
+build_fake "$FAKE_ENGINE" docker/fake-engine
+build_fake "$FAKE_VPN" docker/fake-vpn
 
 # --- controlplane:local --------------------------------------------------------------------
 inputs=$(

@@ -102,6 +102,7 @@ def make_settings(vhost: str, owner: str, tmp: Path, **overrides: Any) -> Settin
         status_interval_s=1.0,
         bee_ready_timeout_s=45.0,
         log_level="WARNING",
+        ace_pool_id="",  # the engine pool only where a test asks for it
     )
     values.update(overrides)
     return Settings(**values)

@@ -105,6 +105,7 @@ def controller_grant(swarm_id: str) -> Grant:
             rf"sig\.{_SEGMENT}\.{bee}",  # signals to its bees
             state),
         topic_read=_any(rf"sig\.\*\.{swarm}", rf"sig\.\*\.{own_scope}", rf"ev\.\*\.{bee}", rf"ev\.\*\.\*\.{bee}",
+                        rf"ev\.ready\.stream-(started|ended)\.{swarm}",  # a pool's streams, recorded by gateways
                         state),
     )
 
@@ -121,7 +122,9 @@ def gateway_grant(gateway_id: str) -> Grant:
         write=_any(*exchanges, *static, own),
         # Declaring a queue that names a dead-letter exchange takes read on the queue too.
         read=_any(*exchanges, *static, own),
-        topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+"),
+        # Stream events are facts the gateway records for a pool (the engine-pool surface).
+        topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+",
+                         rf"ev\.ready\.stream-(started|ended)\.{_SEGMENT}"),
         topic_read=".*",
     )
 

@@ -35,6 +35,7 @@ class Snapshot(Wire):
     enabled: bool | None = None
     config: dict[str, Any] | None = None
     status: str | None = None
+    data: dict[str, Any] | None = None  # what else the component remembers (a pool: its streams)
     base: str | None = None  # fingerprint of what the component was started with
     ts: datetime = Field(default_factory=utcnow)
 

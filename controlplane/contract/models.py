@@ -12,10 +12,11 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from controlplane.contract import keys
+from controlplane.contract.base import Strict, Wire
+from controlplane.contract.pool import PoolSpec
 
 WIRE_VERSION = "1"
 
@@ -26,24 +27,6 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-class Wire(BaseModel):
-    """Base of every wire model: camelCase on the wire, unknown fields tolerated."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-class Strict(Wire):
-    """Input from callers: unknown fields are refused so typos do not pass silently."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
 def _slug(value: str, what: str) -> str:
@@ -122,11 +105,14 @@ MAX_BEES = 1000  # per plan; a plan is one message and one controller's work
 
 
 class SwarmPlan(Strict):
-    bees: list[BeeSpec] = Field(min_length=1, max_length=MAX_BEES)
+    bees: list[BeeSpec] = Field(default_factory=list, max_length=MAX_BEES)
     sut: SutSpec | None = None
+    pool: PoolSpec | None = None  # a pool: its controller also runs the pool policy
 
     @model_validator(mode="after")
     def _unique_and_acyclic(self) -> SwarmPlan:
+        if not self.bees and self.pool is None:
+            raise ValueError("a plan needs at least one bee, or a pool")
         # Linear in the plan's size: a large plan must not stall the event loop.
         names = Counter(b.name for b in self.bees)
         dupes = sorted(n for n, count in names.items() if count > 1)
@@ -199,7 +185,8 @@ class Template(Strict):
     controller_image: str | None = Field(None, min_length=1, max_length=200,
                                          pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
     sut: SutSpec | None = None
-    bees: list[BeeSpec] = Field(min_length=1)
+    bees: list[BeeSpec] = Field(default_factory=list)
+    pool: PoolSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -212,11 +199,12 @@ class Template(Strict):
         return self
 
     def plan(self) -> SwarmPlan:
-        return SwarmPlan(bees=self.bees, sut=self.sut)
+        return SwarmPlan(bees=self.bees, sut=self.sut, pool=self.pool)
 
     def workload_images(self) -> set[str]:
         """The images of its bees and its SUT; shipping a template is the operator vetting them."""
-        return {b.image for b in self.bees} | ({self.sut.image} if self.sut else set())
+        images = {b.image for b in self.bees} | ({self.sut.image} if self.sut else set())
+        return images | ({self.pool.image} if self.pool and self.pool.image else set())
 
 
 # --- messages on ph.control -------------------------------------------------------------

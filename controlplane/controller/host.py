@@ -39,6 +39,7 @@ from controlplane.runtime.docker import (
     Mount,
 )
 from controlplane.runtime.labels import KIND, SWARM, filter_for, managed_labels
+from controlplane.scenarios import configured_pool, load_catalog
 
 log = get_logger("host-controller")
 
@@ -106,10 +107,14 @@ class HostController:
         # same engine keeps its own swarms.
         by_swarm: dict[str, list[ContainerInfo]] = defaultdict(list)
         for info in await self.runtime.list(filter_for(owner=self.owner)):
-            if info.labels.get(SWARM) and info.labels.get(KIND) in ("bee", "sut", "swarm-controller"):
+            if info.labels.get(SWARM) and info.labels.get(KIND) in ("bee", "sut", "engine", "swarm-controller"):
                 by_swarm[info.labels[SWARM]].append(info)
+        # The configured engine pool runs whether or not it has engines: its floor may need some.
+        pool = configured_pool(self.settings, load_catalog(self.settings.scenarios_dir))
+        if pool is not None:
+            by_swarm.setdefault(self.settings.ace_pool_id, [])
         for swarm_id, containers in sorted(by_swarm.items()):
-            plan = plan_from_containers(containers)
+            plan = pool if pool is not None and swarm_id == self.settings.ace_pool_id else plan_from_containers(containers)
             if plan is not None or self.settings.controller_mode == "container":
                 await self._launch(swarm_id, plan, None)
         if by_swarm:

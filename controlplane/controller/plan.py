@@ -119,7 +119,7 @@ async def teardown_swarm(bus: Bus, runtime: DockerRuntime, accounts: BrokerAccou
     """
     # Only this owner's: another control plane on the engine may run a swarm of the same id.
     containers = [i for i in await runtime.list(filter_for(swarm_id=swarm_id, owner=owner))
-                  if i.labels.get(KIND) in ("bee", "sut")]
+                  if i.labels.get(KIND) in ("bee", "sut", "engine")]
     suffixes = plan.work_suffixes() if plan else set()
     labelled = plan_from_containers(containers)
     if labelled is not None:

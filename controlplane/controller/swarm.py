@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from typing import Any
 
 import aiohttp
@@ -60,6 +61,7 @@ from controlplane.controller.plan import (
     sut_url,
     teardown_swarm,
 )
+from controlplane.controller.pool import PoolPolicy
 from controlplane.controller.replies import Replies
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
@@ -82,6 +84,11 @@ SUT_PROBE_INTERVAL_S = 0.2
 # Statuses a restarted controller takes back from its snapshot; the others are transient
 # or are read from the bees again.
 RESUMABLE = (SwarmStatus.RUNNING, SwarmStatus.STOPPED)
+
+# How long a pool's changes are gathered before its status and snapshot go out.
+ANNOUNCE_GATHER_S = 0.25
+# Signals served side by side, each under a lock of its own.
+SIDE_BY_SIDE = frozenset({"pool-provision", "pool-remove", "pool-inspect"})
 
 SwarmFailure = Failure  # a lifecycle step failed; ``code`` is what callers match on
 
@@ -112,6 +119,11 @@ class SwarmController:
         self._replies: Replies[tuple[str, str], Any] = Replies("bee replies")
         self._removed = asyncio.Event()
         self._consumers: list[Consumer] = []
+        self.pool = PoolPolicy(bus, runtime, settings, swarm_id, plan.pool, owner, self._pool_changed, self._state) \
+            if plan.pool is not None else None
+        self._announcer = snapshot.LatestSaver(self._announce)
+        self._shared_lock = asyncio.Lock()
+        self._own_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         templates = bus.topology.templates
         self._queue_decl = templates.swarm_controller_queue.render(swarm_id=swarm_id, instance=self.instance)
         self._replies_decl = templates.swarm_controller_replies_queue.render(swarm_id=swarm_id, instance=self.instance)
@@ -119,10 +131,22 @@ class SwarmController:
         self.server = SignalServer(
             bus, f"swarm-controller.{self.instance}",
             commands={"swarm-start": self._start, "swarm-stop": self._stop, "swarm-remove": self._remove,
-                      "swarm-template": self._template, "config-update": self._config_update},
+                      "swarm-template": self._template, "config-update": self._config_update,
+                      **(self.pool.commands() if self.pool else {})},
             queries={"status-request": self._status_request},
             answered_elsewhere=("swarm-create",),  # the host controller answers it
-            state=self._state, after=self._after)
+            state=self._state, after=self._after, lock_for=self._lock_for)
+
+    def _lock_for(self, sig: Signal) -> asyncio.Lock:
+        """Lifecycle signals one at a time; provisions, removals and inspections side by side
+        (a repeat of one waits for the first, so its outcome is published again, not redone)."""
+        if sig.signal not in SIDE_BY_SIDE:
+            return self._shared_lock
+        key = (sig.signal, sig.idempotency_key)
+        lock = self._own_locks.get(key)
+        if lock is None:
+            lock = self._own_locks[key] = asyncio.Lock()
+        return lock
 
     # --- life of the controller -------------------------------------------------------
 
@@ -130,6 +154,9 @@ class SwarmController:
         """Apply the plan, hand-shake, serve signals until the swarm is removed."""
         restored = await self._restore()
         self._consumers.append(await self.bus.consume(self._replies_decl, self._on_reply, prefetch=256))
+        if self.pool is not None:  # the streams the gateway records on the pool's engines
+            for signal in ("stream-started", "stream-ended"):
+                await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, keys.ready_key(signal, self.swarm_id))
         self._consumers.append(await self.bus.consume(self._queue_decl, self.server.on_message, prefetch=64))
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -142,6 +169,8 @@ class SwarmController:
                 await self._teardown()
                 self._removed.set()  # nothing is left to serve: the queues go too
                 return
+            if self.pool is not None:
+                await self.pool.start(restored.data if restored is not None else None)
             resumed = restored.status if restored is not None else None
             self.status = SwarmStatus(resumed) if resumed in RESUMABLE else self._status_from_bees()
             await self._save_state()
@@ -149,6 +178,8 @@ class SwarmController:
             await self._removed.wait()
         finally:
             heartbeat.cancel()
+            if self.pool is not None:
+                await self.pool.stop()
             for consumer in self._consumers:
                 await consumer.cancel()
             await self.server.close()
@@ -170,7 +201,8 @@ class SwarmController:
     async def _save_state(self) -> None:
         try:
             await snapshot.save(self.bus, self._state_decl,
-                                snapshot.Snapshot(enabled=self.enabled, status=self.status))
+                                snapshot.Snapshot(enabled=self.enabled, status=self.status,
+                                                  data=self.pool.remembered() if self.pool else None))
         except Exception:  # the next change saves again; serving must go on
             log.exception("controller state not saved", swarm_id=self.swarm_id)
 
@@ -182,7 +214,20 @@ class SwarmController:
             return
         await self._save_state()
 
+    def _pool_changed(self) -> None:
+        """The pool changed: watchers hear it and the snapshot keeps it, soon, once per burst."""
+        if not self._removed.is_set():
+            self._announcer.request()
+
+    async def _announce(self) -> None:
+        # Gathered a moment: a burst of stream events costs one status and one snapshot.
+        await asyncio.sleep(ANNOUNCE_GATHER_S)
+        await self.bus.publish(*self._status("status-delta"))
+        await self._save_state()
+
     def _status_from_bees(self) -> SwarmStatus:
+        if self.pool is not None:
+            return SwarmStatus.RUNNING  # a pool serves from the start
         if any(b.enabled for b in self.bees.values()):
             return SwarmStatus.RUNNING
         return SwarmStatus.READY
@@ -206,6 +251,8 @@ class SwarmController:
 
     def _state(self) -> OutcomeState:
         details: dict[str, Any] = {"bees": len(self.bees), "controller": self.instance}
+        if self.pool is not None:
+            details["engines"] = len(self.pool.engines)
         if self.sut_url:
             details["sut"] = {"url": self.sut_url}
         return OutcomeState(status=self.status, enabled=self.enabled, details=details)
@@ -233,7 +280,8 @@ class SwarmController:
             totals={"bees": len(self.bees), "running": sum(b.state == "running" for b in self.bees.values())},
             data={"swarmStatus": self.status, "bees": [b.to_dict() for b in self.bees.values()],
                   "correlationId": correlation_id,
-                  **({"sut": {"url": self.sut_url, "state": self.sut_state}} if self.plan.sut else {})},
+                  **({"sut": {"url": self.sut_url, "state": self.sut_state}} if self.plan.sut else {}),
+                  **({"pool": self.pool.view()} if self.pool else {})},
         )
         return status.routing_key(), status
 
@@ -357,6 +405,9 @@ class SwarmController:
             self._on_bee_status(Status.model_validate(body))
         elif parsed.kind in ("ready", "error"):
             outcome = Outcome.model_validate(body)
+            if self.pool is not None and parsed.signal in ("stream-started", "stream-ended"):
+                self.pool.on_stream_event(outcome)
+                return
             self._replies.resolve((outcome.correlation_id, parsed.instance or ""), outcome)
 
     def _on_bee_status(self, status: Status) -> None:
@@ -447,5 +498,7 @@ class SwarmController:
         return self._state()
 
     async def _teardown(self) -> None:
+        if self.pool is not None:
+            await self.pool.stop()
         await teardown_swarm(self.bus, self.runtime, self.accounts, self.owner, self.swarm_id, self.plan)
         self.bees.clear()

@@ -185,7 +185,10 @@ async def replay_if_known(request: web.Request, signal: str, scope: str, body: A
     known = ctx.ledger.find(signal, scope, str(body.idempotency_key), digest)
     if known is None and consult_store:
         known = await ctx.store.find_action(signal, scope, str(body.idempotency_key), digest)
-    return await _replay(request, known, signal) if known is not None else None
+    if known is None:
+        return None
+    begun = _replay(ctx, known, signal)
+    return await _answer(request, begun.tracked, begun.envelope, 202, {"Idempotent-Replayed": "true"})
 
 
 async def refuse_unless_known(request: web.Request, signal: str, scope: str, body: ActionRequest,
@@ -197,13 +200,31 @@ async def refuse_unless_known(request: web.Request, signal: str, scope: str, bod
     return replayed
 
 
+@dataclass(frozen=True)
+class Begun:
+    """An action under way: its operation as the gateway tracks it (None when it is only in the
+    store, replayed from another gateway's record) and the envelope its caller is answered."""
+
+    tracked: Tracked | None
+    envelope: dict[str, Any]
+    replayed: bool = False
+
+
 async def submit(request: web.Request, action: Action,
                  precondition: Callable[[], Awaitable[None]] | None = None) -> web.Response:
-    ctx = context_of(request)
+    """``begin`` answered over HTTP: the envelope (202), or the closed operation when the
+    caller asked to wait (``Prefer: wait``) and it closed in time."""
+    begun = await begin(context_of(request), action, precondition)
+    headers = {"Idempotent-Replayed": "true"} if begun.replayed else None
+    return await _answer(request, begun.tracked, begun.envelope, 202, headers)
+
+
+async def begin(ctx: GatewayContext, action: Action,
+                precondition: Callable[[], Awaitable[None]] | None = None) -> Begun:
     digest = request_hash(action.signal, action.scope, action.request)
     known = ctx.ledger.find(action.signal, action.scope, action.key, digest)
     if known is not None:
-        return await _replay(request, known, action.signal)
+        return _replay(ctx, known, action.signal)
     try:
         _check_limits(ctx, action)
         if precondition is not None:
@@ -212,7 +233,7 @@ async def submit(request: web.Request, action: Action,
         # The key may be known to the store only: sent first to another gateway.
         known = await ctx.store.find_action(action.signal, action.scope, action.key, digest)
         if known is not None:
-            return await _replay(request, known, action.signal)
+            return _replay(ctx, known, action.signal)
         if exc.status != 409 or precondition is None or not await _settled(ctx, action):
             raise
         _check_limits(ctx, action)
@@ -239,7 +260,7 @@ async def submit(request: web.Request, action: Action,
             await precondition()
         result = await ctx.store.begin_action(new, create_swarm=action.create_swarm)
     if isinstance(result, Replayed):
-        return await _replay(request, result, action.signal)
+        return _replay(ctx, result, action.signal)
     if isinstance(result, Busy):
         raise _busy(action, result.active)
     if isinstance(result, SwarmExists):
@@ -258,20 +279,19 @@ async def submit(request: web.Request, action: Action,
                "close empty fan-out")
     else:
         start_dispatch(ctx, tracked)  # from here on a signal not confirmed is the outbox's to send
-    return await _answer(request, tracked, new.envelope, 202)
+    return Begun(tracked, new.envelope)
 
 
-async def _replay(request: web.Request, known: Replayed, signal: str) -> web.Response:
+def _replay(ctx: GatewayContext, known: Replayed, signal: str) -> Begun:
     if not known.same_request:
         raise ApiError(422, "idempotency-key-reused",
                        "idempotencyKey was already used for this action with a different request body; "
                        "use a new key for a new request", [{"field": "idempotencyKey", "reason": "reused with another body"}])
     metrics.IDEMPOTENT_REPLAYS.labels(signal).inc()
-    ctx = context_of(request)
     tracked = ctx.ledger.get(known.correlation_id)
     if tracked is not None and tracked.op.is_open and not tracked.published:
         start_dispatch(ctx, tracked)  # what the outbox would do on its next sweep
-    return await _answer(request, tracked, known.envelope, 202, {"Idempotent-Replayed": "true"})
+    return Begun(tracked, known.envelope, replayed=True)
 
 
 async def _answer(request: web.Request, tracked: Tracked | None, envelope: dict[str, Any], status: int,

@@ -12,21 +12,22 @@ from collections.abc import AsyncIterator
 
 import sqlalchemy as sa
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
 from controlplane.contract.models import utcnow
+from controlplane.gateway.actions import register_signals
 from controlplane.gateway.context import CTX, GatewayContext, context_of
 from controlplane.gateway.events import EventHub, stream_events
+from controlplane.gateway.metrics import metrics_view
 from controlplane.gateway.ledger import Ledger
 from controlplane.gateway.dispatch import settle_dispatches
-from controlplane.gateway.middleware import OPEN_PATHS, make_middlewares, tag_stream
+from controlplane.gateway.middleware import OPEN_PATHS, Access, make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
-from controlplane.gateway.surface import Projections, mount
-from controlplane.gateway.surfaces import SURFACES
+from controlplane.gateway.surface import Projections, Surface, mount
+from controlplane.gateway.surfaces import surfaces_for
 from controlplane.gateway.tracker import Tracker
 from controlplane.runtime.policy import RuntimePolicy
 from controlplane.scenarios import load_catalog
@@ -57,10 +58,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "not-ready", "checks": checks}, status=200 if ready else 503)
 
 
-async def metrics_view(_: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 BASE_OPERATIONS = [
     Op("GET", "/healthz", "Liveness", tags=("health",)),
     Op("GET", "/readyz", "Readiness: a confirmed publish to the broker, a store query", statuses=(200, 503),
@@ -70,16 +67,19 @@ BASE_OPERATIONS = [
 ]
 
 
-def build_app(ctx: GatewayContext) -> web.Application:
+def build_app(ctx: GatewayContext, surfaces: tuple[Surface, ...] | None = None) -> web.Application:
     settings = ctx.settings
+    surfaces = surfaces_for(settings) if surfaces is None else surfaces
     api_keys = [k.get_secret_value() if k else None for k in (settings.api_key, settings.read_api_key)]
-    app = web.Application(middlewares=make_middlewares(*api_keys, reads_guarded=settings.reads_guarded),
+    access: Access = {}
+    app = web.Application(middlewares=make_middlewares(*api_keys, reads_guarded=settings.reads_guarded,
+                                                       access=access),
                           client_max_size=1 << 20)
     app[CTX] = ctx
     app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
                     web.get("/api/events", stream_events)])
-    spec = document(BASE_OPERATIONS + mount(app, SURFACES, claimed=BASE_OPERATIONS),
+    spec = document(BASE_OPERATIONS + mount(app, surfaces, claimed=BASE_OPERATIONS, access=access),
                     open_paths=frozenset(OPEN_PATHS) if settings.reads_guarded else None)
 
     async def openapi(_: web.Request) -> web.Response:
@@ -107,18 +107,31 @@ async def load_context(settings: Settings, bus: Bus, store: Store) -> GatewayCon
 async def open_gateway(settings: Settings, bus: Bus) -> AsyncIterator[web.Application]:
     """Store open, memory loaded, tracker running, application built; everything closed on exit."""
     store = await open_store(settings.database_url.get_secret_value())
+    surfaces = surfaces_for(settings)
     ctx: GatewayContext | None = None
     tracker: Tracker | None = None
+    started: list[Surface] = []
     try:
         ctx = await load_context(settings, bus, store)
         ctx.registry.start()
-        tracker = await Tracker(ctx, Projections.of(SURFACES)).start()
-        yield build_app(ctx)
+        for surface in surfaces:
+            register_signals(dict(surface.signals))  # a surface's start may send its signals at once
+            if surface.load is not None:
+                await surface.load(ctx)
+        tracker = await Tracker(ctx, Projections.of(surfaces)).start()
+        for surface in surfaces:
+            if surface.start is not None:
+                await surface.start(ctx)
+            started.append(surface)
+        yield build_app(ctx, surfaces)
     finally:
         if ctx is not None:
             await settle_dispatches(ctx)
         if tracker is not None:
             await tracker.stop()
+        for surface in reversed(started):
+            if surface.stop is not None and ctx is not None:
+                await surface.stop(ctx)
         if ctx is not None:
             ctx.events.close()  # open streams end, so shutdown is not held by a watching client
             await ctx.registry.stop()

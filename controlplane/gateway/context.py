@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ class GatewayContext:
     swarms: Swarms
     registry: Registry
     policy: RuntimePolicy  # the runtime's own, so a plan is refused here as it would be there
+    surfaces: dict[str, Any] = field(default_factory=dict)  # each surface's own state, by its name
 
 
 CTX = web.AppKey("controlplane", GatewayContext)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 HTTP_REQUESTS = Counter("cp_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
 HTTP_LATENCY = Histogram("cp_http_request_seconds", "HTTP request latency", ["method", "route"])
@@ -28,3 +29,8 @@ def method_label(method: str) -> str:
 
 def role_label(role: str) -> str:
     return role if role in _ROLES else "other"
+
+
+async def metrics_view(_: web.Request) -> web.Response:
+    """``GET /metrics``: every metric of the process, in Prometheus' text format."""
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -116,9 +116,15 @@ async def tag_stream(request: web.Request, response: web.StreamResponse) -> None
         response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
+# (method, route path) -> "protected" or "open", for routes whose access is not the default.
+Access = dict[tuple[str, str], str]
+
+
 def make_middlewares(admin_key: str | None, read_key: str | None = None,
-                     reads_guarded: bool = False) -> list[Callable[..., Any]]:
+                     reads_guarded: bool = False, access: Access | None = None) -> list[Callable[..., Any]]:
+    """``access``: filled as surfaces are mounted; read when each request comes in."""
     admin = admin_key.encode() if admin_key else None
+    special = access if access is not None else {}
     reader = read_key.encode() if read_key else None
 
     @web.middleware
@@ -156,7 +162,9 @@ def make_middlewares(admin_key: str | None, read_key: str | None = None,
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         writes = request.method in MUTATING
-        guarded = writes or (reads_guarded and request.path not in OPEN_PATHS)
+        resource = request.match_info.route.resource
+        rule = special.get((request.method, resource.canonical)) if resource is not None else None
+        guarded = rule == "protected" or (rule != "open" and (writes or (reads_guarded and request.path not in OPEN_PATHS)))
         if admin is None or not guarded:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -42,6 +42,9 @@ class Op:
     mutating: bool = False
     tags: tuple[str, ...] = field(default=())
     query: tuple[str, ...] = ()  # optional string query parameters
+    # Who may call it: "default" (writes need the admin key, reads need a key once reads are
+    # guarded), "protected" (a key even for a read) or "open" (no key, like /metrics).
+    access: Literal["default", "protected", "open"] = "default"
 
 
 def document(ops: list[Op], title: str = "controlplane", open_paths: frozenset[str] | None = None) -> dict[str, Any]:
@@ -63,7 +66,8 @@ def document(ops: list[Op], title: str = "controlplane", open_paths: frozenset[s
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
         statuses = op.statuses
-        if op.mutating or (open_paths is not None and op.path not in open_paths):
+        guarded = op.mutating or (open_paths is not None and op.path not in open_paths)
+        if op.access == "protected" or (guarded and op.access != "open"):
             operation["security"] = [{"bearer": []}]
             statuses = tuple(sorted({*statuses, 401, 403}))
         for status in statuses:

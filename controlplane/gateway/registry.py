@@ -208,8 +208,12 @@ class Registry:
                 log.exception("registry flush failed")
 
 
+# A controller's lists kept by read models of their own: its bees on its swarm, a pool's engines
+# by the engine-pool surface. The rest of its data stays here.
+_KEPT_ELSEWHERE = frozenset({"bees", "pool"})
+
+
 def _without_bees(status: Status) -> dict[str, Any]:
-    """A controller's bee list is kept once, on its swarm; the rest of its data stays here."""
     if status.role != keys.CONTROLLER_ROLE:
         return status.data
-    return {k: v for k, v in status.data.items() if k != "bees"}
+    return {k: v for k, v in status.data.items() if k not in _KEPT_ELSEWHERE}

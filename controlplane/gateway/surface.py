@@ -18,12 +18,16 @@ from aiohttp import web
 from controlplane.gateway.actions import register_signals
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.events import TopicPattern
+from controlplane.gateway.middleware import Access
 from controlplane.gateway.openapi import Op
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Runs for every event whose routing key matches its pattern, before operations close, so an
 # operation read as closed already shows its effect on the read model.
 Projection = Callable[[GatewayContext, str, dict[str, Any]], Awaitable[None]]
+# A surface's own life beside the gateway's: ``load`` its read model before events are
+# consumed, ``start`` what it runs (which may send signals) once they are, ``stop`` at the end.
+Hook = Callable[[GatewayContext], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,16 @@ class Surface:
     routes: tuple[tuple[Op, Handler], ...]
     signals: Mapping[str, int] = field(default_factory=dict)  # signal → timeoutMs
     projections: tuple[tuple[str, Projection], ...] = ()  # (AMQP topic pattern, projection)
+    load: Hook | None = None
+    start: Hook | None = None
+    stop: Hook | None = None
 
 
-def mount(app: web.Application, surfaces: Iterable[Surface], claimed: Iterable[Op] = ()) -> list[Op]:
+def mount(app: web.Application, surfaces: Iterable[Surface], claimed: Iterable[Op] = (),
+          access: Access | None = None) -> list[Op]:
     """Add every surface's routes and signals to ``app``; its operations, for the OpenAPI
-    description. A (method, path) claimed twice is a wiring mistake: it fails here."""
+    description. A (method, path) claimed twice is a wiring mistake: it fails here.
+    ``access`` receives the routes whose access is not the default, for the auth middleware."""
     owners = {(op.method, op.path): "the gateway" for op in claimed}
     ops: list[Op] = []
     for surface in surfaces:
@@ -48,6 +57,8 @@ def mount(app: web.Application, surfaces: Iterable[Surface], claimed: Iterable[O
                                  f"claimed by {owners[key]}")
             owners[key] = f"surface {surface.name!r}"
             app.router.add_route(op.method, op.path, handler)
+            if op.access != "default" and access is not None:
+                access[key] = op.access
             ops.append(op)
     return ops
 

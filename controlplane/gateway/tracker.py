@@ -79,6 +79,7 @@ class Tracker:
             if _mismatch("status", routing_key, status.routing_key()):
                 return
             self.ctx.registry.observe(status)
+            await self.projections.apply(self.ctx, routing_key, body)
             if status.kind == "status-full" and message.correlation_id:
                 # A status request is answered by the component's status-full, not by ev.ready.
                 written = close_target(self.ctx, message.correlation_id, "status-request",

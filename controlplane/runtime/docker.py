@@ -147,6 +147,64 @@ class DockerRuntime:
         Built from the list alone: ``started_at`` is None here; ``get`` has the full inspect."""
         return await self._run("list", lambda: self._list(labels, all))
 
+    async def inspect(self, name_or_id: str) -> dict[str, Any] | None:
+        """The engine's whole inspect document; None for a missing container."""
+        return await self._run("inspect", lambda: self._inspect_raw(name_or_id))
+
+    async def exec(self, name_or_id: str, command: list[str], timeout: float = 30.0) -> tuple[int, str]:
+        """Run ``command`` in the running container; its exit code and output (stdout and
+        stderr). Not retried: a command is not known to be idempotent."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise ContainerRuntimeError("exec: the runtime is closed")
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._executor, lambda: self._exec(name_or_id, command)),
+                                          timeout)
+        except asyncio.TimeoutError:
+            raise ContainerRuntimeError(f"exec: {command[0]!r} did not finish within {timeout:g}s") from None
+        except NotFound:
+            raise ContainerRuntimeError(f"exec: container {name_or_id!r} does not exist") from None
+        except (requests.exceptions.RequestException, DockerException) as exc:
+            if _is_connection_error(exc):
+                raise RuntimeUnavailable(f"exec: Docker engine at {self.url} unreachable: {exc}") from exc
+            raise ContainerRuntimeError(f"exec: {exc}") from exc
+
+    def watch(self, labels: dict[str, str], on_event: Callable[[str, str], None]) -> Callable[[], None]:
+        """Follow the engine's container events (start, die, destroy...) for containers with
+        ``labels``, on a thread of its own; ``on_event(action, container_id)`` runs on the
+        calling loop. Reconnects when the engine goes away. Returns the function that stops it."""
+        loop = asyncio.get_running_loop()
+        stopped = threading.Event()
+        current: list[Any] = []
+
+        def follow() -> None:
+            filters = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
+            while not stopped.is_set():
+                try:
+                    stream = self._client().events(decode=True, filters=filters)
+                    current[:] = [stream]
+                    for event in stream:
+                        if stopped.is_set():
+                            break
+                        action, container_id = str(event.get("Action", "")), str((event.get("Actor") or {}).get("ID", ""))
+                        if not loop.is_closed():
+                            loop.call_soon_threadsafe(on_event, action.split(":")[0], container_id)
+                except Exception as exc:  # the engine went away: follow again once it is back
+                    if not stopped.is_set():
+                        log.warning("docker.events interrupted", error=str(exc))
+                        stopped.wait(1.0)
+
+        def stop() -> None:
+            stopped.set()
+            for stream in current:
+                try:
+                    stream.close()
+                except Exception:  # already closed with its connection
+                    pass
+
+        threading.Thread(target=follow, name="docker-events", daemon=True).start()
+        return stop
+
     async def logs_tail(self, name_or_id: str, lines: int = 50) -> str:
         """Last lines of stdout and stderr; empty for a missing container."""
         return await self._run("logs_tail", lambda: self._logs_tail(name_or_id, lines))
@@ -227,6 +285,19 @@ class DockerRuntime:
         except NotFound:
             return None
 
+    def _inspect_raw(self, name_or_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._client().inspect_container(name_or_id))
+        except NotFound:
+            return None
+
+    def _exec(self, name_or_id: str, command: list[str]) -> tuple[int, str]:
+        api = self._client()
+        created = api.exec_create(name_or_id, command, stdout=True, stderr=True)
+        output = api.exec_start(created["Id"])
+        code = api.exec_inspect(created["Id"]).get("ExitCode")
+        return int(code if code is not None else -1), output.decode("utf-8", errors="replace")
+
     def _image_exists(self, image: str) -> bool:
         try:
             self._client().inspect_image(image)
@@ -271,7 +342,7 @@ class DockerRuntime:
                 docker.types.Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
                 for m in spec.mounts
             ],
-            port_bindings={port: ("127.0.0.1", host_port) for port, host_port in spec.ports.items()},
+            port_bindings={port: (spec.publish_address, host_port) for port, host_port in spec.ports.items()},
         )
         try:
             created = api.create_container(

@@ -20,9 +20,18 @@ ROLE = PREFIX + "role"
 INSTANCE = PREFIX + "instance"
 OWNER = PREFIX + "owner"
 SPEC = PREFIX + "spec"
+# A pool's engines: which preset made them and the ports they hold (JSON), so a restarted
+# pool controller knows every port in use before it hands out another.
+ENGINE_KIND = PREFIX + "engine-kind"
+ENGINE_PORTS = PREFIX + "engine-ports"
+# What AceStream proxies look for on an engine (by-label queries, container inspection).
+ACESTREAM_HTTP_PORT = "acestream.http_port"
+ACESTREAM_HTTPS_PORT = "acestream.https_port"
+HOST_HTTP_PORT = "host.http_port"
+HOST_HTTPS_PORT = "host.https_port"
 
-Kind = Literal["swarm-controller", "bee", "sut", "provisioned"]
-KINDS: tuple[str, ...] = ("swarm-controller", "bee", "sut", "provisioned")
+Kind = Literal["swarm-controller", "bee", "sut", "provisioned", "engine"]
+KINDS: tuple[str, ...] = ("swarm-controller", "bee", "sut", "provisioned", "engine")
 
 
 def managed_labels(
@@ -32,16 +41,19 @@ def managed_labels(
     role: str | None = None,
     instance: str | None = None,
     spec_json: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Labels for a new container; optional parts are left out rather than set empty,
-    so that a label filter on them never matches by accident."""
+    so that a label filter on them never matches by accident. ``extra`` (a caller's own
+    labels) never overrides the control plane's."""
     if kind not in KINDS:
         raise ValueError(f"unknown container kind {kind!r}; expected one of {', '.join(KINDS)}")
     if not owner:
         raise ValueError("owner must not be empty")
     if spec_json is not None:
         json.loads(spec_json)  # refuse a spec that could not be read back when re-adopting
-    labels = {MANAGED: "true", KIND: kind, OWNER: owner}
+    labels = {key: value for key, value in (extra or {}).items() if not key.startswith(PREFIX)}
+    labels.update({MANAGED: "true", KIND: kind, OWNER: owner})
     optional = {SWARM: swarm_id, ROLE: role, INSTANCE: instance, SPEC: spec_json}
     labels.update({key: value for key, value in optional.items() if value is not None})
     return labels
@@ -100,3 +112,22 @@ class LabelView:
             return json.loads(self.spec_json)
         except ValueError:
             return None
+
+
+def engine_labels(kind: str, ports: Mapping[str, Any]) -> dict[str, str]:
+    """A pool engine's own labels: its preset and its ports, also in the AceStream names."""
+    labels = {ENGINE_KIND: kind, ENGINE_PORTS: json.dumps(dict(ports), sort_keys=True)}
+    if kind == "acestream":
+        names = {"http": ACESTREAM_HTTP_PORT, "https": ACESTREAM_HTTPS_PORT, "hostHttp": HOST_HTTP_PORT,
+                 "hostHttps": HOST_HTTPS_PORT}
+        labels.update({name: str(ports[key]) for key, name in names.items() if ports.get(key) is not None})
+    return labels
+
+
+def engine_ports(labels: Mapping[str, str] | None) -> dict[str, Any]:
+    """The ports an engine holds, from its labels; empty when absent or unreadable."""
+    try:
+        ports = json.loads((labels or {}).get(ENGINE_PORTS, "{}"))
+    except ValueError:
+        return {}
+    return ports if isinstance(ports, dict) else {}

@@ -30,7 +30,8 @@ class ContainerSpec:
     network: str | None = None  # "host", "bridge", "none" or a network name; None = engine default
     mounts: tuple[Mount, ...] = ()
     privileged: bool = False
-    ports: dict[str, int | None] = field(default_factory=dict)  # "8080/tcp" -> port on 127.0.0.1, None = random
+    ports: dict[str, int | None] = field(default_factory=dict)  # "8080/tcp" -> host port, None = random
+    publish_address: str = "127.0.0.1"  # where published ports listen on the host
 
 
 @dataclass(frozen=True)

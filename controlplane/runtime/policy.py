@@ -61,9 +61,11 @@ class RuntimePolicy:
         templates = list(catalog.templates.values())
         workloads = frozenset(settings.allowed_images) or (
             frozenset(image for t in templates for image in t.workload_images()) | {settings.project_image})
+        if settings.ace_pool_id:
+            workloads |= {settings.ace_image}  # the operator named it for the engine pool
         controllers = frozenset(t.controller_image for t in templates if t.controller_image) | {settings.project_image}
         return cls(
-            allowed_images={"bee": workloads, "sut": workloads, "provisioned": workloads,
+            allowed_images={"bee": workloads, "sut": workloads, "provisioned": workloads, "engine": workloads,
                             CONTROLLER_KIND: controllers},
             allow_host_network=settings.allow_host_network,
             allow_privileged=settings.allow_privileged,

@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.store import statements
+from controlplane.store import pools, statements
 from controlplane.store.database import Database, open_database
 from controlplane.store.models import (
     FINAL_STATUSES,
@@ -248,6 +248,26 @@ class Store:
         keys = [c.name for c in table.primary_key.columns]
         return stmt.on_conflict_do_update(index_elements=keys,
                                           set_={name: stmt.excluded[name] for name in update if name not in keys})
+
+    # --- engine pools ------------------------------------------------------------------------
+
+    def save_pool_engines(self, pool_id: str, engines: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """Gathered: a burst of engine lists costs one write, the newest of each pool wins."""
+        return self.writer.gather(pools.save_engines, (pool_id, engines))
+
+    def save_pool_stream(self, pool_id: str, stream: dict[str, Any]) -> asyncio.Future[None]:
+        return self.writer.submit(partial(pools.save_stream, pool_id=pool_id, stream=stream))
+
+    def add_pool_stats(self, pool_id: str, stats: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[None]:
+        items = [(pool_id, stream_id, snapshot) for stream_id, snapshot in stats]
+        return self.writer.submit(partial(pools.add_stats, items=items), bulky=len(items) > 64)
+
+    async def load_pool(self, pool_id: str, stats_since: datetime) -> dict[str, Any]:
+        return await self.database.read(pools.load, pool_id, stats_since)
+
+    def purge_pool(self, ended_before: datetime, stats_before: datetime) -> asyncio.Future[None]:
+        return self.writer.submit(partial(pools.purge, ended_before=ended_before, stats_before=stats_before),
+                                  bulky=True)
 
     async def list_components(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
         stmt = sa.select(components).order_by(components.c.swarm_id, components.c.role, components.c.instance)

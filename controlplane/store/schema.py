@@ -152,3 +152,39 @@ operation_targets = sa.Table(
     sa.ForeignKeyConstraint(["correlation_id"], ["operations.correlation_id"], ondelete="CASCADE",
                             name="fk_operation_targets_operation"),
 )
+
+# The engine-pool surface's read models: engines as their pool controller last reported them,
+# streams as callers reported them, and the statistics collected for each stream.
+pool_engines = sa.Table(
+    "pool_engines",
+    metadata,
+    sa.Column("pool_id", sa.String(), nullable=False),
+    sa.Column("container_id", sa.String(), nullable=False),
+    sa.Column("body", _json(), nullable=False),
+    sa.PrimaryKeyConstraint("pool_id", "container_id", name="pk_pool_engines"),
+)
+
+pool_streams = sa.Table(
+    "pool_streams",
+    metadata,
+    sa.Column("pool_id", sa.String(), nullable=False),
+    sa.Column("id", sa.String(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("container_id", sa.String(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("ended_at", UTCDateTime(), nullable=True),
+    sa.Column("body", _json(), nullable=False),
+    sa.PrimaryKeyConstraint("pool_id", "id", name="pk_pool_streams"),
+    sa.Index("ix_pool_streams_ended_at", "ended_at"),
+)
+
+pool_stream_stats = sa.Table(
+    "pool_stream_stats",
+    metadata,
+    sa.Column("pool_id", sa.String(), nullable=False),
+    sa.Column("stream_id", sa.String(), nullable=False),
+    sa.Column("ts", UTCDateTime(), nullable=False),
+    sa.Column("body", _json(), nullable=False),
+    sa.Index("ix_pool_stream_stats_stream", "pool_id", "stream_id", "ts"),
+    sa.Index("ix_pool_stream_stats_ts", "ts"),
+)

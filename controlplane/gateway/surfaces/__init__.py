@@ -3,7 +3,15 @@
 Adding a surface is a module here and a line below; the core never names one.
 """
 
+from controlplane.config import Settings
 from controlplane.gateway.surface import Surface
-from controlplane.gateway.surfaces import components, operations, swarms
+from controlplane.gateway.surfaces import ace, components, operations, swarms
 
 SURFACES: tuple[Surface, ...] = (swarms.SURFACE, components.SURFACE, operations.SURFACE)
+
+
+def surfaces_for(settings: Settings) -> tuple[Surface, ...]:
+    """The surfaces a gateway with these settings serves: those that need none, and those
+    built from settings (a prefix, a pool)."""
+    pool = ace.surface(settings)
+    return SURFACES + ((pool,) if pool is not None else ())
