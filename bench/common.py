@@ -195,9 +195,9 @@ async def wait_ready(base: str, proc: asyncio.subprocess.Process, log: Path) -> 
 async def http_load(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``bench.httpload`` jobs in a client process of their own; one result per job."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.httpload", json.dumps(jobs), cwd=str(REPO_ROOT),
+        sys.executable, "-m", "bench.httpload", "-", cwd=str(REPO_ROOT), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    out, err = await proc.communicate(json.dumps(jobs).encode())  # on stdin: bodies may be many
     if proc.returncode != 0:
         raise BenchError(f"load client failed ({proc.returncode}): {err.decode()[-2000:]}")
     return [json.loads(line) for line in out.decode().splitlines() if line.strip()]

@@ -3,7 +3,7 @@
 Keeping the client out of the gateway's process means the server's event loop only serves;
 the client's own CPU cost lands on the machine's other core instead of inside the figure.
 
-Usage (what ``bench.lifecycle`` does): ``python -m bench.httpload JOBS_JSON`` where JOBS_JSON
+Usage (what ``bench.lifecycle`` does): ``python -m bench.httpload JOBS_JSON`` (or ``-``: the JSON on stdin) where JOBS_JSON
 is a list of ``{"name", "method", "url", "body"? or "bodies"?, "n", "concurrency", "expect_status",
 "expect_header"?}``; the jobs run one after the other and one JSON line per job is printed:
 ``{"name", "n", "ok", "errors", "elapsed_s", "rps", "latency_ms": {...}}``.
@@ -72,6 +72,8 @@ async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[s
         "first_errors": errors[:3], "elapsed_s": elapsed, "rps": n / elapsed,
         "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                        "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)},
+        # Every latency, when the caller merges several jobs into one figure.
+        **({"latencies_ms": latencies} if job.get("keep_latencies") else {}),
     }
 
 
@@ -85,4 +87,4 @@ async def main(jobs: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1])))
+    asyncio.run(main(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1])))

@@ -14,8 +14,9 @@ reference measured in the same run.
 3. ``POST /ace/events/stream_started`` then ``stream_ended``, N each at concurrency 16, with the
    stats collector polling every started stream: at least 1,000 events/s each, p99 under 50 ms.
 
-The control plane runs as ``controlplane up`` would (gateway and host controller in one
-process, its own vhost and SQLite file), the HTTP client in a process of its own.
+The control plane runs split as in production (``controlplane gateway`` and ``controlplane
+host-controller``, each a process, with a vhost and a SQLite file of their own), the HTTP
+client in a process of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
+from bench.httpload import percentile
 from bench.common import (
     BROKER, MANAGEMENT, REPO_ROOT, BenchError, environment, free_port, header, http_load, log_tail, progress,
     run_and_print,
@@ -47,47 +49,56 @@ from controlplane.contract.models import Status, utcnow
 IMAGE = "controlplane-fake-engine:local"
 DOCKER = "docker"
 START_TIMEOUT_S = 90
-CHUNK = 500  # streams started before they are ended (bench 3)
+CHUNK = 160  # streams started before they are ended (bench 3): 16 per engine, each polled
 
 
 @asynccontextmanager
 async def control_plane(vhost: str, owner: str, tmp: Path, pool_id: str, host_ports: str,
-                        **pool: Any) -> AsyncIterator[str]:
-    """``controlplane up`` in a process of its own; yields its base URL once the pool serves."""
+                        with_host: bool = True, **pool: Any) -> AsyncIterator[dict[str, Any]]:
+    """The production split: ``controlplane gateway`` and ``controlplane host-controller`` (which
+    runs the pool's controller), each a process of its own. Yields the base URL and their pids
+    once the pool serves (without a host controller: once the gateway answers)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CP_") or k.startswith("CP_TEST_")}
     env.update({
-        "CP_AMQP_URL": f"amqp://guest:guest@{BROKER}/{vhost}", "CP_DATABASE_URL": f"sqlite:///{tmp / 'cp.db'}",
+        "CP_AMQP_URL": f"amqp://guest:guest@{BROKER}/{vhost}", "CP_DATABASE_URL": f"sqlite:///{tmp / f'{pool_id}.db'}",
         "CP_HOST": "127.0.0.1", "CP_PORT": str(port), "CP_INSTANCE_ID": owner, "CP_ACE_POOL_ID": pool_id,
         "CP_ACE_IMAGE": IMAGE, "CP_LOG_LEVEL": "WARNING", "CP_BROKER_USERS": "false",
         "CP_ACE_POOL": json.dumps({"hostPorts": host_ports, "maxReplicas": 40, "idleGraceS": 3600,
                                    "health": {"intervalS": 2, "failures": 3}, **pool}),
     })
-    log = tmp / f"control-plane-{pool_id}.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controlplane.cli", "up", cwd=str(REPO_ROOT), env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    logs: dict[str, Path] = {}
     base = f"http://127.0.0.1:{port}"
     try:
+        for command in ("gateway", "host-controller")[: 2 if with_host else 1]:
+            logs[command] = tmp / f"{command}-{pool_id}.log"
+            with logs[command].open("wb") as out:
+                procs[command] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "controlplane.cli", command, cwd=str(REPO_ROOT), env=env,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
-                if proc.returncode is not None:
-                    raise BenchError(f"the control plane exited with {proc.returncode}:\n{log_tail(log)}")
+                for command, proc in procs.items():
+                    if proc.returncode is not None:
+                        raise BenchError(f"{command} exited with {proc.returncode}:\n{log_tail(logs[command])}")
                 try:
                     async with http.get(f"{base}/api/swarms/{pool_id}") as resp:
-                        if resp.status == 200 and (await resp.json())["status"] == "Running":
+                        if resp.status == 200 and (not with_host or (await resp.json())["status"] == "Running"):
                             break
                 except aiohttp.ClientError:
                     pass
                 if time.monotonic() > deadline:
-                    raise BenchError(f"the pool did not serve within {START_TIMEOUT_S} s:\n{log_tail(log)}")
+                    raise BenchError(f"the pool did not serve within {START_TIMEOUT_S} s:\n"
+                                     + "\n".join(log_tail(log) for log in logs.values()))
                 await asyncio.sleep(0.2)
-        yield base
+        yield {"base": base, "pids": {command: proc.pid for command, proc in procs.items()}}
     finally:
-        if proc.returncode is None:
-            proc.terminate()
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in procs.values():
             try:
                 await asyncio.wait_for(proc.wait(), 30)
             except TimeoutError:
@@ -196,19 +207,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with Management(MANAGEMENT) as management, management.scratch_vhost("cp-bench") as vhost:
             amqp_url = f"amqp://guest:guest@{BROKER}/{vhost}"
             async with AsyncExitStack() as stack:
-                # 1. Provisioning, beside bare docker run -d.
-                progress(f"reference: {args.engines} docker run -d, {args.concurrency} at a time")
-                ref_s, ref_failures = await bare_runs(args.engines, args.concurrency, run_id, 21000)
-                base = await stack.enter_async_context(control_plane(vhost, owner, tmp, "bench", "21100-21199"))
-                progress(f"control plane: {args.engines} provisions, {args.concurrency} at a time, until listed healthy")
-                cp_s, cp_failures, made = await provision_until_healthy(base, args.engines, args.concurrency)
-                results["provision"] = {"n": args.engines, "concurrency": args.concurrency, "control_plane_s": cp_s,
-                                        "failures": cp_failures, "reference_s": ref_s,
-                                        "reference_failures": ref_failures, "ratio": cp_s / ref_s}
-                async with aiohttp.ClientSession() as http:  # down to the 10 engines the next figure reads
-                    for cid in made[10:]:
-                        async with http.delete(f"{base}/ace/containers/{cid}") as resp:
-                            await resp.read()
+                # 1. Provisioning, beside bare docker run -d, alternating, the median of the rounds.
+                plane = await stack.enter_async_context(control_plane(vhost, owner, tmp, "bench", "21100-21199"))
+                base = plane["base"]
+                rounds: list[dict[str, Any]] = []
+                for r in range(args.rounds):
+                    progress(f"round {r + 1}: {args.engines} docker run -d, then {args.engines} provisions until "
+                             f"listed healthy, {args.concurrency} at a time")
+                    ref_s, ref_failures = await bare_runs(args.engines, args.concurrency, f"{run_id}-{r}", 21000)
+                    cp_s, cp_failures, made = await provision_until_healthy(base, args.engines, args.concurrency)
+                    rounds.append({"control_plane_s": cp_s, "failures": cp_failures, "reference_s": ref_s,
+                                   "reference_failures": ref_failures, "ratio": cp_s / ref_s})
+                    keep = 10 if r == args.rounds - 1 else 0  # the next figure reads 10 engines
+                    async with aiohttp.ClientSession() as http:
+                        for cid in made[keep:]:
+                            async with http.delete(f"{base}/ace/containers/{cid}") as resp:
+                                await resp.read()
+                middle = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+                results["provision"] = {"n": args.engines, "concurrency": args.concurrency, "rounds": rounds,
+                                        **middle, "failures": sum(r["failures"] for r in rounds),
+                                        "reference_failures": sum(r["reference_failures"] for r in rounds)}
                 # 2. GET /engines with 10 engines, beside GET /healthz.
                 progress("GET /ace/engines with 10 engines, and GET /healthz")
                 jobs = [{"name": "warmup", "method": "GET", "url": f"{base}/ace/engines", "n": 500, "concurrency": 16}]
@@ -229,7 +247,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # 2b. 1,000 simulated engines in a gateway whose pool has no controller.
             async with AsyncExitStack() as stack:
                 progress("GET /ace/engines with 1,000 simulated engines")
-                base = await stack.enter_async_context(control_plane(vhost, owner + "b", tmp, "sim", "21200-21299"))
+                plane = await stack.enter_async_context(control_plane(vhost, owner + "b", tmp, "sim", "21200-21299",
+                                                                      with_host=False))
+                base = plane["base"]
                 await simulate_engines(amqp_url, "sim", 1000)
                 async with aiohttp.ClientSession() as http:
                     deadline = time.monotonic() + 30
@@ -273,9 +293,11 @@ async def stream_events(base: str, engines: list[str], n: int) -> dict[str, Any]
     for first in range(0, n, CHUNK):
         part = slice(first, min(first + CHUNK, n))
         jobs += [{"name": "stream_started", "method": "POST", "url": f"{base}/ace/events/stream_started",
-                  "bodies": bodies_started[part], "n": len(bodies_started[part]), "concurrency": 16},
+                  "bodies": bodies_started[part], "n": len(bodies_started[part]), "concurrency": 16,
+                  "keep_latencies": True},
                  {"name": "stream_ended", "method": "POST", "url": f"{base}/ace/events/stream_ended",
-                  "bodies": bodies_ended[part], "n": len(bodies_ended[part]), "concurrency": 16}]
+                  "bodies": bodies_ended[part], "n": len(bodies_ended[part]), "concurrency": 16,
+                  "keep_latencies": True}]
     results = await http_load(jobs)
     for res in results:
         if res["errors"]:
@@ -285,11 +307,12 @@ async def stream_events(base: str, engines: list[str], n: int) -> dict[str, Any]
 
 
 def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs of one kind as one: events over the time they took, the slowest chunk's p99."""
+    """Several runs of one kind as one: events over the time they took, percentiles over every
+    event's latency."""
     n, elapsed = sum(r["n"] for r in runs), sum(r["elapsed_s"] for r in runs)
+    latencies = [value for r in runs for value in r["latencies_ms"]]
     return {"n": n, "elapsed_s": elapsed, "rps": n / elapsed,
-            "latency_ms": {"p50": sorted(r["latency_ms"]["p50"] for r in runs)[len(runs) // 2],
-                           "p99": max(r["latency_ms"]["p99"] for r in runs)}}
+            "latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}}
 
 
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -297,7 +320,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [*header("engine pool", env, f"Docker {env['docker']}"), ""]
     p = results["provision"]
     lines += [
-        f"1. {p['n']} engines, {p['concurrency']} at a time",
+        f"1. {p['n']} engines, {p['concurrency']} at a time ({len(p['rounds'])} rounds alternating with the "
+        f"reference; the round of median ratio, failures over all rounds; ratios "
+        f"{', '.join(format(r['ratio'], '.2f') for r in p['rounds'])})",
         f"  control plane: POST /ace/provision/acestream until all listed healthy  {p['control_plane_s']:7.2f} s"
         f"  failures {p['failures']}",
         f"  reference: docker run -d of the same image                            {p['reference_s']:7.2f} s"

@@ -178,14 +178,6 @@ class AceProvisionRequest(SnakeStrict):
     _labels = field_validator("labels")(_caller_labels)
 
 
-class ProvisionResult(Snake):
-    container_id: str
-    container_name: str
-    host_http_port: int | None = None
-    container_http_port: int | None = None
-    container_https_port: int | None = None
-
-
 class EngineState(Snake):
     container_id: str
     container_name: str | None = None

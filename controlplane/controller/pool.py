@@ -14,7 +14,7 @@ Beside them, background loops keep the policy: the floor (``minReplicas``, ``min
 health probe per engine with replacement of an unhealthy one (the new engine first, then the
 old one retired, at most one per cooldown), idle cache clean-up, idle collection after the
 grace period, the stream statistics collector, and the VPN monitor. The streams come from the
-gateway's ``ev.ready.stream-started|ended.<pool>`` events; the pool remembers them (and each
+gateways' ``ev.ready.stream-events.<pool>`` batches; the pool remembers them (and each
 engine's times) in its state snapshot, so a restarted controller never collects an engine
 that is playing.
 """
@@ -56,15 +56,17 @@ from controlplane.runtime.labels import engine_ports, filter_for
 log = get_logger("pool")
 
 POOL_SIGNALS = ("pool-provision", "pool-remove", "pool-gc", "pool-scale", "pool-inspect")
-STREAM_EVENTS = ("stream-started", "stream-ended", "stream-stats")
+# The gateways' batches of stream starts and ends; the pool's own ends go out the same way.
+STREAM_EVENTS = "stream-events"
 # How often the floor and the idle engines are looked at; a new engine's first probes.
 MAINTAIN_INTERVAL_S = 1.0
 FIRST_PROBE_INTERVAL_S = 0.2
+NEW_ENGINE_PROBE_S = 0.05
 VPN_INTERVAL_S = 5.0
 SCALE_CONCURRENCY = 5
 COLLECT_CONCURRENCY = 32
-# Container events after which the engines are listed again.
-DOCKER_ACTIONS = frozenset({"die", "destroy", "stop", "kill", "oom", "pause", "unpause", "start", "restart"})
+# Container events after which the engines are listed again: an engine stopping or going.
+DOCKER_ACTIONS = frozenset({"die", "destroy", "stop", "kill", "oom", "pause"})
 # Docker's answers when a published port is taken by something outside the pool.
 _PORT_IN_USE = ("address already in use", "port is already allocated")
 
@@ -198,6 +200,8 @@ class PoolPolicy:
                     raise
                 self.engines[engine.container_id] = engine
                 self._started_at[engine.container_id] = asyncio.get_running_loop().time()
+                if engine.kind == "acestream":
+                    self._spawn(self._until_first_answer(engine))
                 log.info("engine provisioned", pool=self.pool_id, container=engine.container_name, port=engine.port)
                 self._changed()
                 return engine
@@ -229,7 +233,7 @@ class PoolPolicy:
     async def _start_engine(self, provision: Provision, phase: str) -> PoolEngine:
         spec = provision.spec
         try:
-            info = await self.runtime.ensure_running(spec)
+            info = await self.runtime.start_new(spec)
         except ImageMissing as exc:
             raise Failure("image-missing", str(exc), phase, state=self._state()) from None
         except PolicyViolation as exc:
@@ -390,37 +394,33 @@ class PoolPolicy:
 
     # --- streams ---------------------------------------------------------------------------
 
-    def on_stream_event(self, outcome: Outcome) -> None:
-        """The gateway recorded a stream starting or ending on one of the pool's engines."""
-        stream = outcome.details.get("stream")
-        if not isinstance(stream, dict):
-            return
-        try:
-            state = StreamState.model_validate(stream)
-        except ValidationError:
-            return
-        engine = self.engines.get(state.container_id)
-        if outcome.signal == "stream-started" and state.status == "started":
-            previous = self.streams.get(state.id)
+    def on_stream_events(self, outcome: Outcome) -> None:
+        """Gateways recorded streams starting or ending on the pool's engines."""
+        events = outcome.details.get("events")
+        for event in events if isinstance(events, list) else ():
+            try:
+                state = StreamState.model_validate(event["stream"])
+            except (KeyError, TypeError, ValidationError):
+                continue  # the pool's own ends (``streamId``) were applied when they were sent
+            previous = self.streams.pop(state.id, None)
             if previous is not None:
                 self._use(previous.container_id, state.id, False)
-            self.streams[state.id] = ActiveStream(state.container_id, state.stat_url, state.started_at)
-            self._use(state.container_id, state.id, True)
-        elif outcome.signal == "stream-ended":
-            self.streams.pop(state.id, None)
-            self._use(state.container_id, state.id, False)
-        if engine is not None:
-            engine.last_stream_usage = utcnow()
+            if state.status == "started":
+                self.streams[state.id] = ActiveStream(state.container_id, state.stat_url, state.started_at)
+                self._use(state.container_id, state.id, True)
+            engine = self.engines.get(state.container_id)
+            if engine is not None:
+                engine.last_stream_usage = utcnow()
         self._changed()
 
     def _end_stream(self, stream_id: str, reason: str) -> None:
         """A stream the pool knows has ended (its engine is gone or forgot it): said as the
-        gateway says it, ``ev.ready.stream-ended.<pool>``."""
+        gateways say it, in an ``ev.ready.stream-events.<pool>`` batch of its own."""
         active = self.streams.pop(stream_id, None)
         if active is None:
             return
-        asyncio.ensure_future(self._announce("stream-ended", {"streamId": stream_id, "reason": reason,
-                                                               "containerId": active.container_id}))
+        asyncio.ensure_future(self._announce(STREAM_EVENTS, {"events": [
+            {"event": "ended", "streamId": stream_id, "reason": reason, "containerId": active.container_id}]}))
         self._use(active.container_id, stream_id, False)
 
     async def _announce(self, signal: str, details: dict[str, Any]) -> None:
@@ -485,6 +485,24 @@ class PoolPolicy:
             await self._refresh_from_docker()
         except Exception:
             log.exception("pool listing failed", pool=self.pool_id)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _until_first_answer(self, engine: PoolEngine) -> None:
+        """A new engine is probed at once and often, so it is listed healthy as soon as it
+        answers (the probe loop takes over after its first answer or the start-up timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.startup_timeout_s
+        while engine.container_id in self._started_at and loop.time() < deadline:
+            if engine.container_id not in self.engines:
+                return
+            if await self._answers(engine, self.spec.health.path):
+                await self._probe(engine)
+                return
+            await asyncio.sleep(NEW_ENGINE_PROBE_S)
 
     async def _refresh_from_docker(self) -> None:
         listed = {i.id: i for i in await self.runtime.list(filter_for(kind="engine", swarm_id=self.pool_id,

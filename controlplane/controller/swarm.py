@@ -61,7 +61,7 @@ from controlplane.controller.plan import (
     sut_url,
     teardown_swarm,
 )
-from controlplane.controller.pool import PoolPolicy
+from controlplane.controller.pool import STREAM_EVENTS, PoolPolicy
 from controlplane.controller.replies import Replies
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
@@ -85,8 +85,8 @@ SUT_PROBE_INTERVAL_S = 0.2
 # or are read from the bees again.
 RESUMABLE = (SwarmStatus.RUNNING, SwarmStatus.STOPPED)
 
-# How long a pool's changes are gathered before its status and snapshot go out.
-ANNOUNCE_GATHER_S = 0.25
+# The least time between two announcements of a pool's changes (status and snapshot).
+ANNOUNCE_GATHER_S = 0.1
 # Signals served side by side, each under a lock of its own.
 SIDE_BY_SIDE = frozenset({"pool-provision", "pool-remove", "pool-inspect"})
 
@@ -122,6 +122,7 @@ class SwarmController:
         self.pool = PoolPolicy(bus, runtime, settings, swarm_id, plan.pool, owner, self._pool_changed, self._state) \
             if plan.pool is not None else None
         self._announcer = snapshot.LatestSaver(self._announce)
+        self._last_announce = float("-inf")
         self._shared_lock = asyncio.Lock()
         self._own_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         templates = bus.topology.templates
@@ -155,8 +156,7 @@ class SwarmController:
         restored = await self._restore()
         self._consumers.append(await self.bus.consume(self._replies_decl, self._on_reply, prefetch=256))
         if self.pool is not None:  # the streams the gateway records on the pool's engines
-            for signal in ("stream-started", "stream-ended"):
-                await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, keys.ready_key(signal, self.swarm_id))
+            await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, keys.ready_key(STREAM_EVENTS, self.swarm_id))
         self._consumers.append(await self.bus.consume(self._queue_decl, self.server.on_message, prefetch=64))
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -220,8 +220,13 @@ class SwarmController:
             self._announcer.request()
 
     async def _announce(self) -> None:
-        # Gathered a moment: a burst of stream events costs one status and one snapshot.
-        await asyncio.sleep(ANNOUNCE_GATHER_S)
+        # At once after a quiet spell; in a burst (stream events) at most one per
+        # ANNOUNCE_GATHER_S, each covering every change before it.
+        loop = asyncio.get_running_loop()
+        wait = self._last_announce + ANNOUNCE_GATHER_S - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_announce = loop.time()
         await self.bus.publish(*self._status("status-delta"))
         await self._save_state()
 
@@ -405,8 +410,8 @@ class SwarmController:
             self._on_bee_status(Status.model_validate(body))
         elif parsed.kind in ("ready", "error"):
             outcome = Outcome.model_validate(body)
-            if self.pool is not None and parsed.signal in ("stream-started", "stream-ended"):
-                self.pool.on_stream_event(outcome)
+            if self.pool is not None and parsed.signal == STREAM_EVENTS:
+                self.pool.on_stream_events(outcome)
                 return
             self._replies.resolve((outcome.correlation_id, parsed.instance or ""), outcome)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -129,7 +129,7 @@ def make_middlewares(admin_key: str | None, read_key: str | None = None,
 
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request[REQUEST_ID] = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        request_id = request[REQUEST_ID] = request.headers.get("X-Request-Id") or os.urandom(8).hex()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, method=request.method, path=request.path)
         started = time.perf_counter()

@@ -130,6 +130,12 @@ class DockerRuntime:
         self.policy.check(spec)
         return await self._run("ensure_running", lambda: self._ensure_running(spec))
 
+    async def start_new(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a container whose name is new (a pool's engine): two calls fewer than
+        ``ensure_running``, which first looks for one to adopt. A name already taken is an error."""
+        self.policy.check(spec)
+        return await self._run("start_new", lambda: self._start_new(spec))
+
     async def stop(self, name_or_id: str, timeout: float = 5) -> None:
         """Stop gracefully, killing after ``timeout`` seconds; a missing container is not an error."""
         await self._run("stop", lambda: self._stop(name_or_id, timeout))
@@ -329,11 +335,28 @@ class DockerRuntime:
             raise _TryAgain(f"container {spec.name!r} vanished while starting")
         return started
 
-    def _create(self, spec: ContainerSpec) -> ContainerInfo:
-        """Create without starting; a name conflict means another caller won the race."""
+    def _start_new(self, spec: ContainerSpec) -> ContainerInfo:
         api = self._client()
-        if not self._image_exists(spec.image):
-            raise ImageMissing(spec.image)
+        try:
+            created = api.create_container(**self._create_args(spec))
+        except ImageNotFound as exc:
+            raise ImageMissing(spec.image) from exc
+        except APIError as exc:
+            if exc.status_code == 409:
+                raise PolicyViolation(f"container name {spec.name!r} is taken", code="name-taken") from exc
+            raise
+        try:
+            api.start(created["Id"])
+        except APIError:
+            api.remove_container(created["Id"], force=True, v=True)  # nothing half-made is left behind
+            raise
+        started = self._inspect(created["Id"])
+        if started is None:
+            raise ContainerRuntimeError(f"container {spec.name!r} vanished right after it started")
+        return started
+
+    def _create_args(self, spec: ContainerSpec) -> dict[str, Any]:
+        api = self._client()
         host_config = api.create_host_config(
             **self.policy.hardening(spec),
             network_mode=spec.network,
@@ -344,17 +367,17 @@ class DockerRuntime:
             ],
             port_bindings={port: (spec.publish_address, host_port) for port, host_port in spec.ports.items()},
         )
+        return {"image": spec.image, "name": spec.name, "command": spec.command, "environment": dict(spec.env),
+                "labels": dict(spec.labels), "user": self.policy.user or None,
+                "ports": [_exposed(port) for port in spec.ports], "host_config": host_config}
+
+    def _create(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create without starting; a name conflict means another caller won the race."""
+        api = self._client()
+        if not self._image_exists(spec.image):
+            raise ImageMissing(spec.image)
         try:
-            created = api.create_container(
-                image=spec.image,
-                name=spec.name,
-                command=spec.command,
-                environment=dict(spec.env),
-                labels=dict(spec.labels),
-                user=self.policy.user or None,
-                ports=[_exposed(port) for port in spec.ports],
-                host_config=host_config,
-            )
+            created = api.create_container(**self._create_args(spec))
             log.info("docker.created", name=spec.name, image=spec.image, id=created["Id"][:12])
         except ImageNotFound as exc:
             raise ImageMissing(spec.image) from exc

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from controlplane.store.schema import pool_engines, pool_stream_stats, pool_streams
@@ -25,15 +26,18 @@ def save_engines(conn: Connection, items: list[tuple[str, list[dict[str, Any]]]]
                                                    for e in engines])
 
 
-def save_stream(conn: Connection, pool_id: str, stream: dict[str, Any]) -> None:
-    values = {"status": stream["status"], "container_id": stream["container_id"],
-              "started_at": datetime.fromisoformat(stream["started_at"]),
-              "ended_at": datetime.fromisoformat(stream["ended_at"]) if stream.get("ended_at") else None,
-              "body": stream}
-    updated = conn.execute(sa.update(pool_streams).where(pool_streams.c.pool_id == pool_id,
-                                                         pool_streams.c.id == stream["id"]).values(values))
-    if not updated.rowcount:
-        conn.execute(sa.insert(pool_streams).values(pool_id=pool_id, id=stream["id"], **values))
+def save_streams(conn: Connection, items: list[tuple[str, dict[str, Any]]]) -> None:
+    """Each stream as it was last given (a burst of events is one statement)."""
+    latest = {(pool_id, stream["id"]): stream for pool_id, stream in items}
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(pool_streams)
+    upsert = insert.on_conflict_do_update(
+        index_elements=["pool_id", "id"],
+        set_={name: insert.excluded[name] for name in ("status", "container_id", "started_at", "ended_at", "body")})
+    conn.execute(upsert, [
+        {"pool_id": pool_id, "id": stream["id"], "status": stream["status"], "container_id": stream["container_id"],
+         "started_at": datetime.fromisoformat(stream["started_at"]),
+         "ended_at": datetime.fromisoformat(stream["ended_at"]) if stream.get("ended_at") else None, "body": stream}
+        for (pool_id, _), stream in latest.items()])
 
 
 def add_stats(conn: Connection, items: list[tuple[str, str, dict[str, Any]]]) -> None:

@@ -48,6 +48,7 @@ class Writer:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._groups: dict[Callable[..., Any], tuple[list[Any], asyncio.Future[Any]]] = {}
+        self._bulky: set[Callable[..., Any]] = set()
 
     def start(self) -> Writer:
         self._task = asyncio.create_task(self._run(), name="store-writer")
@@ -64,18 +65,21 @@ class Writer:
         self._wake.set()
         return future
 
-    def gather(self, fn: Callable[[Connection, list[Any]], Any], item: Any) -> asyncio.Future[Any]:
+    def gather(self, fn: Callable[[Connection, list[Any]], Any], item: Any, bulky: bool = False) -> asyncio.Future[Any]:
         """Queue ``item`` for ``fn``, which takes every item gathered within ``GATHER_S`` as one
         unit: a thousand outcomes cost one unit, not a thousand. All share one future.
 
         For writes nobody waits on (read models kept durable): gathering them a moment keeps
-        them out of the way of the commits that requests do wait on.
+        them out of the way of the commits that requests do wait on. ``bulky``: the unit runs
+        off the event loop however few items it has (a hot path's own writes).
         """
         group = self._groups.get(fn)
         if group is None:
             loop = asyncio.get_running_loop()
             items: list[Any] = []
             group = self._groups[fn] = (items, loop.create_future())
+            if bulky:
+                self._bulky.add(fn)
             self._idle.clear()
             loop.call_later(GATHER_S, self._submit_gathered, fn)
         group[0].append(item)
@@ -86,7 +90,7 @@ class Writer:
         if group is None:  # already submitted by stop()
             return
         items, future = group
-        committed = self.submit(_Gathered(fn, items), bulky=len(items) > BULKY_ITEMS)
+        committed = self.submit(_Gathered(fn, items), bulky=len(items) > BULKY_ITEMS or fn in self._bulky)
         committed.add_done_callback(lambda done: _chain(done, future))
 
     async def stop(self) -> None:

@@ -169,3 +169,22 @@ def test_statistics_are_bounded_per_stream_and_filtered_by_time() -> None:
     assert len(view.add_stats(items)) == 5
     assert [s["peers"] for s in view.stats_of("ch-1", None)] == [2, 3, 4]
     assert [s["peers"] for s in view.stats_of("ch-1", base + timedelta(seconds=4))] == [4]
+
+
+def test_the_collector_polls_only_the_pools_own_engines() -> None:
+    from controlplane.contract.models import OutcomeState
+    from controlplane.contract.pool import PoolEngine
+    from controlplane.controller.pool import ActiveStream, PoolPolicy
+
+    policy = PoolPolicy(None, None, Settings(), "ace", small_pool(), "host", lambda: None, OutcomeState)  # type: ignore[arg-type]
+    now = utcnow()
+    policy.engines["c" * 64] = PoolEngine(container_id="c" * 64, host="127.0.0.1", port=19000, first_seen=now,
+                                          last_seen=now)
+
+    def polled(container_id: str, url: str) -> bool:
+        return policy._may_poll(ActiveStream(container_id, url, now))
+
+    assert polled("c" * 64, "http://127.0.0.1:19000/ace/stat/x/s1")
+    assert not polled("c" * 64, "http://127.0.0.1:15672/api/whoami")  # another port of the host
+    assert not polled("c" * 64, "http://10.0.0.1:19000/ace/stat/x/s1")  # another host
+    assert not polled("d" * 64, "http://127.0.0.1:19000/ace/stat/x/s1")  # no engine of the pool

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from controlplane.bus.batch import Batcher
 from controlplane.config import Settings
 from controlplane.contract.pool import (
     AceProvisionRequest, EngineState, ProvisionRequest, StreamEnded, StreamStarted, StreamState,
@@ -82,8 +83,7 @@ def surface(settings: Settings) -> Surface | None:
                                                                                   "pool-gc", "pool-scale")),
             *((f"ev.{kind}.swarm-controller.{pool}", routes.on_controller_status)
               for kind in ("status-full", "status-delta")),
-            (f"ev.ready.stream-started.{pool}", routes.on_stream_event),
-            (f"ev.ready.stream-ended.{pool}", routes.on_stream_event),
+            (f"ev.ready.stream-events.{pool}", routes.on_stream_events),
             (f"ev.ready.stream-stats.{pool}", routes.on_stream_stats),
         ),
         load=_load,
@@ -98,6 +98,7 @@ async def _load(ctx: GatewayContext) -> None:
     view = PoolView(ctx.store, ctx.settings.ace_pool_id, plan.pool.stats_history, bool(plan.pool.vpn_container))
     await view.load()
     ctx.surfaces[routes.NAME] = view
+    ctx.surfaces[routes.NAME + ".events"] = Batcher(lambda events: routes.announce(ctx, events))
     metrics.STREAMS_ACTIVE.set_function(view.started_count)
 
 

@@ -5,7 +5,7 @@ the pool's controller, answered synchronously from their outcome: a failure answ
 the status its code calls for (503 with ``retryAfterS`` and ``Retry-After`` when the pool
 cannot provision now), a missing outcome with 504 and the operation id. Stream events are
 facts a caller reports: recorded here (memory, then the store's next group commit) and
-announced as ``ev.ready.stream-started|ended.<pool>`` for every gateway and the controller.
+announced in batches, ``ev.ready.stream-events.<pool>``, to every gateway and the controller.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, ValidationError
 
+from controlplane.bus.batch import Batcher
 from controlplane.contract.models import (
     ActionRequest, CreateSwarmRequest, Outcome, Scope, SwarmStatus, new_id, utcnow,
 )
@@ -31,6 +32,7 @@ from controlplane.gateway.surfaces.ace.view import PoolView
 from controlplane.logs import get_logger
 from controlplane.scenarios import configured_pool
 from controlplane.store import OperationStatus, SwarmRow
+from controlplane.store.writer import detach
 
 log = get_logger("gateway.ace")
 
@@ -255,26 +257,42 @@ async def by_label(request: web.Request) -> web.Response:
 # --- stream events -------------------------------------------------------------------------
 
 
-async def _record(ctx: GatewayContext, signal: str, state: dict[str, Any]) -> None:
-    """Durable in the store's next group commit, and announced to the other gateways and the
-    pool's controller; both before the caller is answered."""
-    pool_id = _pool_id(ctx)
-    outcome = Outcome(correlation_id=new_id(), idempotency_key=state["id"], signal=signal,
-                      scope=Scope(swarm_id=pool_id), result="success", details={"stream": state})
-    await asyncio.gather(ctx.store.save_pool_stream(pool_id, state),
-                         ctx.bus.publish(outcome.routing_key(), outcome))
+STREAM_EVENTS = "stream-events"
+
+
+async def _record(ctx: GatewayContext, event: str, state: dict[str, Any]) -> None:
+    """Announced to every gateway (this one included) and the pool's controller before the
+    caller is answered: once the broker confirms, the event is durable in each gateway's own
+    queue, so a gateway that stops before its store write is committed still records it when
+    it consumes the event again. Events recorded while one batch is on its way go out together
+    in the next (``Batcher``); the store write is gathered likewise, and not waited for."""
+    batcher: Batcher[dict[str, Any]] = ctx.surfaces[NAME + ".events"]
+    await asyncio.shield(batcher.add({"event": event, "stream": state}))
+    detach(ctx.store.save_pool_stream(_pool_id(ctx), state), "save stream")
+
+
+# Marks the batches this process announced: their events are in its memory already. A
+# restarted gateway has another, so it applies what its predecessor announced but may not
+# have written to the store.
+_ANNOUNCER = new_id()
+
+
+async def announce(ctx: GatewayContext, events: list[dict[str, Any]]) -> None:
+    outcome = Outcome(correlation_id=new_id(), idempotency_key=new_id(), signal=STREAM_EVENTS,
+                      scope=Scope(swarm_id=_pool_id(ctx)), result="success",
+                      details={"events": events, "announcer": _ANNOUNCER})
+    await ctx.bus.publish(outcome.routing_key(), outcome)
 
 
 async def stream_started(request: web.Request) -> web.Response:
     ctx = context_of(request)
     event = StreamStarted.model_validate(await read_json(request))
     state, changed = view_of(ctx).start_stream(event)
-    body = state.to_dict()
     if changed:
         metrics.EVENTS_STARTED.inc()
     # A repeat is announced again: its first announcement may be what failed.
-    await _record(ctx, "stream-started", body)
-    return web.json_response(body)
+    await _record(ctx, "started", state.to_dict())
+    return web.Response(body=state.model_dump_json(), content_type="application/json")
 
 
 async def stream_ended(request: web.Request) -> web.Response:
@@ -290,7 +308,7 @@ async def stream_ended(request: web.Request) -> web.Response:
     if not changed:
         return web.json_response({"updated": False, "stream": body, "detail": "the stream had already ended"})
     metrics.EVENTS_ENDED.inc()
-    await _record(ctx, "stream-ended", body)
+    await _record(ctx, "ended", body)
     return web.json_response({"updated": True, "stream": body})
 
 
@@ -376,16 +394,22 @@ async def on_controller_status(ctx: GatewayContext, _key: str, body: dict[str, A
             pass
 
 
-async def on_stream_event(ctx: GatewayContext, key: str, body: dict[str, Any]) -> None:
-    if not _mine(ctx, body):
+async def on_stream_events(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
+    details = body.get("details") or {}
+    if not _mine(ctx, body) or details.get("announcer") == _ANNOUNCER:
         return
-    details, view = body.get("details") or {}, view_of(ctx)
-    if isinstance(details.get("stream"), dict):
-        view.observe_stream(details["stream"])
-    elif details.get("streamId"):  # ended by the pool (its engine went away, or forgot it)
-        state, changed = view.end_stream(str(details["streamId"]))
-        if changed and state is not None:
-            await ctx.store.save_pool_stream(_pool_id(ctx), state.to_dict())
+    events, view = details.get("events"), view_of(ctx)
+    for event in events if isinstance(events, list) else ():
+        changed = None
+        if not isinstance(event, dict):
+            continue
+        if isinstance(event.get("stream"), dict):  # recorded by a gateway (maybe this one, before a restart)
+            changed = view.observe_stream(event["stream"])
+        elif event.get("streamId"):  # ended by the pool (its engine went away, or forgot it)
+            state, ended = view.end_stream(str(event["streamId"]))
+            changed = state if ended else None
+        if changed is not None:
+            detach(ctx.store.save_pool_stream(_pool_id(ctx), changed.to_dict()), "save stream")
 
 
 async def on_stream_stats(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
