@@ -47,7 +47,8 @@ log = get_logger("host-controller")
 _FORWARDED = ("bee_network", "allow_host_network", "allow_privileged", "allowed_mounts", "allowed_images",
               "allowed_targets", "allow_sut_command", "container_memory_mb", "container_cpus", "container_pids",
               "container_log_max_size", "container_log_max_files", "container_user", "project_image",
-              "bee_ready_timeout_s", "status_interval_s", "log_format", "log_level")
+              "bee_ready_timeout_s", "status_interval_s", "log_format", "log_level",
+              "ace_pool_id", "ace_image")  # a pool's controller runs the engine image the operator named
 
 # A create without a deadline waits this long for the handshake.
 CREATE_WAIT_S = 120.0

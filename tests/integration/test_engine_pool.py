@@ -494,3 +494,16 @@ async def test_an_engine_removed_behind_the_pools_back_leaves_the_list_at_once(
             return found.get("cut") == "ended"
 
         await until(ended, 10, "its stream ended")
+
+
+async def test_a_pool_controller_in_a_container_provisions_and_probes(settings_factory: Callable[..., Settings],
+                                                                      runtime: DockerRuntime) -> None:
+    settings = pool_settings(settings_factory).model_copy(update={"controller_mode": "container"})
+    async with pool_stack(settings, runtime) as stack:
+        controller = await runtime.get(f"cp-{OWNER}-{settings.ace_pool_id}-ctl")
+        assert controller is not None and controller.state == "running"
+        status, made = await stack.post("/ace/provision/acestream", {})
+        assert status == 200, made
+        await until(lambda: _healthy(stack, made["container_id"]), 30, "the engine probed healthy from the container")
+        response = await stack.client.delete(f"/ace/containers/{made['container_id']}")
+        assert response.status == 200 and await runtime.get(made["container_id"]) is None
