@@ -98,13 +98,24 @@ class PoolPolicy:
         self._http: aiohttp.ClientSession | None = None
         self._scale_lock = asyncio.Lock()
         self._unwatch: Callable[[], None] | None = None
+        self._started = asyncio.Event()
         self._listing: asyncio.Task[None] | None = None
 
     # --- life -----------------------------------------------------------------------------
 
     def commands(self) -> dict[str, Callable[[Signal], Awaitable[Any]]]:
-        return {"pool-provision": self._provision, "pool-remove": self._remove, "pool-gc": self._gc,
-                "pool-scale": self._scale, "pool-inspect": self._inspect}
+        handlers = {"pool-provision": self._provision, "pool-remove": self._remove, "pool-gc": self._gc,
+                    "pool-scale": self._scale, "pool-inspect": self._inspect}
+        return {signal: self._once_started(handler) for signal, handler in handlers.items()}
+
+    def _once_started(self, handler: Callable[[Signal], Awaitable[Any]]) -> Callable[[Signal], Awaitable[Any]]:
+        """A signal that arrives while the pool takes its engines back waits for it: a port
+        is handed out only once every port the engines hold is known."""
+        async def serve(sig: Signal) -> Any:
+            await self._started.wait()
+            return await handler(sig)
+
+        return serve
 
     async def start(self, remembered: dict[str, Any] | None) -> None:
         """Take the pool's engines back from Docker and its streams from the snapshot; start
@@ -130,6 +141,7 @@ class PoolPolicy:
                                            self._on_docker_event)
         loops = (self._maintain_forever, self._probe_forever, self._collect_forever, self._vpn_forever)
         self._tasks = [asyncio.create_task(loop(), name=f"pool.{self.pool_id}.{loop.__name__}") for loop in loops]
+        self._started.set()
         log.info("pool started", pool=self.pool_id, engines=len(self.engines), streams=len(self.streams))
 
     async def stop(self) -> None:
@@ -293,7 +305,7 @@ class PoolPolicy:
             async def one() -> None:
                 async with gate:
                     try:
-                        started.append((await self.provision("acestream", {}, "scale")).container_id)
+                        started.append((await self.provision(self.spec.preset, {}, "scale")).container_id)
                     except Failure as failure:
                         failures.append(f"{failure.code}: {failure.message}")
 

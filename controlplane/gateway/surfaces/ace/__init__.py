@@ -109,6 +109,9 @@ async def _start(ctx: GatewayContext) -> None:
 
 async def _stop(ctx: GatewayContext) -> None:
     tasks = ctx.surfaces.pop(routes.NAME + ".tasks", [])
+    keeping = ctx.surfaces.pop(routes.NAME + ".keeping", None)
+    if keeping is not None:
+        tasks.append(keeping)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

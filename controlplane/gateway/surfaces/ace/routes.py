@@ -101,8 +101,10 @@ async def keep_pool(ctx: GatewayContext) -> None:
 def _require_pool(ctx: GatewayContext) -> None:
     swarm = ctx.swarms.get(_pool_id(ctx))
     if swarm is None or swarm.status in (SwarmStatus.REMOVED, SwarmStatus.FAILED, SwarmStatus.CREATING):
-        if swarm is None or swarm.status in (SwarmStatus.REMOVED, SwarmStatus.FAILED):
-            asyncio.ensure_future(keep_pool(ctx))
+        keeping: asyncio.Task[None] | None = ctx.surfaces.get(NAME + ".keeping")
+        if (swarm is None or swarm.status in (SwarmStatus.REMOVED, SwarmStatus.FAILED)) and \
+                (keeping is None or keeping.done()):  # one attempt at a time, however many callers
+            ctx.surfaces[NAME + ".keeping"] = asyncio.ensure_future(keep_pool(ctx))
         state = swarm.status if swarm else "missing"
         raise ApiError(503, "pool-unavailable", f"the engine pool {_pool_id(ctx)!r} is {state}: its controller is "
                        "not serving yet; retry shortly", retryable=True, retryAfterS=5)
