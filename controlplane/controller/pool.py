@@ -80,7 +80,7 @@ class ActiveStream:
 
 class PoolPolicy:
     def __init__(self, bus: Bus, runtime: DockerRuntime, settings: Settings, pool_id: str, spec: PoolSpec,
-                 owner: str, changed: Callable[[], None], state: Callable[[], OutcomeState]) -> None:
+                 owner: str, changed: Callable[[bool], None], state: Callable[[], OutcomeState]) -> None:
         self.bus, self.runtime, self.settings = bus, runtime, settings
         self.pool_id, self.spec, self.owner = pool_id, spec, owner
         self.engines: dict[str, PoolEngine] = {}
@@ -215,7 +215,7 @@ class PoolPolicy:
                 if engine.kind == "acestream":
                     self._spawn(self._until_first_answer(engine))
                 log.info("engine provisioned", pool=self.pool_id, container=engine.container_name, port=engine.port)
-                self._changed()
+                self._changed(True)
                 return engine
             raise AssertionError("unreachable")
         finally:
@@ -361,7 +361,7 @@ class PoolPolicy:
             self._end_stream(stream_id, f"engine {reason}")
         log.info("engine retired", pool=self.pool_id, container=engine.container_name, reason=reason,
                  streams_ended=len(ended))
-        self._changed()
+        self._changed(True)
 
     def _busy(self, container_id: str) -> bool:
         engine = self.engines.get(container_id)
@@ -423,7 +423,7 @@ class PoolPolicy:
             engine = self.engines.get(state.container_id)
             if engine is not None:
                 engine.last_stream_usage = utcnow()
-        self._changed()
+        self._changed(False)  # streams come in bursts: their announcement may wait a moment
 
     def _end_stream(self, stream_id: str, reason: str) -> None:
         """A stream the pool knows has ended (its engine is gone or forgot it): said as the
@@ -512,7 +512,7 @@ class PoolPolicy:
             if engine.container_id not in self.engines:
                 return
             if await self._answers(engine, self.spec.health.path):
-                await self._probe(engine)
+                self._mark_healthy(engine)
                 return
             await asyncio.sleep(NEW_ENGINE_PROBE_S)
 
@@ -525,29 +525,35 @@ class PoolPolicy:
                 self._forget(engine, "gone from Docker")
             elif info.state != engine.container_state:
                 engine.container_state = info.state
-                self._changed()
+                self._changed(True)
 
     async def _probe(self, engine: PoolEngine) -> None:
         healthy = engine.container_state == "running"
         if healthy and engine.kind == "acestream":
             healthy = await self._answers(engine, self.spec.health.path)
-        now, before = utcnow(), engine.health_status
-        engine.last_health_check = now
         if healthy:
-            self._failures.pop(engine.container_id, None)
+            self._mark_healthy(engine)
+            return
+        engine.last_health_check = utcnow()
+        failures = self._failures[engine.container_id] = self._failures.get(engine.container_id, 0) + 1
+        started = self._started_at.get(engine.container_id)
+        starting = started is not None and asyncio.get_running_loop().time() - started < self.spec.startup_timeout_s
+        if engine.container_state != "running" or (not starting and failures >= self.spec.health.failures):
             self._started_at.pop(engine.container_id, None)
-            engine.health_status = "healthy"
-            engine.last_seen = now
-        else:
-            failures = self._failures[engine.container_id] = self._failures.get(engine.container_id, 0) + 1
-            started = self._started_at.get(engine.container_id)
-            starting = started is not None and asyncio.get_running_loop().time() - started < self.spec.startup_timeout_s
-            if engine.container_state != "running" or (not starting and failures >= self.spec.health.failures):
-                engine.health_status = "unhealthy"
-                self._started_at.pop(engine.container_id, None)
-        if engine.health_status != before:
-            log.info("engine health", pool=self.pool_id, container=engine.container_name, health=engine.health_status)
-            self._changed()
+            self._set_health(engine, "unhealthy")
+
+    def _mark_healthy(self, engine: PoolEngine) -> None:
+        now = utcnow()
+        engine.last_health_check = engine.last_seen = now
+        self._failures.pop(engine.container_id, None)
+        self._started_at.pop(engine.container_id, None)
+        self._set_health(engine, "healthy")
+
+    def _set_health(self, engine: PoolEngine, health: str) -> None:
+        if engine.health_status != health:
+            engine.health_status = health  # type: ignore[assignment]
+            log.info("engine health", pool=self.pool_id, container=engine.container_name, health=health)
+            self._changed(True)
 
     async def _answers(self, engine: PoolEngine, path: str) -> bool:
         assert self._http is not None
@@ -614,7 +620,7 @@ class PoolPolicy:
             engine.last_cache_cleanup = utcnow()
             log.info("engine cache cleaned", pool=self.pool_id, container=engine.container_name,
                      bytes=engine.cache_size_bytes, exit_code=code)
-            self._changed()
+            self._changed(True)
 
     async def _collect_forever(self) -> None:
         await self._forever("stats collection", lambda: self.spec.stats_interval_s, self._collect)
@@ -698,7 +704,7 @@ class PoolPolicy:
         self.vpn = vpn
         if changed:
             log.info("vpn status", pool=self.pool_id, health=vpn.health, connected=vpn.connected)
-            self._changed()
+            self._changed(True)
 
     async def _engines_connected(self) -> bool:
         path = self.spec.network_probe_path

@@ -123,6 +123,7 @@ class SwarmController:
             if plan.pool is not None else None
         self._announcer = snapshot.LatestSaver(self._announce)
         self._last_announce = float("-inf")
+        self._urgent = False
         self._shared_lock = asyncio.Lock()
         self._own_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         templates = bus.topology.templates
@@ -214,18 +215,19 @@ class SwarmController:
             return
         await self._save_state()
 
-    def _pool_changed(self) -> None:
-        """The pool changed: watchers hear it and the snapshot keeps it, soon, once per burst."""
+    def _pool_changed(self, urgent: bool) -> None:
+        """The pool changed: watchers hear it and the snapshot keeps it. An engine's change at
+        once; a burst of stream events at most once per ANNOUNCE_GATHER_S."""
         if not self._removed.is_set():
+            self._urgent = self._urgent or urgent
             self._announcer.request()
 
     async def _announce(self) -> None:
-        # At once after a quiet spell; in a burst (stream events) at most one per
-        # ANNOUNCE_GATHER_S, each covering every change before it.
         loop = asyncio.get_running_loop()
         wait = self._last_announce + ANNOUNCE_GATHER_S - loop.time()
-        if wait > 0:
+        if wait > 0 and not self._urgent:
             await asyncio.sleep(wait)
+        self._urgent = False
         self._last_announce = loop.time()
         await self.bus.publish(*self._status("status-delta"))
         await self._save_state()

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 
 from controlplane.config import Settings
 from controlplane.runtime.docker import DockerRuntime
@@ -507,3 +508,28 @@ async def test_a_pool_controller_in_a_container_provisions_and_probes(settings_f
         await until(lambda: _healthy(stack, made["container_id"]), 30, "the engine probed healthy from the container")
         response = await stack.client.delete(f"/ace/containers/{made['container_id']}")
         assert response.status == 200 and await runtime.get(made["container_id"]) is None
+
+
+async def test_two_gateways_serve_one_pool_as_one(settings_factory: Callable[..., Settings],
+                                                  runtime: DockerRuntime) -> None:
+    from tests.conftest import fresh_postgres_database
+
+    async with fresh_postgres_database() as url:
+        settings = pool_settings(settings_factory).model_copy(update={"database_url": SecretStr(url)})
+        async with pool_stack(settings.model_copy(update={"gateway_id": "gw-a"}), runtime) as a, \
+                running_stack(settings.model_copy(update={"gateway_id": "gw-b"}), runtime, with_host=False) as b:
+            status, made = await a.post("/ace/provision/acestream", {})
+            assert status == 200, made
+            await until(lambda: _healthy(b, made["container_id"]), 20, "the engine listed by the other gateway")
+            status, _ = await a.post("/ace/events/stream_started", started_event(made, "shared"))
+            assert status == 200
+
+            async def stream_on(gw: Stack, wanted: str) -> bool:
+                return {s["id"]: s["status"] for s in (await gw.get("/ace/streams"))[1]}.get("shared") == wanted
+
+            await until(lambda: stream_on(b, "started"), 10, "the stream started through the other gateway")
+            status, ended = await b.post("/ace/events/stream_ended", {"stream_id": "shared"})
+            assert status == 200 and ended["updated"] is True
+            await until(lambda: stream_on(a, "ended"), 10, "the stream ended through the other gateway")
+            status, again = await a.post("/ace/events/stream_ended", {"stream_id": "shared"})
+            assert status == 200 and again["updated"] is False  # ended once, whichever gateway is asked

@@ -273,16 +273,17 @@ async def _record(ctx: GatewayContext, event: str, state: dict[str, Any]) -> Non
     detach(ctx.store.save_pool_stream(_pool_id(ctx), state), "save stream")
 
 
-# Marks the batches this process announced: their events are in its memory already. A
-# restarted gateway has another, so it applies what its predecessor announced but may not
-# have written to the store.
-_ANNOUNCER = new_id()
+def announcer(ctx: GatewayContext) -> str:
+    """Marks the batches this gateway announced since it started: their events are in its
+    memory already. A restarted gateway has another mark, so it applies what its predecessor
+    announced but may not have written to the store."""
+    return ctx.surfaces.setdefault(NAME + ".announcer", new_id())
 
 
 async def announce(ctx: GatewayContext, events: list[dict[str, Any]]) -> None:
     outcome = Outcome(correlation_id=new_id(), idempotency_key=new_id(), signal=STREAM_EVENTS,
                       scope=Scope(swarm_id=_pool_id(ctx)), result="success",
-                      details={"events": events, "announcer": _ANNOUNCER})
+                      details={"events": events, "announcer": announcer(ctx)})
     await ctx.bus.publish(outcome.routing_key(), outcome)
 
 
@@ -398,7 +399,7 @@ async def on_controller_status(ctx: GatewayContext, _key: str, body: dict[str, A
 
 async def on_stream_events(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
     details = body.get("details") or {}
-    if not _mine(ctx, body) or details.get("announcer") == _ANNOUNCER:
+    if not _mine(ctx, body) or details.get("announcer") == announcer(ctx):
         return
     events, view = details.get("events"), view_of(ctx)
     for event in events if isinstance(events, list) else ():
