@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
@@ -21,6 +23,20 @@ REGISTRY_FLUSH_SECONDS = Histogram("cp_registry_flush_seconds", "Time to save on
 # Label values come from a closed set: a caller's method or a message's role must not mint series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ROLES = frozenset({"swarm-controller", "generator", "moderator", "processor", "postprocessor", "trigger"})
+
+
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def http_series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The request counter and the latency histogram of one (method, route, status), looked up
+    once: ``labels()`` costs more than the increment on a hot path. Routes and statuses are the
+    app's own, so the table stays small."""
+    key = (method_label(method), route, status)
+    series = _SERIES.get(key)
+    if series is None:
+        series = _SERIES[key] = (HTTP_REQUESTS.labels(key[0], route, str(status)), HTTP_LATENCY.labels(key[0], route))
+    return series
 
 
 def method_label(method: str) -> str:

@@ -98,7 +98,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
                        [{"field": "(body)", "reason": "not valid JSON"}]) from None
     except RecursionError:
         body = _TOO_DEEP  # deeper than the parser goes: refused below like any body too deep
-    if body is _TOO_DEEP or _deeper_than(body, MAX_BODY_DEPTH):
+    # Fewer brackets than the limit cannot nest deeper than it: counting is cheaper than walking.
+    shallow = raw.count(b"{") + raw.count(b"[") <= MAX_BODY_DEPTH
+    if body is _TOO_DEEP or (not shallow and _deeper_than(body, MAX_BODY_DEPTH)):
         raise ApiError(400, "invalid-request", f"request body is nested deeper than {MAX_BODY_DEPTH} levels",
                        [{"field": "(body)", "reason": "nested too deep"}])
     if not isinstance(body, dict):
@@ -135,12 +137,12 @@ def make_middlewares(admin_key: str | None, read_key: str | None = None,
         started = time.perf_counter()
         response = await handler(request)
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        method = metrics.method_label(request.method)
-        metrics.HTTP_REQUESTS.labels(method, route, str(response.status)).inc()
+        counted, timed = metrics.http_series(request.method, route, response.status)
+        counted.inc()
         if not isinstance(response, web.Response):  # a stream: its lifetime is not a request's latency
             return response
         response.headers["X-Request-Id"] = request_id
-        metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+        timed.observe(time.perf_counter() - started)
         return response
 
     @web.middleware

@@ -350,10 +350,10 @@ class DockerRuntime:
         except APIError:
             api.remove_container(created["Id"], force=True, v=True)  # nothing half-made is left behind
             raise
-        started = self._inspect(created["Id"])
-        if started is None:
-            raise ContainerRuntimeError(f"container {spec.name!r} vanished right after it started")
-        return started
+        # Started: what an inspection would say is known, without asking (the Docker event
+        # stream and listings report what happens to it next).
+        return ContainerInfo(id=created["Id"], name=spec.name, image=spec.image, state="running", exit_code=None,
+                             labels=dict(spec.labels), started_at=None, ports=dict(spec.ports))
 
     def _create_args(self, spec: ContainerSpec) -> dict[str, Any]:
         api = self._client()
