@@ -1,13 +1,14 @@
 """Engine-pool benchmark: provisioning, GET /engines, stream event ingest, each beside a
 reference measured in the same run.
 
-    .venv/bin/python -m bench.pool             # about 2 minutes
+    .venv/bin/python -m bench.pool             # about 1.5 minutes
     .venv/bin/python -m bench.pool --json /tmp/pool.json
 
 1. Provisioning: 20 engines (``controlplane-fake-engine:local``), 5 at a time, through
    ``POST /ace/provision/acestream`` until every one is listed healthy by ``GET /ace/engines``;
    reference: the same 20 ``docker run -d`` of the same image with the same CONF and a
-   published port, 5 at a time. Goal: at most 1.15x, with no failure.
+   published port, 5 at a time; rounds alternate, the median is reported. Goal: at most 1.15x,
+   with no failure.
 2. ``GET /ace/engines`` with 10 engines at concurrency 16 (goal: at least 1,600 req/s), beside
    ``GET /healthz``; and with 1,000 engines in the read model (simulated: a pool status with
    1,000 rows published as its controller would), p99 under 50 ms.
