@@ -533,3 +533,25 @@ async def test_two_gateways_serve_one_pool_as_one(settings_factory: Callable[...
             await until(lambda: stream_on(a, "ended"), 10, "the stream ended through the other gateway")
             status, again = await a.post("/ace/events/stream_ended", {"stream_id": "shared"})
             assert status == 200 and again["updated"] is False  # ended once, whichever gateway is asked
+
+
+async def test_protected_endpoints_need_the_bearer_key(settings_factory: Callable[..., Settings],
+                                                       runtime: DockerRuntime) -> None:
+    settings = pool_settings(settings_factory).model_copy(update={"api_key": SecretStr("k" * 16)})
+    async with pool_stack(settings, runtime) as stack:
+        admin = {"Authorization": "Bearer " + "k" * 16}
+        wrong = {"Authorization": "Bearer " + "x" * 16}
+        query = {"key": "stream_id", "value": "ch-1"}
+        assert (await stack.client.get("/ace/by-label", params=query)).status == 401
+        assert (await stack.client.get("/ace/by-label", params=query, headers=wrong)).status == 403
+        response = await stack.client.get("/ace/by-label", params=query, headers=admin)
+        assert response.status == 200 and await response.json() == []
+        for method, path in (("POST", "/ace/gc"), ("POST", "/ace/scale/1"), ("DELETE", "/ace/containers/abc"),
+                             ("POST", "/ace/provision/acestream")):
+            assert (await stack.client.request(method, path)).status == 401, path
+            assert (await stack.client.request(method, path, headers=wrong)).status == 403, path
+        # Reads stay open unless the operator protects them; metrics always are.
+        assert (await stack.client.get("/ace/engines")).status == 200
+        assert (await stack.client.get("/ace/metrics")).status == 200
+        response = await stack.client.post("/ace/gc", headers=admin)
+        assert response.status == 200 and (await response.json())["removed"] == []

@@ -188,3 +188,23 @@ def test_the_collector_polls_only_the_pools_own_engines() -> None:
     assert not polled("c" * 64, "http://127.0.0.1:15672/api/whoami")  # another port of the host
     assert not polled("c" * 64, "http://10.0.0.1:19000/ace/stat/x/s1")  # another host
     assert not polled("d" * 64, "http://127.0.0.1:19000/ace/stat/x/s1")  # no engine of the pool
+
+
+def test_the_engine_pool_api_mounts_under_any_prefix_even_none() -> None:
+    from aiohttp import web
+
+    from controlplane.gateway.app import BASE_OPERATIONS
+    from controlplane.gateway.surface import mount
+    from controlplane.gateway.surfaces import surfaces_for
+
+    for prefix in ("/ace", "/pools/ace", ""):
+        access: dict[tuple[str, str], str] = {}
+        ops = mount(web.Application(), surfaces_for(Settings(ace_prefix=prefix)), claimed=BASE_OPERATIONS,
+                    access=access)
+        paths = {(op.method, op.path) for op in ops}
+        assert ("POST", f"{prefix}/provision/acestream") in paths and ("GET", f"{prefix}/vpn/status") in paths
+        assert access[("GET", f"{prefix}/by-label")] == "protected"
+        # Its metrics are the gateway's own /metrics when there is no prefix, never claimed twice.
+        assert (("GET", f"{prefix}/metrics") in paths) is bool(prefix)
+    assert not [op for op in mount(web.Application(), surfaces_for(Settings(ace_pool_id="")))
+                if op.path.startswith("/ace")]
