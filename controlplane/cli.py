@@ -141,7 +141,9 @@ def up() -> None:
             await _start_host(stack, host_settings,
                               await _open_bus(stack, host_settings, f"host-controller.{settings.instance_id}"))
             base = f"http://{settings.host}:{settings.port}"
-            click.echo(f"controlplane is up\n  API:           {base}/api\n  health:        {base}/readyz\n"
+            pool = f"  engine pool:   {base}{settings.ace_prefix} (engines: {settings.ace_image})\n" \
+                if settings.ace_pool_id else ""
+            click.echo(f"controlplane is up\n  API:           {base}/api\n{pool}  health:        {base}/readyz\n"
                        f"  management UI: {settings.management_url} (guest/guest from this machine)", err=True)
             await stop.wait()
 
