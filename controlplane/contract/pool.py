@@ -85,6 +85,9 @@ class PoolSpec(Strict):
     # their ports published on this address, so stat URLs and probes work from the host.
     network: str = Field("bridge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     publish_address: str = "127.0.0.1"
+    # How the pool's controller reaches its engines (probes, statistics): at their published
+    # port, or at their own address on ``network`` (a controller in a container on that network).
+    probe_address: Literal["published", "container"] = "published"
     startup_timeout_s: float = Field(25.0, gt=0, le=600)
     health: ProbeSpec = Field(default_factory=ProbeSpec)
     network_probe_path: str | None = Field(None, pattern=r"^/\S*$")
@@ -206,6 +209,7 @@ class PoolEngine(EngineState):
     container_https_port: int | None = None
     host_https_port: int | None = None
     host_ports: list[int] = Field(default_factory=list)  # every host port it holds
+    ip: str | None = None  # its address on the pool's network
 
     def api_view(self) -> dict[str, Any]:
         return self.model_dump(mode="json", include=ENGINE_STATE_FIELDS)

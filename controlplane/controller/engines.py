@@ -130,7 +130,7 @@ def engine_from(info: ContainerInfo, pool: PoolSpec, first_seen: datetime | None
         first_seen=first_seen or now, last_seen=now, kind=kind, container_state=info.state,
         health_status="unknown" if info.state == "running" else "unhealthy",
         container_http_port=ports.get("http"), container_https_port=ports.get("https"),
-        host_https_port=ports.get("hostHttps"), host_ports=_host_ports(ports))
+        host_https_port=ports.get("hostHttps"), host_ports=_host_ports(ports), ip=info.ip)
 
 
 def request_of(info_labels: dict[str, str]) -> tuple[EngineKind, dict[str, Any]] | None:

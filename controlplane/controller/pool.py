@@ -266,6 +266,8 @@ class PoolPolicy:
                 raise Failure("startup-timeout", f"the engine did not run within {self.spec.startup_timeout_s:g}s; "
                               f"last log lines: {redact(logs.strip())}", phase, retryable=True, state=self._state())
             info = running
+        if self.spec.probe_address == "container" and info.ip is None:
+            info = await self.runtime.get(info.id) or info  # its address on the pool's network
         return engine_from(info, self.spec)
 
     async def _remove(self, sig: Signal) -> Done:
@@ -567,6 +569,8 @@ class PoolPolicy:
             return False
 
     def _engine_url(self, engine: PoolEngine) -> str:
+        if self.spec.probe_address == "container" and engine.ip and engine.container_http_port:
+            return f"http://{engine.ip}:{engine.container_http_port}"
         return f"http://{engine.host}:{engine.port}"
 
     async def _replace_unhealthy(self) -> None:
@@ -653,8 +657,12 @@ class PoolPolicy:
         assert self._http is not None
         if not self._may_poll(stream):
             return None, False
+        engine = self.engines[stream.container_id]
+        parts = urlsplit(stream.stat_url)
+        # The caller's URL names the published port; the controller may reach the engine elsewhere.
+        url = self._engine_url(engine) + parts.path + (f"?{parts.query}" if parts.query else "")
         try:
-            async with self._http.get(stream.stat_url) as response:
+            async with self._http.get(url) as response:
                 body = await response.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None, False

@@ -555,3 +555,20 @@ async def test_protected_endpoints_need_the_bearer_key(settings_factory: Callabl
         assert (await stack.client.get("/ace/metrics")).status == 200
         response = await stack.client.post("/ace/gc", headers=admin)
         assert response.status == 200 and (await response.json())["removed"] == []
+
+
+async def test_engines_reached_at_their_own_address_on_the_pools_network(settings_factory: Callable[..., Settings],
+                                                                        runtime: DockerRuntime) -> None:
+    # What a controller in a container on the engines' network does (docker-compose.yml).
+    settings = pool_settings(settings_factory, probeAddress="container")
+    async with pool_stack(settings, runtime) as stack:
+        status, made = await stack.post("/ace/provision/acestream", {})
+        assert status == 200, made
+        await until(lambda: _healthy(stack, made["container_id"]), 20, "the engine probed at its own address")
+        status, _ = await stack.post("/ace/events/stream_started", started_event(made, "inside"))
+        assert status == 200
+
+        async def stats() -> list[dict[str, Any]]:
+            return (await stack.get("/ace/streams/inside/stats"))[1]
+
+        assert (await until(stats, 20, "statistics read at the engine's own address"))[0]["status"] == "dl"

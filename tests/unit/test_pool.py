@@ -176,7 +176,7 @@ def test_the_collector_polls_only_the_pools_own_engines() -> None:
     from controlplane.contract.pool import PoolEngine
     from controlplane.controller.pool import ActiveStream, PoolPolicy
 
-    policy = PoolPolicy(None, None, Settings(), "ace", small_pool(), "host", lambda: None, OutcomeState)  # type: ignore[arg-type]
+    policy = PoolPolicy(None, None, Settings(), "ace", small_pool(), "host", lambda _: None, OutcomeState)  # type: ignore[arg-type]
     now = utcnow()
     policy.engines["c" * 64] = PoolEngine(container_id="c" * 64, host="127.0.0.1", port=19000, first_seen=now,
                                           last_seen=now)
@@ -208,3 +208,18 @@ def test_the_engine_pool_api_mounts_under_any_prefix_even_none() -> None:
         assert (("GET", f"{prefix}/metrics") in paths) is bool(prefix)
     assert not [op for op in mount(web.Application(), surfaces_for(Settings(ace_pool_id="")))
                 if op.path.startswith("/ace")]
+
+
+def test_a_controller_on_the_engines_network_reaches_them_at_their_own_address() -> None:
+    from controlplane.contract.models import OutcomeState
+    from controlplane.contract.pool import PoolEngine
+    from controlplane.controller.pool import PoolPolicy
+
+    now = utcnow()
+    engine = PoolEngine(container_id="c" * 64, host="127.0.0.1", port=19000, first_seen=now, last_seen=now,
+                        ip="172.18.0.5", container_http_port=40000)
+    published = PoolPolicy(None, None, Settings(), "ace", small_pool(), "host", lambda _: None, OutcomeState)  # type: ignore[arg-type]
+    inside = PoolPolicy(None, None, Settings(), "ace", small_pool(probeAddress="container"), "host",  # type: ignore[arg-type]
+                        lambda _: None, OutcomeState)
+    assert published._engine_url(engine) == "http://127.0.0.1:19000"
+    assert inside._engine_url(engine) == "http://172.18.0.5:40000"
