@@ -132,7 +132,8 @@ class DockerRuntime:
 
     async def start_new(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start a container whose name is new (a pool's engine): two calls fewer than
-        ``ensure_running``, which first looks for one to adopt. A name already taken is an error."""
+        ``ensure_running``, which first looks for one to adopt. A name already taken is adopted
+        only when its labels say it is this container (``name-taken`` otherwise)."""
         self.policy.check(spec)
         return await self._run("start_new", lambda: self._start_new(spec))
 
@@ -342,9 +343,11 @@ class DockerRuntime:
         except ImageNotFound as exc:
             raise ImageMissing(spec.image) from exc
         except APIError as exc:
-            if exc.status_code == 409:
-                raise PolicyViolation(f"container name {spec.name!r} is taken", code="name-taken") from exc
-            raise
+            if exc.status_code != 409:
+                raise
+            # Taken: by this very container when a retried attempt's create had gone through
+            # (then it is ours, and started like any other), else refused.
+            return self._ensure_running(spec)
         try:
             api.start(created["Id"])
         except APIError:

@@ -130,6 +130,25 @@ async def test_ensure_running_is_idempotent_and_restarts(runtime: DockerRuntime,
     await runtime.stop(spec.name)  # missing: no error
 
 
+async def test_start_new_starts_a_new_name_and_adopts_only_its_own_half_made_container(
+        runtime: DockerRuntime, make_spec) -> None:
+    spec = make_spec("fresh")
+    started = await runtime.start_new(spec)
+    inspected = await runtime.get(spec.name)
+    assert inspected is not None and inspected.id == started.id and inspected.state == "running"
+    # A create that went through before its answer was lost: the retry finds it and starts it.
+    halfway = make_spec("halfway")
+    created = runtime._client().create_container(**runtime._create_args(halfway))
+    adopted = await runtime.start_new(halfway)
+    assert adopted.id == created["Id"] and adopted.state == "running"
+    # The same name on someone else's container is refused.
+    foreign = make_spec("fresh", labels=managed_labels("bee", owner="other", swarm_id=spec.labels["controlplane.swarm"],
+                                                       role="test", instance="fresh"))
+    with pytest.raises(PolicyViolation) as refused:
+        await runtime.start_new(foreign)
+    assert refused.value.code == "name-taken"
+
+
 async def test_list_by_labels_finds_exactly_this_runs_containers(runtime: DockerRuntime, make_spec, run_swarm) -> None:
     a = await runtime.ensure_running(make_spec("list-a"))
     b = await runtime.ensure_running(make_spec("list-b"))
