@@ -105,7 +105,7 @@ def controller_grant(swarm_id: str) -> Grant:
             rf"sig\.{_SEGMENT}\.{bee}",  # signals to its bees
             state),
         topic_read=_any(rf"sig\.\*\.{swarm}", rf"sig\.\*\.{own_scope}", rf"ev\.\*\.{bee}", rf"ev\.\*\.\*\.{bee}",
-                        rf"ev\.ready\.stream-events\.{swarm}",  # a pool's streams, recorded by gateways
+                        rf"ev\.ready\.{re.escape(keys.STREAM_EVENTS)}\.{swarm}",  # a pool's streams, recorded by gateways
                         state),
     )
 
@@ -124,7 +124,7 @@ def gateway_grant(gateway_id: str) -> Grant:
         read=_any(*exchanges, *static, own),
         # Stream events are facts the gateway records for a pool (the engine-pool surface).
         topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+",
-                         rf"ev\.ready\.stream-events\.{_SEGMENT}"),
+                         rf"ev\.ready\.{re.escape(keys.STREAM_EVENTS)}\.{_SEGMENT}"),
         topic_read=".*",
     )
 

@@ -29,6 +29,12 @@ SUT_PART = "sut"
 RESERVED_CONTAINER_PARTS = (CONTROLLER_PART, SUT_PART)
 SWARM_SIGNALS = ("swarm-create", "swarm-start", "swarm-stop", "swarm-remove", "swarm-template")
 COMPONENT_SIGNALS = ("config-update", "status-request")
+# A pool's own signals (its swarm scope), and the events its streams make: ``stream-events``
+# (gateways' batches of starts and ends, and the pool's own ends) and ``stream-stats`` (one
+# collection round), both ``ev.ready.<event>.<pool>``.
+POOL_SIGNALS = ("pool-provision", "pool-remove", "pool-gc", "pool-scale", "pool-inspect")
+STREAM_EVENTS = "stream-events"
+STREAM_STATS = "stream-stats"
 
 SLUG_MAX = 32
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")

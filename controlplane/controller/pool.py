@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from controlplane.bus import Bus
 from controlplane.config import Settings
+from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Scope, Signal, new_id, utcnow
 from controlplane.contract.pool import PoolEngine, PoolSpec, StreamState, StreamStats, StreamStatSnapshot, VpnStatus
 from controlplane.contract.receiver import Done, Failure
@@ -55,9 +56,6 @@ from controlplane.runtime.labels import engine_ports, filter_for
 
 log = get_logger("pool")
 
-POOL_SIGNALS = ("pool-provision", "pool-remove", "pool-gc", "pool-scale", "pool-inspect")
-# The gateways' batches of stream starts and ends; the pool's own ends go out the same way.
-STREAM_EVENTS = "stream-events"
 # How often the floor and the idle engines are looked at; a new engine's first probes.
 MAINTAIN_INTERVAL_S = 1.0
 FIRST_PROBE_INTERVAL_S = 0.2
@@ -433,7 +431,7 @@ class PoolPolicy:
         active = self.streams.pop(stream_id, None)
         if active is None:
             return
-        asyncio.ensure_future(self._announce(STREAM_EVENTS, {"events": [
+        asyncio.ensure_future(self._announce(keys.STREAM_EVENTS, {"events": [
             {"event": "ended", "streamId": stream_id, "reason": reason, "containerId": active.container_id}]}))
         self._use(active.container_id, stream_id, False)
 
@@ -650,7 +648,7 @@ class PoolPolicy:
 
         await asyncio.gather(*(one(sid, s) for sid, s in list(self.streams.items())))
         if stats or errors:
-            await self._announce("stream-stats", {"stats": stats, "errors": errors})
+            await self._announce(keys.STREAM_STATS, {"stats": stats, "errors": errors})
 
     async def _stat(self, stream: ActiveStream) -> tuple[StreamStatSnapshot | None, bool]:
         """A snapshot; or (None, True) when the engine says it does not know the session."""

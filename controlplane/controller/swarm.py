@@ -61,7 +61,7 @@ from controlplane.controller.plan import (
     sut_url,
     teardown_swarm,
 )
-from controlplane.controller.pool import STREAM_EVENTS, PoolPolicy
+from controlplane.controller.pool import PoolPolicy
 from controlplane.controller.replies import Replies
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
@@ -157,7 +157,7 @@ class SwarmController:
         restored = await self._restore()
         self._consumers.append(await self.bus.consume(self._replies_decl, self._on_reply, prefetch=256))
         if self.pool is not None:  # the streams the gateway records on the pool's engines
-            await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, keys.ready_key(STREAM_EVENTS, self.swarm_id))
+            await self.bus.bind(self._replies_decl.name, keys.CONTROL_EXCHANGE, keys.ready_key(keys.STREAM_EVENTS, self.swarm_id))
         self._consumers.append(await self.bus.consume(self._queue_decl, self.server.on_message, prefetch=64))
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -412,7 +412,7 @@ class SwarmController:
             self._on_bee_status(Status.model_validate(body))
         elif parsed.kind in ("ready", "error"):
             outcome = Outcome.model_validate(body)
-            if self.pool is not None and parsed.signal == STREAM_EVENTS:
+            if self.pool is not None and parsed.signal == keys.STREAM_EVENTS:
                 self.pool.on_stream_events(outcome)
                 return
             self._replies.resolve((outcome.correlation_id, parsed.instance or ""), outcome)

@@ -39,6 +39,7 @@ class Op:
     body: type[BaseModel] | None = None
     statuses: tuple[int, ...] = (200,)
     response: type[BaseModel] | None = None  # schema of the success body; None: a JSON object
+    many: bool = False  # the success body is a JSON array of ``response``
     mutating: bool = False
     tags: tuple[str, ...] = field(default=())
     query: tuple[str, ...] = ()  # optional string query parameters
@@ -73,6 +74,8 @@ def document(ops: list[Op], title: str = "controlplane", open_paths: frozenset[s
         for status in statuses:
             if status < 400:
                 schema = {"$ref": f"#/components/schemas/{op.response.__name__}"} if op.response else {"type": "object"}
+                if op.many:
+                    schema = {"type": "array", "items": schema}
             else:
                 schema = {"$ref": "#/components/schemas/Error"}
             operation["responses"][str(status)] = {"description": REASONS.get(status, ""),

@@ -146,7 +146,7 @@ class Registry:
         report = StatusReport(
             role=status.role, instance=status.instance, swarm_id=status.swarm_id, enabled=status.enabled,
             state=status.state, totals=status.totals, queue_stats=status.queue_stats,
-            data=_without_bees(status), version=status.version, seen_at=now)
+            data=_own_data(status), version=status.version, seen_at=now)
         self._batch.reports[(status.role, status.instance)] = report
         previous = self._rows.get((status.role, status.instance))
         self._put(ComponentRow(
@@ -213,7 +213,7 @@ class Registry:
 _KEPT_ELSEWHERE = frozenset({"bees", "pool"})
 
 
-def _without_bees(status: Status) -> dict[str, Any]:
+def _own_data(status: Status) -> dict[str, Any]:
     if status.role != keys.CONTROLLER_ROLE:
         return status.data
     return {k: v for k, v in status.data.items() if k not in _KEPT_ELSEWHERE}

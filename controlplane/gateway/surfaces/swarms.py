@@ -239,7 +239,7 @@ SURFACE = Surface(
          _lifecycle("swarm-remove", ActionRequest)),
         (_action("/api/swarms/{swarmId}/template", "Apply a swarm plan (sig.swarm-template)", TemplateRequest),
          _lifecycle("swarm-template", TemplateRequest)),
-        (Op("GET", "/api/swarms", "List swarms", tags=("swarms",)), list_swarms),
+        (Op("GET", "/api/swarms", "List swarms", tags=("swarms",), many=True), list_swarms),
         (Op("GET", "/api/swarms/{swarmId}", "One swarm: status, health, bees", statuses=(200, 400, 404),
             tags=("swarms",)), get_swarm),
         (Op("GET", "/api/templates", "Scenario templates and invalid scenario files", tags=("swarms",)),

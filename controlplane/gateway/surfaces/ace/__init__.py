@@ -12,8 +12,9 @@ import asyncio
 
 from controlplane.bus.batch import Batcher
 from controlplane.config import Settings
+from controlplane.contract import keys
 from controlplane.contract.pool import (
-    AceProvisionRequest, EngineState, ProvisionRequest, StreamEnded, StreamStarted, StreamState,
+    AceProvisionRequest, EngineState, ProvisionRequest, StreamEnded, StreamStarted, StreamState, StreamStatSnapshot,
 )
 from controlplane.gateway.metrics import metrics_view
 from controlplane.gateway.context import GatewayContext
@@ -49,18 +50,19 @@ def surface(settings: Settings) -> Surface | None:
             body=StreamStarted, response=StreamState, statuses=(200, 400), mutating=True), routes.stream_started),
         (op("POST", "/events/stream_ended", "Record a stream ended (idempotent; unknown: updated false)",
             body=StreamEnded, statuses=(200, 400), mutating=True), routes.stream_ended),
-        (op("GET", "/engines", "Engines with their health (EngineState[])", response=EngineState),
+        (op("GET", "/engines", "Engines with their health", response=EngineState, many=True),
          routes.list_engines),
         (op("GET", "/engines/{container_id}", "One engine and its started streams", statuses=(200, 404)),
          routes.get_engine),
-        (op("GET", "/streams", "Streams (StreamState[])", statuses=(200, 422), query=("status", "container_id")),
+        (op("GET", "/streams", "Streams", response=StreamState, many=True, statuses=(200, 422),
+            query=("status", "container_id")),
          routes.list_streams),
-        (op("GET", "/streams/{stream_id}/stats", "A stream's statistics (StreamStatSnapshot[])",
+        (op("GET", "/streams/{stream_id}/stats", "A stream's statistics", response=StreamStatSnapshot, many=True,
             statuses=(200, 400, 404), query=("since",)), routes.stream_stats),
         (op("GET", "/containers/{container_id}", "Docker's inspection of an engine", statuses=(200, 404, *retry)),
          routes.get_container),
         (op("GET", "/by-label", "Inspections of the engines carrying a label", statuses=(200, 400, *retry),
-            query=("key", "value"), access="protected"), routes.by_label),
+            query=("key", "value"), access="protected", many=True), routes.by_label),
         (op("DELETE", "/containers/{container_id}", "Remove an engine", statuses=(200, 404, *retry), mutating=True),
          routes.delete_container),
         (op("POST", "/gc", "Collect idle engines above the minimum after the grace period", statuses=(200, *retry),
@@ -79,12 +81,12 @@ def surface(settings: Settings) -> Surface | None:
         signals={"pool-provision": 60_000, "pool-remove": 30_000, "pool-gc": 60_000, "pool-scale": 180_000,
                  "pool-inspect": 15_000},
         projections=(
-            *((f"ev.ready.{signal}.{pool}", routes.on_pool_outcome) for signal in ("pool-provision", "pool-remove",
-                                                                                  "pool-gc", "pool-scale")),
-            *((f"ev.{kind}.swarm-controller.{pool}", routes.on_controller_status)
+            *((keys.ready_key(signal, pool), routes.on_pool_outcome) for signal in keys.POOL_SIGNALS
+              if signal != "pool-inspect"),
+            *((keys.status_key(kind, keys.CONTROLLER_ROLE, pool), routes.on_controller_status)
               for kind in ("status-full", "status-delta")),
-            (f"ev.ready.stream-events.{pool}", routes.on_stream_events),
-            (f"ev.ready.stream-stats.{pool}", routes.on_stream_stats),
+            (keys.ready_key(keys.STREAM_EVENTS, pool), routes.on_stream_events),
+            (keys.ready_key(keys.STREAM_STATS, pool), routes.on_stream_stats),
         ),
         load=_load,
         start=_start,

@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import Field, ValidationError
 
 from controlplane.bus.batch import Batcher
+from controlplane.contract import keys
 from controlplane.contract.models import (
     ActionRequest, CreateSwarmRequest, Outcome, Scope, SwarmStatus, new_id, utcnow,
 )
@@ -259,9 +260,6 @@ async def by_label(request: web.Request) -> web.Response:
 # --- stream events -------------------------------------------------------------------------
 
 
-STREAM_EVENTS = "stream-events"
-
-
 async def _record(ctx: GatewayContext, event: str, state: dict[str, Any]) -> None:
     """Announced to every gateway (this one included) and the pool's controller before the
     caller is answered: once the broker confirms, the event is durable in each gateway's own
@@ -281,7 +279,7 @@ def announcer(ctx: GatewayContext) -> str:
 
 
 async def announce(ctx: GatewayContext, events: list[dict[str, Any]]) -> None:
-    outcome = Outcome(correlation_id=new_id(), idempotency_key=new_id(), signal=STREAM_EVENTS,
+    outcome = Outcome(correlation_id=new_id(), idempotency_key=new_id(), signal=keys.STREAM_EVENTS,
                       scope=Scope(swarm_id=_pool_id(ctx)), result="success",
                       details={"events": events, "announcer": announcer(ctx)})
     await ctx.bus.publish(outcome.routing_key(), outcome)
