@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     # A Gluetun-like VPN container the pool's engines depend on (GET /vpn/status): its name.
     vpn_container: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
+    # Streams registry (the Streams API, at <streams_prefix>/streams): how long a stream or a session lives
+    # without a heartbeat, how long a publisher has to answer a request, and how long the
+    # sessions' history is kept.
+    streams_prefix: str = Field("", pattern=r"^$|^(/[A-Za-z0-9._~-]+)+$")
+    stream_ttl_s: float = Field(30.0, ge=1.0, le=3600.0)
+    stream_request_timeout_s: float = Field(5.0, gt=0, le=60.0)
+    stream_history_days: int = Field(90, ge=1)
+
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
 
@@ -140,6 +148,13 @@ class Settings(BaseSettings):
             if key != key.strip() or len(key) < 8:
                 raise ValueError("must be at least 8 characters, without leading or trailing spaces")
         return value
+
+    @model_validator(mode="after")
+    def _one_streams_path(self) -> Settings:
+        if self.ace_pool_id and self.ace_prefix == self.streams_prefix:
+            raise ValueError(f"CP_ACE_PREFIX and CP_STREAMS_PREFIX are both {self.ace_prefix!r}: the engine-pool API "
+                             "and the streams registry both have /streams there; give one of them a prefix")
+        return self
 
     @model_validator(mode="after")
     def _read_key_needs_admin(self) -> Settings:

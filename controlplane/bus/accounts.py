@@ -122,9 +122,11 @@ def gateway_grant(gateway_id: str) -> Grant:
         write=_any(*exchanges, *static, own),
         # Declaring a queue that names a dead-letter exchange takes read on the queue too.
         read=_any(*exchanges, *static, own),
-        # Stream events are facts the gateway records for a pool (the engine-pool surface).
+        # Facts the gateway records: a pool's stream events (the engine-pool surface) and the
+        # streams registry's events (the streams surface).
         topic_write=_any(rf"sig\.{_SEGMENT}\..+", rf"ev\.error\.{_SEGMENT}\..+", r"probe\..+",
-                         rf"ev\.ready\.{re.escape(keys.STREAM_EVENTS)}\.{_SEGMENT}"),
+                         rf"ev\.ready\.{re.escape(keys.STREAM_EVENTS)}\.{_SEGMENT}",
+                         rf"ev\.ready\.({'|'.join(map(re.escape, keys.REGISTRY_EVENTS))})\.[a-z0-9_-]+"),
         topic_read=".*",
     )
 

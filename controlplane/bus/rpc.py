@@ -18,6 +18,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 from controlplane.bus.connection import Bus, parse_body
 from controlplane.contract import keys
@@ -31,6 +32,11 @@ REPLY_TO = "amq.rabbitmq.reply-to"
 
 class RequesterClosed(ConnectionError):
     """The requester was closed while a caller waited for its reply, or before it asked."""
+
+
+class Unroutable(LookupError):
+    """The broker returned the request: no queue is bound to its routing key, so nobody
+    could answer it. Known at once, rather than after the timeout."""
 
 
 class Requester:
@@ -86,7 +92,8 @@ class Requester:
         """Publish ``body`` and wait for the reply.
 
         ``asyncio.TimeoutError`` when none comes within ``timeout`` (the request expires in
-        the broker too, so it is not served late); ``RequesterClosed`` when the requester
+        the broker too, so it is not served late); ``Unroutable`` when no queue takes the
+        request; ``RequesterClosed`` when the requester
         closes meanwhile; ``ValueError`` when the reply is not a JSON object.
         """
         if self._closed:
@@ -100,11 +107,16 @@ class Requester:
         # immediate, since done-callbacks run on the next turn of the loop.
         future.add_done_callback(lambda _: self._forget(correlation_id, future))
         try:
-            await self._exchange.publish(
+            # Mandatory, on a channel with confirms: an unroutable request comes back as the
+            # returned message instead of an ack (matched by its message id).
+            confirmed = await self._exchange.publish(
                 aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
-                                 correlation_id=correlation_id, reply_to=REPLY_TO, expiration=timeout),
-                routing_key=routing_key,
+                                 correlation_id=correlation_id, message_id=correlation_id, reply_to=REPLY_TO,
+                                 expiration=timeout),
+                routing_key=routing_key, mandatory=True,
             )
+            if isinstance(confirmed, DeliveredMessage):
+                raise Unroutable(f"no queue is bound to {routing_key}")
             return await asyncio.wait_for(future, timeout)
         finally:
             future.cancel()

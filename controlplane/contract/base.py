@@ -1,4 +1,5 @@
-"""Base classes of the wire models: camelCase on the wire, snake_case in Python."""
+"""Base classes of the wire models: camelCase on the wire, snake_case in Python; and the
+snake_case models of the surfaces whose documents write their fields that way."""
 
 from __future__ import annotations
 
@@ -24,3 +25,18 @@ class Strict(Wire):
     """Input from callers: unknown fields are refused so typos do not pass silently."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Snake(BaseModel):
+    """Field names as written (a surface document's snake_case); unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class SnakeStrict(Snake):
+    """A request body: unknown fields are refused so a typo does not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")

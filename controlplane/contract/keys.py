@@ -36,6 +36,23 @@ POOL_SIGNALS = ("pool-provision", "pool-remove", "pool-gc", "pool-scale", "pool-
 STREAM_EVENTS = "stream-events"
 STREAM_STATS = "stream-stats"
 
+# The streams registry (the Streams API surface): a negotiation is ``sig.stream-request.<streamId>``,
+# answered by the stream's publisher through the request's reply-to; everything the registry
+# sees happen is an event ``ev.ready.<event>.<scope>``, the scope a stream id (a type's name
+# for stream-type-created, the announcing gateway for stream-heartbeats).
+STREAM_REQUEST = "stream-request"
+STREAM_ADVERTISED = "stream-advertised"
+STREAM_WITHDRAWN = "stream-withdrawn"
+STREAM_EXPIRED = "stream-expired"
+SESSION_STARTED = "stream-session-started"
+SESSION_STOPPED = "stream-session-stopped"
+STREAM_TYPE_CREATED = "stream-type-created"
+STREAM_HEARTBEATS = "stream-heartbeats"
+REGISTRY_EVENTS = (STREAM_ADVERTISED, STREAM_WITHDRAWN, STREAM_EXPIRED, SESSION_STARTED, SESSION_STOPPED,
+                   STREAM_TYPE_CREATED, STREAM_HEARTBEATS)
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
+
 SLUG_MAX = 32
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
 
@@ -119,6 +136,31 @@ def status_key(kind: str, role: str, instance: str) -> str:
     if kind not in ("status-full", "status-delta"):
         raise InvalidKey(f"unknown status kind {kind!r}")
     return f"ev.{kind}.{component_scope(role, instance)}"
+
+
+def stream_request_key(stream_id: str) -> str:
+    """``sig.stream-request.<streamId>``: a stream id is a lowercase UUID, never a slug."""
+    return f"sig.{STREAM_REQUEST}.{_stream_id(stream_id)}"
+
+
+def registry_event_key(event: str, scope: str) -> str:
+    """``ev.ready.<event>.<scope>`` of a streams-registry event."""
+    if event not in REGISTRY_EVENTS:
+        raise InvalidKey(f"unknown streams-registry event {event!r}")
+    if event == STREAM_HEARTBEATS:
+        scope = check_slug(scope, "gateway")
+    elif event == STREAM_TYPE_CREATED:
+        if not _TYPE_NAME.match(scope):
+            raise InvalidKey(f"stream type name {scope!r} is not a valid key segment")
+    else:
+        scope = _stream_id(scope)
+    return ready_key(event, scope)
+
+
+def _stream_id(stream_id: str) -> str:
+    if not _UUID.match(stream_id):
+        raise InvalidKey(f"stream id {stream_id!r} must be a lowercase UUID")
+    return stream_id
 
 
 def controller_handshake_key(instance: str, ok: bool = True) -> str:

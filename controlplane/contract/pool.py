@@ -13,9 +13,9 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from controlplane.contract.base import Strict
+from controlplane.contract.base import Snake, SnakeStrict, Strict
 
 IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
 # Labels the control plane sets itself: a caller's labels may not forge them.
@@ -117,21 +117,6 @@ def acestream_env(env: dict[str, str], http_port: int, https_port: int) -> dict[
 
 
 # --- the API's own models (snake_case, as the engine-pool document writes them) -------------
-
-
-class Snake(BaseModel):
-    """Field names as written; unknown fields ignored, like the API this follows."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-
-class SnakeStrict(Snake):
-    """A request body: unknown fields are refused so a typo does not pass silently."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -27,6 +27,7 @@ class ExchangeDecl(BaseModel):
 class QueueDecl(BaseModel):
     name: str
     durable: bool = True
+    exclusive: bool = False  # the declaring connection's alone, gone with it
     arguments: dict[str, Any] = Field(default_factory=dict)
     bindings: list[Binding] = Field(default_factory=list)
 
@@ -35,6 +36,7 @@ class QueueDecl(BaseModel):
         return QueueDecl(
             name=self.name.format(**names),
             durable=self.durable,
+            exclusive=self.exclusive,
             arguments=self.arguments,
             bindings=[Binding(exchange=b.exchange.format(**names), key=b.key.format(**names)) for b in self.bindings],
         )
@@ -60,6 +62,7 @@ class Templates(BaseModel):
     state_queue: QueueDecl
     hive_exchange: ExchangeDecl
     work_queue: QueueDecl
+    stream_publisher_queue: QueueDecl
 
 
 class Topology(BaseModel):

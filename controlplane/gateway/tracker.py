@@ -84,6 +84,9 @@ class Tracker:
                 # A status request is answered by the component's status-full, not by ev.ready.
                 written = close_target(self.ctx, message.correlation_id, "status-request",
                                        keys.component_scope(status.role, status.instance), "succeeded", body)
+        elif parsed.kind == "ready" and parsed.signal in keys.REGISTRY_EVENTS:
+            # Facts a gateway saw happen (the streams registry's), not the outcome of a signal.
+            await self.projections.apply(self.ctx, routing_key, body)
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
             if _mismatch("outcome", routing_key, outcome.routing_key()):

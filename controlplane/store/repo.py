@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.store import pools, statements
+from controlplane.store import pools, statements, streams
 from controlplane.store.database import Database, open_database
 from controlplane.store.models import (
     FINAL_STATUSES,
@@ -269,6 +269,36 @@ class Store:
     def purge_pool(self, ended_before: datetime, stats_before: datetime) -> asyncio.Future[None]:
         return self.writer.submit(partial(pools.purge, ended_before=ended_before, stats_before=stats_before),
                                   bulky=True)
+
+    # --- streams registry ---------------------------------------------------------------------
+
+    def add_stream_type(self, name: str, body: dict[str, Any], created_at: datetime) -> asyncio.Future[None]:
+        """Fails with ``IntegrityError`` when the name is taken."""
+        return self.writer.submit(partial(streams.add_type, name=name, body=body, created_at=created_at))
+
+    def save_advertised_stream(self, stream_id: str, body: dict[str, Any], advertised_at: datetime) -> asyncio.Future[None]:
+        """Gathered: a burst of advertisements is one statement."""
+        return self.writer.gather(streams.save_streams, (stream_id, body, advertised_at), bulky=True)
+
+    def open_stream_session(self, row: dict[str, Any]) -> asyncio.Future[None]:
+        # Submitted, not gathered: the writer commits in order, so a session's close never
+        # reaches the store before its opening.
+        return self.writer.submit(partial(streams.open_session, row=row))
+
+    def close_streams(self, stream_ids: list[str], endings: list[streams.Ending]) -> asyncio.Future[tuple[list[str], list[str]]]:
+        """The stream ids and session ids this write was the one to remove or close."""
+        return self.writer.submit(partial(streams.close, stream_ids=stream_ids, endings=endings),
+                                  bulky=len(stream_ids) + len(endings) > 64)
+
+    async def stream_session_history(self, stream_id: str | None, publisher_id: str | None,
+                                     consumer_id: str | None, limit: int) -> list[dict[str, Any]]:
+        return await self.database.read(streams.history, stream_id, publisher_id, consumer_id, limit)
+
+    async def load_streams(self) -> dict[str, Any]:
+        return await self.database.read(streams.load)
+
+    def purge_stream_history(self, ended_before: datetime) -> asyncio.Future[int]:
+        return self.writer.submit(partial(streams.purge, ended_before=ended_before), bulky=True)
 
     async def list_components(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
         stmt = sa.select(components).order_by(components.c.swarm_id, components.c.role, components.c.instance)

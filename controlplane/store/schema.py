@@ -188,3 +188,50 @@ pool_stream_stats = sa.Table(
     sa.Index("ix_pool_stream_stats_stream", "pool_id", "stream_id", "ts"),
     sa.Index("ix_pool_stream_stats_ts", "ts"),
 )
+
+# The streams registry's durable part: created stream types, the streams advertised now (read
+# back after a restart; heartbeats stay in memory), and every session's history row.
+stream_types = sa.Table(
+    "stream_types",
+    metadata,
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("body", _json(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("name", name="pk_stream_types"),
+)
+
+streams_advertised = sa.Table(
+    "streams_advertised",
+    metadata,
+    sa.Column("id", sa.String(36), nullable=False),
+    sa.Column("body", _json(), nullable=False),
+    sa.Column("advertised_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("id", name="pk_streams_advertised"),
+)
+
+stream_sessions = sa.Table(
+    "stream_sessions",
+    metadata,
+    sa.Column("session_id", sa.String(36), nullable=False),
+    sa.Column("stream_id", sa.String(36), nullable=False),
+    sa.Column("stream_name", sa.String(255), nullable=False),
+    sa.Column("stream_type", sa.String(100), nullable=False),
+    sa.Column("publisher_id", sa.String(255), nullable=False),
+    sa.Column("publisher_address", sa.String(255), nullable=False),
+    sa.Column("publisher_port", sa.Integer(), nullable=False),
+    sa.Column("consumer_id", sa.String(255), nullable=False),
+    sa.Column("consumer_address", sa.String(255), nullable=False),
+    sa.Column("consumer_port", sa.Integer(), nullable=True),
+    sa.Column("protocol", sa.String(32), nullable=False),
+    sa.Column("transport_config", _json(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("ended_at", UTCDateTime(), nullable=True),
+    sa.Column("duration_seconds", sa.Float(), nullable=True),
+    sa.PrimaryKeyConstraint("session_id", name="pk_stream_sessions"),
+    sa.Index("ix_stream_sessions_started_at", "started_at"),
+    sa.Index("ix_stream_sessions_ended_at", "ended_at"),
+    sa.Index("ix_stream_sessions_stream", "stream_id", "started_at"),
+    sa.Index("ix_stream_sessions_publisher", "publisher_id", "started_at"),
+    sa.Index("ix_stream_sessions_consumer", "consumer_id", "started_at"),
+)

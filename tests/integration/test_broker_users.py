@@ -22,6 +22,7 @@ import pytest
 from aio_pika.exceptions import AMQPError
 from yarl import URL
 
+from controlplane.client.streams import StreamPublisher
 from controlplane.contract import keys
 from controlplane.contract.models import Status
 from controlplane.bus.management import Management
@@ -173,6 +174,16 @@ async def test_gateway_and_host_controller_run_as_their_own_users(settings_facto
             status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()})
             _, operation = await gateway.get(f"/api/operations/{envelope['correlationId']}?wait=60")
             assert operation["status"] == "succeeded", operation
+            # The streams registry under the gateway's own user: its events, a negotiation
+            # (mandatory request, direct reply-to) and the session it opens.
+            advert = {"name": "cam", "stream_type": "ndi", "publisher_id": "p", "protocol": "ndi",
+                      "address": "10.0.0.1", "port": 5960}
+            base = str(gateway.client.make_url("")).rstrip("/")
+            async with StreamPublisher(base, admin, advert) as publisher:
+                status, offer = await gateway.post(f"/streams/{publisher.stream_id}/request",
+                                                   {"consumer_id": "c", "consumer_address": "10.0.0.2"})
+                assert status == 201, offer
+                assert (await gateway.client.delete(f"/streams/sessions/{offer['session_id']}")).status == 200
 
 
 async def test_up_runs_gateway_and_host_controller_as_their_own_users(tmp_path: Path) -> None:

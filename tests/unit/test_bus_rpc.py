@@ -18,7 +18,7 @@ class FakeExchange:
         self.published: list[Any] = []
         self.arrived = asyncio.Event()
 
-    async def publish(self, message: Any, routing_key: str) -> None:
+    async def publish(self, message: Any, routing_key: str, mandatory: bool = True) -> None:
         self.published.append(message)
         self.arrived.set()
 

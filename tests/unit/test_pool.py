@@ -199,8 +199,9 @@ def test_the_engine_pool_api_mounts_under_any_prefix_even_none() -> None:
 
     for prefix in ("/ace", "/pools/ace", ""):
         access: dict[tuple[str, str], str] = {}
-        ops = mount(web.Application(), surfaces_for(Settings(ace_prefix=prefix)), claimed=BASE_OPERATIONS,
-                    access=access)
+        # The streams registry has /streams too: at the root, one of them takes a prefix.
+        settings = Settings(ace_prefix=prefix, streams_prefix="" if prefix else "/registry")
+        ops = mount(web.Application(), surfaces_for(settings), claimed=BASE_OPERATIONS, access=access)
         paths = {(op.method, op.path) for op in ops}
         assert ("POST", f"{prefix}/provision/acestream") in paths and ("GET", f"{prefix}/vpn/status") in paths
         assert access[("GET", f"{prefix}/by-label")] == "protected"
@@ -208,6 +209,8 @@ def test_the_engine_pool_api_mounts_under_any_prefix_even_none() -> None:
         assert (("GET", f"{prefix}/metrics") in paths) is bool(prefix)
     assert not [op for op in mount(web.Application(), surfaces_for(Settings(ace_pool_id="")))
                 if op.path.startswith("/ace")]
+    with pytest.raises(ValueError, match="CP_STREAMS_PREFIX"):
+        Settings(ace_prefix="")
 
 
 def test_a_controller_on_the_engines_network_reaches_them_at_their_own_address() -> None:

@@ -1,0 +1,224 @@
+"""The streams registry as one gateway holds it: stream types, live streams and sessions.
+
+Everything here is memory and nothing here awaits: a heartbeat is a dictionary lookup and
+two assignments, a lookup is a join of JSON fragments. Each stream and session keeps its
+JSON as last rendered and renders again only after it changed, so listing ten thousand
+streams while a thousand heartbeats a second arrive re-renders only those that beat.
+
+Times are epoch seconds: they travel between gateways in heartbeat events. A stream or a
+session lives until ``expires_at`` unless a heartbeat moves it; the sweeper (in ``routes``)
+asks ``expired`` which ones are due.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from controlplane.contract.streams import BUILTIN_TYPES, SessionStatus, StreamAdvertise, StreamTypeInfo, iso
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    id: str
+    fields: dict[str, Any]  # the listed fields but id, last_heartbeat and active_sessions
+    last_heartbeat: float
+    expires_at: float
+    sessions: set[str] = field(default_factory=set)
+    rendered: bytes | None = None
+
+    def render(self) -> bytes:
+        if self.rendered is None:
+            self.rendered = _dumps({"id": self.id, **self.fields, "last_heartbeat": iso(self.last_heartbeat),
+                                    "active_sessions": len(self.sessions)})
+        return self.rendered
+
+    def listed(self) -> dict[str, Any]:
+        return json.loads(self.render())
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    id: str
+    stream_id: str
+    fields: dict[str, Any]  # as listed (``StreamSession``)
+    started: float
+    publisher_port: int
+    consumer_port: int | None
+    expires_at: float
+    rendered: bytes | None = None
+
+    def render(self) -> bytes:
+        if self.rendered is None:
+            self.rendered = _dumps(self.fields)
+        return self.rendered
+
+    def history_row(self) -> dict[str, Any]:
+        """The store's row for this session while it is open."""
+        f = self.fields
+        return {"session_id": self.id, "stream_id": self.stream_id, "stream_name": f["stream_name"],
+                "stream_type": f["stream_type"], "publisher_id": f["publisher_id"],
+                "publisher_address": f["publisher_address"], "publisher_port": self.publisher_port,
+                "consumer_id": f["consumer_id"], "consumer_address": f["consumer_address"],
+                "consumer_port": self.consumer_port, "protocol": f["protocol"],
+                "transport_config": f["transport_config"], "status": SessionStatus.ACTIVE.value,
+                "started_at": datetime.fromisoformat(f["started_at"].replace("Z", "+00:00"))}
+
+    def event_body(self) -> dict[str, Any]:
+        return {**self.fields, "publisher_port": self.publisher_port, "consumer_port": self.consumer_port}
+
+
+class StreamRegistry:
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.types: dict[str, dict[str, Any]] = {t.name: t.to_dict() for t in BUILTIN_TYPES}
+        self.streams: dict[str, Stream] = {}
+        self.sessions: dict[str, Session] = {}
+        self._types_json: bytes | None = None
+        # Heartbeats taken here since the last ``take_refreshed``: what the other gateways learn.
+        self._refreshed_streams: dict[str, float] = {}
+        self._refreshed_sessions: dict[str, float] = {}
+
+    # --- types -------------------------------------------------------------------------------
+
+    def add_type(self, info: StreamTypeInfo | dict[str, Any]) -> bool:
+        body = info.to_dict() if isinstance(info, StreamTypeInfo) else StreamTypeInfo.model_validate(info).to_dict()
+        if body["name"] in self.types:
+            return False
+        self.types[body["name"]] = body
+        self._types_json = None
+        return True
+
+    def types_json(self) -> bytes:
+        if self._types_json is None:
+            self._types_json = _dumps([self.types[name] for name in sorted(self.types)])
+        return self._types_json
+
+    # --- streams -----------------------------------------------------------------------------
+
+    def advertise(self, stream_id: str, advert: StreamAdvertise, now: float) -> Stream:
+        fields = advert.model_dump(mode="json")
+        fields["advertised_at"] = iso(now)
+        return self.add_stream({"id": stream_id, **fields}, now, now + self.ttl_s)
+
+    def add_stream(self, listed: dict[str, Any], last_heartbeat: float, expires_at: float) -> Stream:
+        """A stream as listed (from an event, the store or ``advertise``); one already known is
+        kept as it is."""
+        stream_id = listed["id"]
+        known = self.streams.get(stream_id)
+        if known is not None:
+            return known
+        fields = {k: v for k, v in listed.items() if k not in ("id", "last_heartbeat", "active_sessions")}
+        stream = self.streams[stream_id] = Stream(stream_id, fields, last_heartbeat, expires_at)
+        return stream
+
+    def heartbeat(self, stream_id: str, now: float) -> Stream | None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.expires_at < now:
+            return None  # due for expiry: the sweeper's, not revived by a late heartbeat
+        stream.last_heartbeat, stream.expires_at, stream.rendered = now, now + self.ttl_s, None
+        self._refreshed_streams[stream_id] = now
+        return stream
+
+    def remove_stream(self, stream_id: str) -> tuple[Stream | None, list[Session]]:
+        """The stream and its sessions, gone from memory."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return None, []
+        return stream, [s for s in (self.sessions.pop(sid, None) for sid in stream.sessions) if s is not None]
+
+    def streams_json(self, stream_type: str | None = None) -> bytes:
+        streams = self.streams.values()
+        if stream_type is not None:
+            return b"[" + b",".join(s.render() for s in streams if s.fields["stream_type"] == stream_type) + b"]"
+        return b"[" + b",".join(s.render() for s in streams) + b"]"
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def open_session(self, session_id: str, stream: Stream, offer: dict[str, Any], consumer: dict[str, Any],
+                     now: float) -> Session:
+        fields = {"session_id": session_id, "stream_id": stream.id, "stream_name": stream.fields["name"],
+                  "stream_type": stream.fields["stream_type"], "publisher_id": stream.fields["publisher_id"],
+                  "publisher_address": offer["publisher_address"], "consumer_id": consumer["consumer_id"],
+                  "consumer_address": consumer["consumer_address"], "protocol": offer["protocol"],
+                  "transport_config": offer["transport_config"], "started_at": iso(now),
+                  "status": SessionStatus.ACTIVE.value}
+        return self.add_session({**fields, "publisher_port": offer["publisher_port"],
+                                 "consumer_port": consumer.get("consumer_port")}, now, now + self.ttl_s)
+
+    def add_session(self, body: dict[str, Any], started: float, expires_at: float) -> Session | None:
+        """A session as an event carries it (listed fields and both ports); None when its stream
+        is not known here (it ended meanwhile)."""
+        stream = self.streams.get(body["stream_id"])
+        if stream is None:
+            return None
+        known = self.sessions.get(body["session_id"])
+        if known is not None:
+            return known
+        fields = {k: v for k, v in body.items() if k not in ("publisher_port", "consumer_port")}
+        session = Session(body["session_id"], stream.id, fields, started, int(body["publisher_port"]),
+                          body.get("consumer_port"), expires_at)
+        self.sessions[session.id] = session
+        stream.sessions.add(session.id)
+        stream.rendered = None  # its count changed
+        return session
+
+    def session_heartbeat(self, session_id: str, now: float) -> Session | None:
+        session = self.sessions.get(session_id)
+        if session is None or session.expires_at < now:
+            return None
+        session.expires_at = now + self.ttl_s
+        self._refreshed_sessions[session_id] = now
+        return session
+
+    def remove_session(self, session_id: str) -> Session | None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            stream = self.streams.get(session.stream_id)
+            if stream is not None:
+                stream.sessions.discard(session_id)
+                stream.rendered = None
+        return session
+
+    def sessions_json(self, stream_id: str | None = None) -> bytes:
+        sessions = self.sessions.values()
+        if stream_id is not None:
+            return b"[" + b",".join(s.render() for s in sessions if s.stream_id == stream_id) + b"]"
+        return b"[" + b",".join(s.render() for s in sessions) + b"]"
+
+    # --- between gateways and over time ------------------------------------------------------
+
+    def refresh(self, streams: dict[str, float], sessions: dict[str, float]) -> None:
+        """Heartbeats another gateway took (never moves a time back)."""
+        for stream_id, ts in streams.items():
+            stream = self.streams.get(stream_id)
+            if stream is not None and ts > stream.last_heartbeat:
+                stream.last_heartbeat, stream.rendered = ts, None
+                stream.expires_at = max(stream.expires_at, ts + self.ttl_s)
+        for session_id, ts in sessions.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.expires_at = max(session.expires_at, ts + self.ttl_s)
+
+    def take_refreshed(self) -> tuple[dict[str, float], dict[str, float]]:
+        streams, sessions = self._refreshed_streams, self._refreshed_sessions
+        self._refreshed_streams, self._refreshed_sessions = {}, {}
+        return streams, sessions
+
+    def expired(self, now: float) -> tuple[list[Stream], list[Session]]:
+        """Streams past their time, and sessions past theirs whose stream is not among them
+        (a stream's sessions end with it)."""
+        streams = [s for s in self.streams.values() if s.expires_at < now]
+        gone = {s.id for s in streams}
+        sessions = [s for s in self.sessions.values() if s.expires_at < now and s.stream_id not in gone]
+        return streams, sessions
+
+    def state_json(self) -> bytes:
+        return (b'{"streams":' + self.streams_json() + b',"sessions":' + self.sessions_json()
+                + b',"stream_types":' + self.types_json() + b"}")

@@ -1,0 +1,187 @@
+"""How every gateway's streams registry stays the same: events out, events in, heartbeats
+shared, expiry swept, history kept in bounds.
+
+What a gateway sees happen (an advertisement, a withdrawal, a session started or stopped, a
+type created) it applies to its memory, then announces as ``ev.ready.<event>.<scope>`` on
+``ph.control``; every gateway consumes those from its own queue and applies the others'
+(``project``). Heartbeats are too many for one event each: each gateway sends the ones it
+took, coalesced, once per flush interval (``ev.ready.stream-heartbeats.<gateway>``).
+
+Every gateway sweeps. The store's compare-and-set (``Store.close_streams``) says which one
+removed a stream's row or closed a session's, and only that one announces the expiry, so
+with several gateways on one store each expiry is announced once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from controlplane.bus import Requester
+from controlplane.contract import keys
+from controlplane.contract.models import new_id, utcnow
+from controlplane.contract.streams import RegistryEvent, SessionStatus
+from controlplane.gateway.context import GatewayContext
+from controlplane.gateway.surfaces.streams import metrics
+from controlplane.gateway.surfaces.streams.registry import Session, Stream, StreamRegistry
+from controlplane.logs import get_logger
+from controlplane.store.streams import Ending
+from controlplane.store.writer import detach
+
+log = get_logger("gateway.streams")
+
+NAME = "streams"
+RETENTION_INTERVAL_S = 3600.0
+
+
+@dataclass
+class StreamsState:
+    """The surface's part of the gateway: its registry, its requester for negotiations, and
+    ``origin``, which marks the events this process announced (a restarted gateway has
+    another, so it applies what its predecessor announced)."""
+
+    registry: StreamRegistry
+    requester: Requester | None = None
+    origin: str = field(default_factory=new_id)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def state_of(ctx: GatewayContext) -> StreamsState:
+    return ctx.surfaces[NAME]
+
+
+# --- events out ------------------------------------------------------------------------------
+
+
+async def announce(ctx: GatewayContext, event: str, scope: str, **fields: Any) -> None:
+    """Publish one registry event (confirmed by the broker before this returns)."""
+    body = RegistryEvent(ts=utcnow(), event=event, origin=state_of(ctx).origin, **fields)
+    await ctx.bus.publish(keys.registry_event_key(event, scope), body.model_dump(mode="json", exclude_none=True))
+
+
+async def announce_quietly(ctx: GatewayContext, event: str, scope: str, **fields: Any) -> None:
+    """For events whose change is already done and durable: a broker that cannot take the
+    event is logged; the other gateways then learn of it when their sweeper finds the row gone."""
+    try:
+        await announce(ctx, event, scope, **fields)
+    except Exception as exc:
+        log.warning("streams event not announced", event=event, scope=scope, error=repr(exc))
+
+
+async def announce_ended(ctx: GatewayContext, stream: Stream | None, sessions: list[Session],
+                         status: SessionStatus) -> None:
+    """A stream gone (withdrawn or expired) and the sessions that ended with it or alone."""
+    if stream is not None:
+        event = keys.STREAM_WITHDRAWN if status == SessionStatus.WITHDRAWN else keys.STREAM_EXPIRED
+        await announce_quietly(ctx, event, stream.id, stream_id=stream.id, session_ids=[s.id for s in sessions],
+                               status=status)
+    for session in sessions:
+        await announce_quietly(ctx, keys.SESSION_STOPPED, session.stream_id, stream_id=session.stream_id,
+                               session_ids=[session.id], status=status)
+
+
+def ending(session: Session, status: SessionStatus, now: float) -> Ending:
+    return Ending(session.id, status.value, datetime.fromtimestamp(now, timezone.utc),
+                  round(max(0.0, now - session.started), 3))
+
+
+# --- events in -------------------------------------------------------------------------------
+
+
+async def project(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
+    """Another gateway's registry event, applied to this one's memory."""
+    state = state_of(ctx)
+    try:
+        event = RegistryEvent.model_validate(body)
+    except ValidationError as exc:
+        log.warning("streams event ignored: not understood", error=str(exc))
+        return
+    if event.origin == state.origin:
+        return  # announced here: memory has it already
+    registry, now = state.registry, time.time()
+    if event.event == keys.STREAM_HEARTBEATS:
+        registry.refresh(event.streams, event.sessions)
+    elif event.event == keys.STREAM_ADVERTISED and event.stream:
+        registry.add_stream(event.stream, now, now + registry.ttl_s)
+    elif event.event in (keys.STREAM_WITHDRAWN, keys.STREAM_EXPIRED) and event.stream_id:
+        registry.remove_stream(event.stream_id)
+    elif event.event == keys.SESSION_STARTED and event.session:
+        registry.add_session(event.session, now, now + registry.ttl_s)
+    elif event.event == keys.SESSION_STOPPED:
+        for session_id in event.session_ids:
+            registry.remove_session(session_id)
+    elif event.event == keys.STREAM_TYPE_CREATED and event.stream_type:
+        registry.add_type(event.stream_type)
+
+
+PATTERNS = tuple(keys.ready_key(event, "*") for event in keys.REGISTRY_EVENTS)
+
+
+# --- over time -------------------------------------------------------------------------------
+
+
+async def sweep(ctx: GatewayContext, now: float | None = None) -> None:
+    """Expire what is due: gone from memory at once, then the store decides who announces."""
+    state = state_of(ctx)
+    now = time.time() if now is None else now
+    streams, lone = state.registry.expired(now)
+    if not streams and not lone:
+        return
+    endings: list[Ending] = []
+    gone: list[tuple[Stream, list[Session]]] = []
+    for stream in streams:
+        _, sessions = state.registry.remove_stream(stream.id)
+        gone.append((stream, sessions))
+        endings.extend(ending(s, SessionStatus.STREAM_EXPIRED, now) for s in sessions)
+    for session in lone:
+        state.registry.remove_session(session.id)
+        endings.append(ending(session, SessionStatus.EXPIRED, now))
+    dropped, closed = await ctx.store.close_streams([s.id for s in streams], endings)
+    won_streams, won_sessions = set(dropped), set(closed)
+    metrics.EXPIRED.labels("stream").inc(len(won_streams))
+    metrics.EXPIRED.labels("session").inc(len(won_sessions))
+    for stream, sessions in gone:
+        ours = [s for s in sessions if s.id in won_sessions]
+        await announce_ended(ctx, stream if stream.id in won_streams else None, ours, SessionStatus.STREAM_EXPIRED)
+    await announce_ended(ctx, None, [s for s in lone if s.id in won_sessions], SessionStatus.EXPIRED)
+
+
+async def flush_heartbeats(ctx: GatewayContext) -> None:
+    streams, sessions = state_of(ctx).registry.take_refreshed()
+    if streams or sessions:
+        await announce(ctx, keys.STREAM_HEARTBEATS, ctx.settings.gateway_name, streams=streams, sessions=sessions)
+
+
+async def _every(interval_s: float, what: str, work: Any, at_once: bool = False) -> None:
+    while True:
+        if not at_once:
+            await asyncio.sleep(interval_s)
+        at_once = False
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("streams upkeep failed", work=what)
+
+
+def start_upkeep(ctx: GatewayContext) -> list[asyncio.Task[None]]:
+    """The sweeper, the heartbeat flush and the history's retention, as tasks."""
+    ttl = ctx.settings.stream_ttl_s
+
+    async def retention() -> None:
+        cutoff = utcnow() - timedelta(days=ctx.settings.stream_history_days)
+        detach(ctx.store.purge_stream_history(cutoff), "purge stream history")
+
+    # A heartbeat reaches the other gateways within a fifth of the TTL, and an expiry is
+    # noticed within a tenth of it.
+    return [asyncio.create_task(_every(min(1.0, ttl / 10), "sweep", lambda: sweep(ctx)), name="streams.sweep"),
+            asyncio.create_task(_every(min(1.0, ttl / 5), "flush", lambda: flush_heartbeats(ctx)),
+                                name="streams.flush"),
+            asyncio.create_task(_every(RETENTION_INTERVAL_S, "retention", retention, at_once=True),
+                                name="streams.retention")]
