@@ -1,12 +1,29 @@
-"""A small closed-loop HTTP load client, run in its own process by ``bench.lifecycle``.
+"""A small HTTP load client, run in its own process by the benchmarks (``bench.common.http_load``).
 
 Keeping the client out of the gateway's process means the server's event loop only serves;
 the client's own CPU cost lands on the machine's other core instead of inside the figure.
 
-Usage (what ``bench.lifecycle`` does): ``python -m bench.httpload JOBS_JSON`` (or ``-``: the JSON on stdin) where JOBS_JSON
-is a list of ``{"name", "method", "url", "body"? or "bodies"?, "n", "concurrency", "expect_status",
-"expect_header"?}``; the jobs run one after the other and one JSON line per job is printed:
-``{"name", "n", "ok", "errors", "elapsed_s", "rps", "latency_ms": {...}}``.
+Usage: ``python -m bench.httpload JOBS_JSON`` (or ``-``: the JSON on stdin) where JOBS_JSON is a
+list of jobs; the jobs run one after the other and one JSON line per job is printed:
+``{"name", "n", "ok", "errors", "first_errors", "elapsed_s", "rps", "latency_ms": {...},
+"response_bytes"}``. A job's keys:
+
+- ``name``, ``method``, ``n`` (requests), ``concurrency`` (at most this many in flight);
+- ``url``, or ``urls``: a list cycled through, request i going to ``urls[i % len(urls)]``;
+- ``body`` (JSON, every request) or ``bodies`` (cycled through like ``urls``: events that must
+  each be new);
+- ``expect_status`` (default 200) and ``expect_header`` (``[name, value]`` every answer must
+  carry); other answers are counted as errors (and timed: they were answered); a request
+  that fails without an answer is counted, not timed;
+- ``rate`` (requests per second): open loop instead of closed. Request i is due at
+  start + i / rate and starts then, or as soon as one of the ``concurrency`` slots frees when
+  all are taken; its latency is counted from when it was due, so a server that falls behind
+  shows it in the latencies, not only in the rate. The result adds ``late`` (requests that
+  started more than 10 ms after they were due); ``rps`` is the achieved rate;
+- ``keep_latencies``: the result adds ``latencies_ms``, every latency, for a caller that
+  merges several jobs into one figure.
+
+``response_bytes`` is the mean size of the answers' bodies.
 """
 
 from __future__ import annotations
@@ -18,6 +35,8 @@ import time
 from typing import Any
 
 import aiohttp
+
+LATE_S = 0.010  # an open-loop request this far behind its due time counts as late
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -32,49 +51,95 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_job(session: aiohttp.ClientSession, job: dict[str, Any]) -> dict[str, Any]:
-    method, url, n, concurrency = job["method"], job["url"], int(job["n"]), int(job["concurrency"])
+    method, n, concurrency = job["method"], int(job["n"]), int(job["concurrency"])
+    urls: list[str] = job.get("urls") or [job["url"]]
     body = job.get("body")
     data = json.dumps(body).encode() if body is not None else None
-    # "bodies": one body per request, sent in order (events that must each be new).
     each = [json.dumps(b).encode() for b in job["bodies"]] if job.get("bodies") else None
     headers = {"Content-Type": "application/json"} if data is not None or each else {}
     expect_status = int(job.get("expect_status", 200))
     expect_header = job.get("expect_header")  # [name, value] every answer must carry
-    remaining = n
     latencies: list[float] = []
     errors: list[str] = []
     ok_count = 0
+    received = 0
 
-    async def worker() -> None:
-        nonlocal remaining, ok_count
-        while remaining > 0:
-            remaining -= 1
-            payload = each[(n - remaining - 1) % len(each)] if each else data
-            started = time.perf_counter()
-            try:
-                async with session.request(method, url, data=payload, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == expect_status and (
-                        expect_header is None or resp.headers.get(expect_header[0]) == expect_header[1])
-                    ok_count += ok
-                    if not ok:
-                        errors.append(f"{resp.status} {resp.headers.get(expect_header[0]) if expect_header else ''}")
-            except Exception as exc:  # noqa: BLE001 - counted, not fatal: the figure says how many failed
-                errors.append(repr(exc))
-                continue
-            latencies.append((time.perf_counter() - started) * 1000)
+    async def one(i: int, since: float) -> None:
+        """Request i; its latency counted from ``since``."""
+        nonlocal ok_count, received
+        payload = each[i % len(each)] if each else data
+        try:
+            async with session.request(method, urls[i % len(urls)], data=payload, headers=headers) as resp:
+                answer = await resp.read()
+                ok = resp.status == expect_status and (
+                    expect_header is None or resp.headers.get(expect_header[0]) == expect_header[1])
+                ok_count += ok
+                received += len(answer)
+                if not ok:
+                    errors.append(f"{resp.status} {resp.headers.get(expect_header[0]) if expect_header else ''}"
+                                  f" {answer[:200]!r}")
+        except Exception as exc:  # noqa: BLE001 - counted, not fatal: the figure says how many failed
+            errors.append(repr(exc))
+            return
+        latencies.append((time.perf_counter() - since) * 1000)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    late = 0
+    if job.get("rate"):
+        late = await open_loop(one, n, concurrency, float(job["rate"]), started)
+    else:
+        await closed_loop(one, n, concurrency)
     elapsed = time.perf_counter() - started
     return {
         "name": job["name"], "n": n, "ok": ok_count, "errors": len(errors),
         "first_errors": errors[:3], "elapsed_s": elapsed, "rps": n / elapsed,
         "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                       "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)},
-        # Every latency, when the caller merges several jobs into one figure.
+                       "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1),
+                       "max": max(latencies, default=float("nan"))},
+        "response_bytes": received // max(ok_count + len(errors), 1),
+        **({"rate": float(job["rate"]), "late": late} if job.get("rate") else {}),
         **({"latencies_ms": latencies} if job.get("keep_latencies") else {}),
     }
+
+
+async def closed_loop(one: Any, n: int, concurrency: int) -> None:
+    """``concurrency`` workers, each sending its next request as soon as the last is answered."""
+    next_i = 0
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < n:
+            i, next_i = next_i, next_i + 1
+            await one(i, time.perf_counter())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def open_loop(one: Any, n: int, concurrency: int, rate: float, start: float) -> int:
+    """Request i started at ``start + i / rate`` (later when every slot is taken); how many
+    started late."""
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task[None]] = set()
+    late = 0
+
+    async def send(i: int, due: float) -> None:
+        try:
+            await one(i, due)
+        finally:
+            slots.release()
+
+    for i in range(n):
+        due = start + i / rate
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await slots.acquire()
+        late += time.perf_counter() - due > LATE_S
+        task = asyncio.create_task(send(i, due))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    await asyncio.gather(*running)
+    return late
 
 
 async def main(jobs: list[dict[str, Any]]) -> None:

@@ -227,13 +227,14 @@ class Bus:
 
     async def publish(self, routing_key: str, body: Wire | dict[str, Any], *, correlation_id: str | None = None,
                       exchange: str = keys.CONTROL_EXCHANGE, reply_to: str | None = None,
-                      expiration: float | None = None) -> None:
-        """Publish JSON persistently and wait for the broker's confirm.
+                      expiration: float | None = None, persistent: bool = True) -> None:
+        """Publish JSON (persistently unless told otherwise) and wait for the broker's confirm.
 
         While the connection is being restored the publish is retried, for a bounded time;
         a receiver may then see a message twice, which idempotency keys make harmless.
         ``expiration`` (seconds) lets the broker drop a command nobody took in time, so one
-        whose caller was already told "timeout" is not run late.
+        whose caller was already told "timeout" is not run late. ``persistent=False`` spares
+        the broker's disk for what the store keeps anyway.
         """
         if expiration is not None and expiration < 0:
             raise ValueError(f"expiration must not be negative, got {expiration}")
@@ -241,7 +242,7 @@ class Bus:
         message = aio_pika.Message(
             payload,
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
             correlation_id=correlation_id or getattr(body, "correlation_id", None),
             message_id=new_id(),
             timestamp=datetime.now(timezone.utc),

@@ -186,9 +186,10 @@ class StreamPublisher:
         if message.reply_to and self._channel is not None:
             # Direct reply-to: the answer goes through the default exchange to the reply_to name.
             body = reply.model_dump_json(exclude_none=True).encode()
+            # Not mandatory: a broker may return a direct reply-to answer it also delivered.
             await self._channel.default_exchange.publish(
                 aio_pika.Message(body, content_type="application/json", correlation_id=message.correlation_id),
-                routing_key=message.reply_to)
+                routing_key=message.reply_to, mandatory=False)
             self.answered += 1
 
 

@@ -7,6 +7,8 @@ Grammar (see the swarm orchestrator specification):
   ev.status-full.<role>.<instance> / ev.status-delta.<role>.<instance>
 where <scope> is <swarmId> for swarm-level signals and <role>.<instance> for components.
 Every id that becomes a key segment or a container name must pass ``check_slug`` first.
+The streams registry's keys take a stream id (a UUID) as their scope: ``sig.stream-request.<id>``
+and ``ev.ready.<registry event>.<id>`` (``stream_request_key``, ``registry_event_key``).
 """
 
 from __future__ import annotations

@@ -50,6 +50,11 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def epoch(text: str) -> float:
+    """The inverse of ``iso``."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 # --- stream types ----------------------------------------------------------------------------
 
 

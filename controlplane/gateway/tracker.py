@@ -87,6 +87,8 @@ class Tracker:
         elif parsed.kind == "ready" and parsed.signal in keys.REGISTRY_EVENTS:
             # Facts a gateway saw happen (the streams registry's), not the outcome of a signal.
             await self.projections.apply(self.ctx, routing_key, body)
+            if parsed.signal == keys.STREAM_HEARTBEATS:
+                return  # the gateways' own bookkeeping, large and once a second: not streamed
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
             if _mismatch("outcome", routing_key, outcome.routing_key()):
@@ -96,7 +98,7 @@ class Tracker:
             written = close_target(self.ctx, outcome.correlation_id, outcome.signal, outcome.scope.key(),
                                    "succeeded" if outcome.result == "success" else "failed", body)
         # Streamed once it is understood and projected: a retried delivery is not streamed twice.
-        self.ctx.events.publish(routing_key, body)
+        self.ctx.events.publish(routing_key, body, getattr(message, "body", None))
         if written is not None:
             # Acked only once the store holds what it closed: a crash before then redelivers it.
             await asyncio.shield(written)

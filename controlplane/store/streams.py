@@ -44,9 +44,9 @@ def save_streams(conn: Connection, items: list[tuple[str, dict[str, Any], dateti
                           for stream_id, (body, advertised_at) in latest.items()])
 
 
-def open_session(conn: Connection, row: dict[str, Any]) -> None:
-    """A session's history row, open (status active, no end)."""
-    conn.execute(sa.insert(stream_sessions).values(**row))
+def open_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Sessions' history rows, open (status active, no end)."""
+    conn.execute(sa.insert(stream_sessions), rows)
 
 
 def close(conn: Connection, stream_ids: list[str], endings: list[Ending]) -> tuple[list[str], list[str]]:

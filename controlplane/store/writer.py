@@ -85,6 +85,11 @@ class Writer:
         group[0].append(item)
         return group[1]
 
+    def flush(self, fn: Callable[[Connection, list[Any]], Any]) -> None:
+        """Submit what is gathered for ``fn`` now: a unit submitted next commits after it (the
+        writer commits in order), e.g. a row's update after its gathered insert."""
+        self._submit_gathered(fn)
+
     def _submit_gathered(self, fn: Callable[[Connection, list[Any]], Any]) -> None:
         group = self._groups.pop(fn, None)
         if group is None:  # already submitted by stop()

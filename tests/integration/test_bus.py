@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 from prometheus_client import REGISTRY
 
-from controlplane.bus import BrokerUnavailable, Bus, Poison, Requester, RequesterClosed, reply
+from controlplane.bus import BrokerUnavailable, Bus, Poison, Requester, RequesterClosed, Unroutable, reply
 from controlplane.config import Settings
 from controlplane.contract import keys
 from controlplane.contract.topology import QueueDecl, default_topology
@@ -157,9 +157,17 @@ async def test_request_reply_round_trip(bus: Bus) -> None:
     try:
         answer = await requester.request("sig.echo.test", {"n": 1}, timeout=5)
         assert answer == {"echo": {"n": 1}}
+        # Nobody bound: the broker returns the request, known at once rather than at the timeout.
+        with pytest.raises(Unroutable):
+            await asyncio.wait_for(requester.request("sig.nobody.listens", {"n": 2}, timeout=30), 10)
+        # Bound but silent: the timeout.
+        silent = await bus.declare_queue(QueueDecl(name=f"ph.control.silent-{new_swarm_id()}", durable=False,
+                                                   bindings=[{"exchange": keys.CONTROL_EXCHANGE,
+                                                              "key": "sig.silent.test"}]))
         with pytest.raises(asyncio.TimeoutError):
-            await requester.request("sig.nobody.listens", {"n": 2}, timeout=0.5)
+            await requester.request("sig.silent.test", {"n": 3}, timeout=0.5)
         assert requester.pending == 0, "a caller that timed out leaves nothing behind"
+        await bus.delete_queue(silent.name)
     finally:
         await requester.close()
         await consumer.cancel()
@@ -338,10 +346,14 @@ async def test_expired_signal_is_dropped_by_the_broker(own_bus: Bus) -> None:
 
 
 async def test_requester_close_fails_waiting_callers(own_bus: Bus) -> None:
+    silent = await own_bus.declare_queue(QueueDecl(name=f"ph.control.silent-{new_swarm_id()}", durable=False,
+                                                   bindings=[{"exchange": keys.CONTROL_EXCHANGE,
+                                                              "key": "sig.silent.close"}]))
     requester = await Requester(own_bus).start()
-    call = asyncio.create_task(requester.request("sig.nobody.listens", {}, timeout=30))
+    call = asyncio.create_task(requester.request("sig.silent.close", {}, timeout=30))
     await until(lambda: requester.pending == 1, 5, "the request is waiting")
     await requester.close()
     with pytest.raises(RequesterClosed):
         await asyncio.wait_for(call, 2)
     assert requester.pending == 0
+    await own_bus.delete_queue(silent.name)

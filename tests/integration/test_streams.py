@@ -461,3 +461,22 @@ async def test_stream_requests_without_a_listening_publisher_fail_fast_rather_th
             async with StreamConsumer(base_url(gw), stream_id, "c", "a"):
                 pass
         assert refused.value.status == 502
+
+
+async def test_the_readme_example_runs_as_written(settings_factory: Any, runtime: Any, capsys: Any) -> None:
+    """The client example of the README, against this gateway and broker."""
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    section = readme[readme.index("## Streams registry"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    async with gateway(settings_factory, runtime) as gw:
+        code = code.replace("http://127.0.0.1:8080", base_url(gw)).replace("amqp://guest:guest@127.0.0.1/",
+                                                                            amqp_url(gw))
+        body = "\n".join("    " + line for line in code.splitlines())
+        namespace: dict[str, Any] = {}
+        exec(f"async def example():\n{body}\n", namespace)  # noqa: S102 (our own README)
+        await namespace["example"]()
+        assert "192.168.1.50 {'ndi_name': 'TD-01 (Camera A)'}" in capsys.readouterr().out
+        assert (await gw.get("/streams"))[1] == []  # withdrawn on exit
+        assert [r["status"] for r in (await gw.get("/streams/sessions/history"))[1]] == ["stopped"]

@@ -221,3 +221,17 @@ def test_sizes_must_be_positive() -> None:
     for bad in ({"buffer_size": 0}, {"queue_size": 0}, {"keepalive_s": 0}):
         with pytest.raises(ValueError):
             EventHub(**bad)
+
+
+async def test_an_event_kept_as_its_message_bytes_streams_the_same_frame() -> None:
+    hub = EventHub(start_id=0)
+    sub = hub.subscribe(parse_topics(["ev.#"]))
+    body = {"status": "Ready", "nested": {"a": [1, 2]}}
+    hub.publish("ev.ready.x.y", body, raw=json.dumps(body).encode())
+    hub.publish("ev.ready.x.z", body, raw=json.dumps(body, indent=2).encode())  # line breaks: encoded again
+    for key in ("ev.ready.x.y", "ev.ready.x.z"):
+        event = await sub.next(1)
+        assert event is not None
+        lines = event.frame.decode().split("\n")
+        assert lines[:2] == [f"id: {event.id}", f"event: {key}"] and lines[3:] == ["", ""]
+        assert json.loads(lines[2].removeprefix("data: ")) == {"routingKey": key, "body": body}

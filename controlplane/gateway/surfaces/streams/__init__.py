@@ -18,7 +18,7 @@ from controlplane.bus import Requester
 from controlplane.config import Settings
 from controlplane.contract.streams import (
     RegistryState, SessionRecord, SessionStatus, StreamAdvertise, StreamInfo, StreamOffer, StreamRequest, StreamSession,
-    StreamTypeCreate, StreamTypeInfo,
+    StreamTypeCreate, StreamTypeInfo, epoch,
 )
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.openapi import Op
@@ -93,7 +93,7 @@ async def _load(ctx: GatewayContext) -> None:
     for body in saved["types"]:
         registry.add_type(body)
     for listed in saved["streams"]:
-        registry.add_stream(listed, _epoch(listed.get("last_heartbeat") or listed["advertised_at"]), now + ttl)
+        registry.add_stream(listed, epoch(listed.get("last_heartbeat") or listed["advertised_at"]), now + ttl)
     for row in saved["sessions"]:
         started = row["started_at"].timestamp()
         body = {k: row[k] for k in ("session_id", "stream_id", "stream_name", "stream_type", "publisher_id",
@@ -111,10 +111,6 @@ async def _load(ctx: GatewayContext) -> None:
     metrics.SESSIONS.set_function(lambda: len(registry.sessions))
 
 
-def _epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
 async def _start(ctx: GatewayContext) -> None:
     state = state_of(ctx)
     state.requester = await Requester(ctx.bus).start()
@@ -123,6 +119,7 @@ async def _start(ctx: GatewayContext) -> None:
 
 async def _stop(ctx: GatewayContext) -> None:
     state = state_of(ctx)
+    await asyncio.gather(*state.background, return_exceptions=True)
     for task in state.tasks:
         task.cancel()
     await asyncio.gather(*state.tasks, return_exceptions=True)

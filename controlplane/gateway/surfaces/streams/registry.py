@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from controlplane.contract.streams import BUILTIN_TYPES, SessionStatus, StreamAdvertise, StreamTypeInfo, iso
@@ -26,8 +26,18 @@ def _dumps(value: Any) -> bytes:
 
 @dataclass(slots=True, eq=False)
 class Stream:
+    """The fields lookups and sessions need, and the rest as JSON: ``head`` is the listed
+    object up to ``advertised_at``, without its closing brace, so a heartbeat re-renders
+    two fields rather than the stream (and ten thousand streams hold no dict each)."""
+
     id: str
-    fields: dict[str, Any]  # the listed fields but id, last_heartbeat and active_sessions
+    name: str
+    stream_type: str
+    publisher_id: str
+    protocol: str
+    address: str
+    port: int
+    head: bytes
     last_heartbeat: float
     expires_at: float
     sessions: set[str] = field(default_factory=set)
@@ -35,43 +45,48 @@ class Stream:
 
     def render(self) -> bytes:
         if self.rendered is None:
-            self.rendered = _dumps({"id": self.id, **self.fields, "last_heartbeat": iso(self.last_heartbeat),
-                                    "active_sessions": len(self.sessions)})
+            self.rendered = b"%s,\"last_heartbeat\":\"%s\",\"active_sessions\":%d}" % (
+                self.head, iso(self.last_heartbeat).encode(), len(self.sessions))
         return self.rendered
 
     def listed(self) -> dict[str, Any]:
         return json.loads(self.render())
 
 
+# The listed fields before last_heartbeat and active_sessions, in the document's order.
+_HEAD_FIELDS = ("id", "name", "stream_type", "publisher_id", "protocol", "address", "port", "entity_id",
+                "device_id", "config", "metadata", "advertised_at")
+
+
 @dataclass(slots=True, eq=False)
 class Session:
+    """A session never changes once open: it is kept as its listed JSON."""
+
     id: str
     stream_id: str
-    fields: dict[str, Any]  # as listed (``StreamSession``)
     started: float
     publisher_port: int
     consumer_port: int | None
     expires_at: float
-    rendered: bytes | None = None
+    rendered: bytes
 
     def render(self) -> bytes:
-        if self.rendered is None:
-            self.rendered = _dumps(self.fields)
         return self.rendered
 
     def history_row(self) -> dict[str, Any]:
         """The store's row for this session while it is open."""
-        f = self.fields
+        f = json.loads(self.rendered)
         return {"session_id": self.id, "stream_id": self.stream_id, "stream_name": f["stream_name"],
                 "stream_type": f["stream_type"], "publisher_id": f["publisher_id"],
                 "publisher_address": f["publisher_address"], "publisher_port": self.publisher_port,
                 "consumer_id": f["consumer_id"], "consumer_address": f["consumer_address"],
                 "consumer_port": self.consumer_port, "protocol": f["protocol"],
                 "transport_config": f["transport_config"], "status": SessionStatus.ACTIVE.value,
-                "started_at": datetime.fromisoformat(f["started_at"].replace("Z", "+00:00"))}
+                "started_at": datetime.fromtimestamp(self.started, timezone.utc)}
 
     def event_body(self) -> dict[str, Any]:
-        return {**self.fields, "publisher_port": self.publisher_port, "consumer_port": self.consumer_port}
+        return {**json.loads(self.rendered), "publisher_port": self.publisher_port,
+                "consumer_port": self.consumer_port}
 
 
 class StreamRegistry:
@@ -114,8 +129,11 @@ class StreamRegistry:
         known = self.streams.get(stream_id)
         if known is not None:
             return known
-        fields = {k: v for k, v in listed.items() if k not in ("id", "last_heartbeat", "active_sessions")}
-        stream = self.streams[stream_id] = Stream(stream_id, fields, last_heartbeat, expires_at)
+        head = _dumps({name: listed.get(name) for name in _HEAD_FIELDS})[:-1]
+        stream = Stream(stream_id, listed["name"], listed["stream_type"], listed["publisher_id"],
+                        listed["protocol"], listed["address"], int(listed["port"]), head, last_heartbeat,
+                        expires_at)
+        self.streams[stream_id] = stream
         return stream
 
     def heartbeat(self, stream_id: str, now: float) -> Stream | None:
@@ -136,21 +154,23 @@ class StreamRegistry:
     def streams_json(self, stream_type: str | None = None) -> bytes:
         streams = self.streams.values()
         if stream_type is not None:
-            return b"[" + b",".join(s.render() for s in streams if s.fields["stream_type"] == stream_type) + b"]"
+            return b"[" + b",".join(s.render() for s in streams if s.stream_type == stream_type) + b"]"
         return b"[" + b",".join(s.render() for s in streams) + b"]"
 
     # --- sessions ----------------------------------------------------------------------------
 
     def open_session(self, session_id: str, stream: Stream, offer: dict[str, Any], consumer: dict[str, Any],
                      now: float) -> Session:
-        fields = {"session_id": session_id, "stream_id": stream.id, "stream_name": stream.fields["name"],
-                  "stream_type": stream.fields["stream_type"], "publisher_id": stream.fields["publisher_id"],
-                  "publisher_address": offer["publisher_address"], "consumer_id": consumer["consumer_id"],
-                  "consumer_address": consumer["consumer_address"], "protocol": offer["protocol"],
-                  "transport_config": offer["transport_config"], "started_at": iso(now),
-                  "status": SessionStatus.ACTIVE.value}
-        return self.add_session({**fields, "publisher_port": offer["publisher_port"],
-                                 "consumer_port": consumer.get("consumer_port")}, now, now + self.ttl_s)
+        body = {"session_id": session_id, "stream_id": stream.id, "stream_name": stream.name,
+                "stream_type": stream.stream_type, "publisher_id": stream.publisher_id,
+                "publisher_address": offer["publisher_address"], "consumer_id": consumer["consumer_id"],
+                "consumer_address": consumer["consumer_address"], "protocol": offer["protocol"],
+                "transport_config": offer["transport_config"], "started_at": iso(now),
+                "status": SessionStatus.ACTIVE.value, "publisher_port": offer["publisher_port"],
+                "consumer_port": consumer.get("consumer_port")}
+        session = self.add_session(body, now, now + self.ttl_s)
+        assert session is not None
+        return session
 
     def add_session(self, body: dict[str, Any], started: float, expires_at: float) -> Session | None:
         """A session as an event carries it (listed fields and both ports); None when its stream
@@ -161,9 +181,9 @@ class StreamRegistry:
         known = self.sessions.get(body["session_id"])
         if known is not None:
             return known
-        fields = {k: v for k, v in body.items() if k not in ("publisher_port", "consumer_port")}
-        session = Session(body["session_id"], stream.id, fields, started, int(body["publisher_port"]),
-                          body.get("consumer_port"), expires_at)
+        listed = _dumps({k: v for k, v in body.items() if k not in ("publisher_port", "consumer_port")})
+        session = Session(body["session_id"], stream.id, started, int(body["publisher_port"]),
+                          body.get("consumer_port"), expires_at, listed)
         self.sessions[session.id] = session
         stream.sessions.add(session.id)
         stream.rendered = None  # its count changed

@@ -179,22 +179,24 @@ async def request_stream(request: web.Request) -> web.Response:
     stream = _stream_or_404(ctx, stream_id)
     asked: StreamRequest = await _model(request, StreamRequest)
     session_id = new_id()
-    question = NegotiationRequest(session_id=session_id, stream_id=stream_id, stream_name=stream.fields["name"],
+    question = NegotiationRequest(session_id=session_id, stream_id=stream_id, stream_name=stream.name,
                                   **asked.model_dump())
     reply = await _negotiate(ctx, stream_id, question.to_dict())
     stream = state.registry.streams.get(stream_id)
     if stream is None:  # withdrawn or expired while its publisher answered
         metrics.NEGOTIATIONS.labels("gone").inc()
         raise _problem(404, "unknown-stream", f"stream {stream_id} ended while its publisher answered")
-    offer = {"session_id": session_id, "stream_id": stream_id, "stream_name": stream.fields["name"],
-             "stream_type": stream.fields["stream_type"],
-             "protocol": str(reply.protocol or stream.fields["protocol"]),
-             "publisher_address": reply.address or stream.fields["address"],
-             "publisher_port": stream.fields["port"] if reply.port is None else reply.port,
+    offer = {"session_id": session_id, "stream_id": stream_id, "stream_name": stream.name,
+             "stream_type": stream.stream_type, "protocol": str(reply.protocol or stream.protocol),
+             "publisher_address": reply.address or stream.address,
+             "publisher_port": stream.port if reply.port is None else reply.port,
              "transport_config": reply.transport_config}
     session = state.registry.open_session(session_id, stream, offer, asked.model_dump(), time.time())
     detach(ctx.store.open_stream_session(session.history_row()), "open stream session")
-    await sync.announce_quietly(ctx, keys.SESSION_STARTED, stream_id, session=session.event_body())
+    # Not waited for: the consumer has its offer from memory, and the other gateways learn
+    # of the session within a broker round trip, long before its first heartbeat is due.
+    sync.in_background(ctx, sync.announce_quietly(ctx, keys.SESSION_STARTED, stream_id,
+                                                  session=session.event_body()))
     metrics.NEGOTIATIONS.labels("accepted").inc()
     return web.json_response(offer, status=201)
 

@@ -18,6 +18,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from controlplane.bus import Requester
 from controlplane.contract import keys
 from controlplane.contract.models import new_id, utcnow
-from controlplane.contract.streams import RegistryEvent, SessionStatus
+from controlplane.contract.streams import RegistryEvent, SessionStatus, epoch
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.surfaces.streams import metrics
 from controlplane.gateway.surfaces.streams.registry import Session, Stream, StreamRegistry
@@ -49,6 +50,7 @@ class StreamsState:
     requester: Requester | None = None
     origin: str = field(default_factory=new_id)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    background: set[asyncio.Future[None]] = field(default_factory=set)  # announcements not waited for
 
 
 def state_of(ctx: GatewayContext) -> StreamsState:
@@ -59,9 +61,12 @@ def state_of(ctx: GatewayContext) -> StreamsState:
 
 
 async def announce(ctx: GatewayContext, event: str, scope: str, **fields: Any) -> None:
-    """Publish one registry event (confirmed by the broker before this returns)."""
+    """Publish one registry event (confirmed by the broker before this returns). Not
+    persistent: what must outlive a broker restart is in the store, and a gateway that starts
+    loads it from there; the broker's disk stays out of every negotiation."""
     body = RegistryEvent(ts=utcnow(), event=event, origin=state_of(ctx).origin, **fields)
-    await ctx.bus.publish(keys.registry_event_key(event, scope), body.model_dump(mode="json", exclude_none=True))
+    await ctx.bus.publish(keys.registry_event_key(event, scope), body.model_dump(mode="json", exclude_none=True),
+                          persistent=False)
 
 
 async def announce_quietly(ctx: GatewayContext, event: str, scope: str, **fields: Any) -> None:
@@ -90,6 +95,14 @@ def ending(session: Session, status: SessionStatus, now: float) -> Ending:
                   round(max(0.0, now - session.started), 3))
 
 
+def in_background(ctx: GatewayContext, work: Awaitable[None]) -> None:
+    """Run ``work`` without waiting for it, held until done (and waited for at stop)."""
+    background = state_of(ctx).background
+    task = asyncio.ensure_future(work)
+    background.add(task)
+    task.add_done_callback(background.discard)
+
+
 # --- events in -------------------------------------------------------------------------------
 
 
@@ -107,7 +120,8 @@ async def project(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
     if event.event == keys.STREAM_HEARTBEATS:
         registry.refresh(event.streams, event.sessions)
     elif event.event == keys.STREAM_ADVERTISED and event.stream:
-        registry.add_stream(event.stream, now, now + registry.ttl_s)
+        beat = epoch(event.stream["last_heartbeat"]) if event.stream.get("last_heartbeat") else now
+        registry.add_stream(event.stream, beat, beat + registry.ttl_s)
     elif event.event in (keys.STREAM_WITHDRAWN, keys.STREAM_EXPIRED) and event.stream_id:
         registry.remove_stream(event.stream_id)
     elif event.event == keys.SESSION_STARTED and event.session:
