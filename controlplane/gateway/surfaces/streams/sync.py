@@ -109,13 +109,13 @@ def in_background(ctx: GatewayContext, work: Awaitable[None]) -> None:
 async def project(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
     """Another gateway's registry event, applied to this one's memory."""
     state = state_of(ctx)
+    if body.get("origin") == state.origin:
+        return  # announced here: memory has it already
     try:
         event = RegistryEvent.model_validate(body)
     except ValidationError as exc:
         log.warning("streams event ignored: not understood", error=str(exc))
         return
-    if event.origin == state.origin:
-        return  # announced here: memory has it already
     registry, now = state.registry, time.time()
     if event.event == keys.STREAM_HEARTBEATS:
         registry.refresh(event.streams, event.sessions)
