@@ -18,7 +18,7 @@ from controlplane.bus import Requester
 from controlplane.config import Settings
 from controlplane.contract.streams import (
     RegistryState, SessionRecord, SessionStatus, StreamAdvertise, StreamInfo, StreamOffer, StreamRequest, StreamSession,
-    StreamTypeCreate, StreamTypeInfo, epoch,
+    StreamTypeCreate, StreamTypeInfo, epoch, iso,
 )
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.openapi import Op
@@ -99,7 +99,7 @@ async def _load(ctx: GatewayContext) -> None:
         body = {k: row[k] for k in ("session_id", "stream_id", "stream_name", "stream_type", "publisher_id",
                                     "publisher_address", "consumer_id", "consumer_address", "protocol",
                                     "transport_config", "publisher_port", "consumer_port")}
-        if registry.add_session({**body, "started_at": row["started_at"].isoformat().replace("+00:00", "Z"),
+        if registry.add_session({**body, "started_at": iso(started),
                                  "status": "active"}, started, now + ttl) is None:
             # Its stream is gone: a row a gateway that stopped in between left open.
             orphans.append(Ending(row["session_id"], SessionStatus.STREAM_EXPIRED.value,
