@@ -15,8 +15,9 @@ gateway's memory with 10,000 streams, each beside a reference measured in the sa
 4. ``POST /streams/{id}/request`` at concurrency 16 over 200 of the streams, each answered
    ``{"accepted": true}`` by one responder in this process (an exclusive queue bound to
    ``sig.stream-request.*``), beside a bare aio-pika request-reply (mandatory publish with
-   confirms on ``ph.control``, direct reply-to, the same responder); and, of the requests'
-   time, how much the gateway waited for the answer (its ``cp_stream_negotiation_seconds``).
+   confirms on ``ph.control``, the reply to a queue of its own bound there, the same
+   responder); and, of the requests' time, how much the gateway waited for the answer (its
+   ``cp_stream_negotiation_seconds``).
    Goal: at least 1,000 negotiations/s, p50 under 15 ms. The same at concurrency 2, for the
    latency a caller sees on a machine that is not full.
 5. The gateway's resident memory (VmRSS) idle, after the 10,000 advertisements, and at the end
@@ -55,7 +56,7 @@ from controlplane.bus.management import Management
 from controlplane.contract import keys
 
 STREAM_TTL_S = 600  # longer than the run: no stream expires while it is measured
-REPLY_TO = "amq.rabbitmq.reply-to"
+BARE_REPLY_KEY = "reply.bench.bare"
 BARE_KEY = "bench.bare-request"  # no gateway queue binds it: only the responder's queue
 SETTLE_TIMEOUT_S = 30
 # Figures of the best existing implementation of this API, measured earlier.
@@ -184,8 +185,8 @@ async def sustained(base: str, beats: list[str], rate: float, seconds: float, in
 
 @asynccontextmanager
 async def responder(amqp_url: str, *bindings: str) -> AsyncIterator[dict[str, int]]:
-    """A publisher answering every request on ``bindings`` with ``{"accepted": true}``, through
-    the request's reply-to; yields its count of answers."""
+    """A publisher answering every request on ``bindings`` with ``{"accepted": true}``, on
+    ``ph.control`` with the request's reply-to as the key; yields its count of answers."""
     answered = {"n": 0}
     connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": "bench-streams-publisher"})
     try:
@@ -199,9 +200,7 @@ async def responder(amqp_url: str, *bindings: str) -> AsyncIterator[dict[str, in
         answer = json.dumps({"accepted": True}).encode()
 
         async def on_request(message: AbstractIncomingMessage) -> None:
-            # Not mandatory (aio-pika's default): this broker returns every mandatory publish to a
-            # direct reply-to address although it delivers it, a return per answer.
-            await channel.default_exchange.publish(
+            await exchange.publish(
                 aio_pika.Message(answer, content_type="application/json", correlation_id=message.correlation_id),
                 routing_key=message.reply_to or "", mandatory=False)
             answered["n"] += 1
@@ -215,7 +214,8 @@ async def responder(amqp_url: str, *bindings: str) -> AsyncIterator[dict[str, in
 
 async def bare_round_trips(amqp_url: str, n: int, concurrency: int, body: dict[str, Any]) -> dict[str, Any]:
     """What the gateway's requester does, alone: publish mandatory with confirms on
-    ``ph.control``, direct reply-to, wait for the answer with the same correlation id."""
+    ``ph.control``, the reply to an exclusive queue of its own bound there, wait for the answer
+    with the same correlation id."""
     connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": "bench-streams-bare"})
     try:
         channel = await connection.channel()  # confirms on, as the requester's channel
@@ -226,8 +226,10 @@ async def bare_round_trips(amqp_url: str, n: int, concurrency: int, body: dict[s
             if future is not None and not future.done():
                 future.set_result(message.body)
 
-        await (await channel.get_queue(REPLY_TO, ensure=False)).consume(on_reply, no_ack=True)
         exchange = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
+        replies = await channel.declare_queue("", exclusive=True)
+        await replies.bind(exchange, routing_key=BARE_REPLY_KEY)
+        await replies.consume(on_reply, no_ack=True)
         latencies: list[float] = []
         next_i = 0
 
@@ -241,7 +243,7 @@ async def bare_round_trips(amqp_url: str, n: int, concurrency: int, body: dict[s
                 confirmed = await exchange.publish(
                     aio_pika.Message(json.dumps({**body, "session_id": correlation_id}).encode(),
                                      content_type="application/json", correlation_id=correlation_id,
-                                     message_id=correlation_id, reply_to=REPLY_TO, expiration=5),
+                                     message_id=correlation_id, reply_to=BARE_REPLY_KEY, expiration=5),
                     routing_key=BARE_KEY, mandatory=True)
                 if isinstance(confirmed, DeliveredMessage):
                     raise BenchError(f"the bare request was returned: nothing bound to {BARE_KEY}")

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from controlplane import logs
 from controlplane.bus import Bus
-from controlplane.bus.accounts import BrokerAccounts, ensure_process_users
+from controlplane.bus.accounts import BrokerAccounts, ensure_process_users, stream_publisher_grant
 from controlplane.bus.management import ManagementError
 from controlplane.config import Settings, load_settings_or_exit
 from controlplane.contract import keys
@@ -207,16 +207,23 @@ def swarm_controller(swarm_id: str) -> None:
 
 
 @main.command("broker-users")
-def broker_users() -> None:
+@click.option("--stream-publisher", "publishers", multiple=True, metavar="NAME",
+              help="Also make a stream publisher's user (repeatable); NAME: lowercase letters, digits and '-'.")
+def broker_users(publishers: tuple[str, ...]) -> None:
     """Make the gateway's and the host controller's own broker users; print their CP_AMQP_URL.
 
     Run once with an administrator's CP_AMQP_URL; then start each process with its own URL.
     The gateway's user may declare the shared topology and its own queues and publish commands,
     nothing else; the host controller's is an administrator, since it makes the users of the
-    containers it launches. Passwords are derived from CP_BROKER_USER_SECRET: set it, so that
-    the host controller keeps deriving the same ones once it runs as its own user.
+    containers it launches. A stream publisher's user may only listen for stream requests and
+    answer them. Passwords are derived from CP_BROKER_USER_SECRET: set it, so that the host
+    controller keeps deriving the same ones once it runs as its own user.
     """
     settings = _settings()
+    for name in publishers:
+        problem = keys.slug_problem(name)
+        if problem:
+            raise click.BadParameter(f"{name!r} {problem}", param_hint="--stream-publisher")
 
     async def run(_stop: asyncio.Event) -> None:
         accounts = BrokerAccounts.from_settings(settings.model_copy(update={"broker_users": True}))
@@ -224,6 +231,10 @@ def broker_users() -> None:
         gateway_url, host_url = await ensure_process_users(accounts, settings)
         click.echo(f"gateway          CP_AMQP_URL={gateway_url}")
         click.echo(f"host-controller  CP_AMQP_URL={host_url}")
+        for name in publishers:
+            url = await accounts.ensure("stream-publisher", name, stream_publisher_grant(),
+                                        base=settings.amqp_url.get_secret_value())
+            click.echo(f"stream-publisher {name} AMQP_URL={url}")
 
     _run(run)
 

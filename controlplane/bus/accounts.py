@@ -116,7 +116,9 @@ def gateway_grant(gateway_id: str) -> Grant:
     static = [re.escape(n) for n in (keys.DEAD_LETTER_QUEUE, keys.HOST_CONTROLLER_QUEUE,
                                      keys.HOST_CONTROLLER_REPLIES_QUEUE)]
     exchanges = [re.escape(keys.CONTROL_EXCHANGE), re.escape(keys.DEAD_LETTER_EXCHANGE)]
-    own = rf"{re.escape(keys.CONTROL_EXCHANGE)}\.gateway\.{re.escape(gateway_id)}(\.status)?"
+    # Its event queues, and the reply queues of its requesters (stream negotiations).
+    own = (rf"{re.escape(keys.CONTROL_EXCHANGE)}\.(gateway\.{re.escape(gateway_id)}(\.status)?"
+           rf"|replies\.{re.escape(gateway_id)}\.[a-z0-9]+)")
     return Grant(
         configure=_any(*exchanges, *static, own),
         write=_any(*exchanges, *static, own),
@@ -128,6 +130,25 @@ def gateway_grant(gateway_id: str) -> Grant:
                          rf"ev\.ready\.{re.escape(keys.STREAM_EVENTS)}\.{_SEGMENT}",
                          rf"ev\.ready\.({'|'.join(map(re.escape, keys.REGISTRY_EVENTS))})\.[a-z0-9_-]+"),
         topic_read=".*",
+    )
+
+
+_STREAM_ID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def stream_publisher_grant() -> Grant:
+    """A stream publisher (``controlplane.client.streams``): its request queues, the stream
+    requests bound to them, and answers under reply keys, nothing else. Any publisher may
+    bind any stream's requests: stream ids are made when a stream is advertised, so no
+    grant made beforehand can name one publisher's streams."""
+    queue = rf"{re.escape(keys.CONTROL_EXCHANGE)}\.stream-publisher\.{_STREAM_ID}"
+    exchange = re.escape(keys.CONTROL_EXCHANGE)
+    return Grant(
+        configure=_any(queue),
+        write=_any(queue, exchange),  # binding takes write on the queue; answers, on the exchange
+        read=_any(queue, exchange),  # consuming, and binding from the exchange
+        topic_write=_any(rf"reply\.{_SEGMENT}\.[a-z0-9]+"),
+        topic_read=_any(rf"sig\.{re.escape(keys.STREAM_REQUEST)}\.{_STREAM_ID}"),
     )
 
 

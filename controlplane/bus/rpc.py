@@ -1,8 +1,12 @@
-"""Request-reply over RabbitMQ's direct reply-to.
+"""Request-reply over RabbitMQ, with replies on ``ph.control`` under the requester's own key.
 
-Used where a caller needs an answer rather than an event: Docker reads served by the host
-controller, stream negotiation with a publisher. Direct reply-to needs no reply queue per
-caller, so nothing is left behind in the broker when a caller goes away.
+Used where a caller needs an answer rather than an event: stream negotiation with a
+publisher. Each requester declares an exclusive queue of its own (gone with its connection,
+so nothing is left behind when it goes away), bound to ``reply.<owner>.<token>``; that key is
+each request's ``reply_to``, and the answerer publishes its reply on ``ph.control`` with it.
+Replies through ``ph.control`` rather than RabbitMQ's direct reply-to (the default exchange)
+let an answerer's broker user be confined by topic permissions to reply keys: a user that may
+write to the default exchange may put a message in any queue.
 
 Each waiting caller owns one future, keyed by its correlation id. The future leaves the
 table however it ends (reply, timeout, close), so a long-lived requester does not grow;
@@ -27,9 +31,6 @@ from controlplane.logs import get_logger
 
 log = get_logger("bus.rpc")
 
-REPLY_TO = "amq.rabbitmq.reply-to"
-
-
 class RequesterClosed(ConnectionError):
     """The requester was closed while a caller waited for its reply, or before it asked."""
 
@@ -40,14 +41,14 @@ class Unroutable(LookupError):
 
 
 class Requester:
-    """Sends requests on its own channel and matches replies by correlation id.
+    """Sends requests on a channel of its own (with confirms, so a request nobody can take
+    comes back at once) and matches replies by correlation id. ``owner`` names whose replies
+    these are (a gateway's name): its queue and key say so in the management UI."""
 
-    Direct reply-to needs the request to be published on the channel that consumes the
-    replies, which is why the requester does not publish through the bus's channel.
-    """
-
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, owner: str = "requester") -> None:
         self._bus = bus
+        self.reply_queue = bus.topology.templates.replies_queue.render(
+            owner=keys.check_slug(owner, "owner"), token=new_id().replace("-", ""))
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -60,10 +61,18 @@ class Requester:
 
     async def start(self) -> Requester:
         self._channel = await self._bus.connection.channel()
-        reply_queue = await self._channel.get_queue(REPLY_TO, ensure=False)
-        await reply_queue.consume(self._on_reply, no_ack=True)
         self._exchange = await self._channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
+        decl = self.reply_queue
+        queue = await self._channel.declare_queue(decl.name, durable=decl.durable, exclusive=decl.exclusive,
+                                                  arguments=decl.arguments)
+        for binding in decl.bindings:
+            await queue.bind(binding.exchange, routing_key=binding.key)
+        await queue.consume(self._on_reply, no_ack=True)
         return self
+
+    @property
+    def reply_to(self) -> str:
+        return self.reply_queue.bindings[0].key
 
     async def close(self) -> None:
         """Stop; every caller still waiting fails with ``RequesterClosed`` at once."""
@@ -111,7 +120,7 @@ class Requester:
             # returned message instead of an ack (matched by its message id).
             confirmed = await self._exchange.publish(
                 aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
-                                 correlation_id=correlation_id, message_id=correlation_id, reply_to=REPLY_TO,
+                                 correlation_id=correlation_id, message_id=correlation_id, reply_to=self.reply_to,
                                  expiration=timeout),
                 routing_key=routing_key, mandatory=True,
             )
@@ -130,4 +139,4 @@ class Requester:
 async def reply(bus: Bus, request: AbstractIncomingMessage, body: dict[str, Any]) -> None:
     """Answer a request received by a consumer (no-op if the request asked for no reply)."""
     if request.reply_to:
-        await bus.publish(request.reply_to, body, correlation_id=request.correlation_id, exchange="")
+        await bus.publish(request.reply_to, body, correlation_id=request.correlation_id, persistent=False)

@@ -28,9 +28,12 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection,
+)
 from pydantic import ValidationError
 
+from controlplane.contract.keys import CONTROL_EXCHANGE
 from controlplane.contract.streams import (
     NegotiationReply, NegotiationRequest, Protocol, StreamAdvertise, StreamInfo, StreamOffer,
 )
@@ -106,6 +109,7 @@ class StreamPublisher:
         self._gateway: _Gateway | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._control: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
         self._beating: asyncio.Task[None] | None = None
         self.stream: StreamInfo | None = None
@@ -121,6 +125,7 @@ class StreamPublisher:
         try:
             self._connection = await aio_pika.connect_robust(self._amqp_url)
             self._channel = await self._connection.channel()
+            self._control = await self._channel.get_exchange(CONTROL_EXCHANGE, ensure=False)
             await self._advertise()
         except BaseException:
             await self._close()
@@ -183,11 +188,10 @@ class StreamPublisher:
         except Exception as exc:  # the callback's own failure is the consumer's answer, not a silence
             log.exception("stream request callback failed")
             reply = reject(f"the publisher failed: {exc!r}")
-        if message.reply_to and self._channel is not None:
-            # Direct reply-to: the answer goes through the default exchange to the reply_to name.
+        if message.reply_to and self._control is not None:
+            # On ph.control, the request's reply_to as the routing key (see topology.yaml).
             body = reply.model_dump_json(exclude_none=True).encode()
-            # Not mandatory: a broker may return a direct reply-to answer it also delivered.
-            await self._channel.default_exchange.publish(
+            await self._control.publish(
                 aio_pika.Message(body, content_type="application/json", correlation_id=message.correlation_id),
                 routing_key=message.reply_to, mandatory=False)
             self.answered += 1

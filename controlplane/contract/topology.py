@@ -63,6 +63,7 @@ class Templates(BaseModel):
     hive_exchange: ExchangeDecl
     work_queue: QueueDecl
     stream_publisher_queue: QueueDecl
+    replies_queue: QueueDecl
 
 
 class Topology(BaseModel):

@@ -142,11 +142,12 @@ async def test_gateway_and_host_controller_run_as_their_own_users(settings_facto
         admin = f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}"
         env = {**os.environ, "CP_AMQP_URL": admin, "CP_INSTANCE_ID": f"{OWNER}-own", "CP_GATEWAY_ID": "gw1",
                "CP_BROKER_USER_SECRET": "a-secret-for-this-test"}
-        made = subprocess.run([sys.executable, "-m", "controlplane.cli", "broker-users"], env=env, check=True,
-                              capture_output=True, text=True, timeout=60)
-        urls = dict(line.split(maxsplit=1) for line in made.stdout.splitlines())
+        made = subprocess.run([sys.executable, "-m", "controlplane.cli", "broker-users", "--stream-publisher", "cam1"],
+                              env=env, check=True, capture_output=True, text=True, timeout=60)
+        urls = dict(line.rsplit(maxsplit=1) for line in made.stdout.splitlines())
         gateway_url = urls["gateway"].removeprefix("CP_AMQP_URL=")
         host_url = urls["host-controller"].removeprefix("CP_AMQP_URL=")
+        publisher_url = urls["stream-publisher cam1"].removeprefix("AMQP_URL=")
         assert URL(gateway_url).user == f"cp.{OWNER}-own.gateway.gw1"
 
         common = {"instance_id": f"{OWNER}-own", "broker_user_secret": "a-secret-for-this-test",
@@ -174,16 +175,25 @@ async def test_gateway_and_host_controller_run_as_their_own_users(settings_facto
             status, envelope = await gateway.post(f"/api/swarms/{swarm_id}/remove", {"idempotencyKey": new_key()})
             _, operation = await gateway.get(f"/api/operations/{envelope['correlationId']}?wait=60")
             assert operation["status"] == "succeeded", operation
-            # The streams registry under the gateway's own user: its events, a negotiation
-            # (mandatory request, direct reply-to) and the session it opens.
+            # The streams registry under the gateway's own user (its events, a mandatory request
+            # and its reply queue) and a publisher under a user of its own, which may answer
+            # stream requests and do nothing else.
             advert = {"name": "cam", "stream_type": "ndi", "publisher_id": "p", "protocol": "ndi",
                       "address": "10.0.0.1", "port": 5960}
             base = str(gateway.client.make_url("")).rstrip("/")
-            async with StreamPublisher(base, admin, advert) as publisher:
+            assert URL(publisher_url).user == f"cp.{OWNER}-own.stream-publisher.cam1"
+            async with StreamPublisher(base, publisher_url, advert) as publisher:
                 status, offer = await gateway.post(f"/streams/{publisher.stream_id}/request",
                                                    {"consumer_id": "c", "consumer_address": "10.0.0.2"})
                 assert status == 201, offer
                 assert (await gateway.client.delete(f"/streams/sessions/{offer['session_id']}")).status == 200
+            connection = await aio_pika.connect(publisher_url)
+            try:
+                await _refused(connection, keys.signal_key("swarm-create", swarm_id))
+                await _refused(connection, keys.registry_event_key(keys.STREAM_EXPIRED, publisher.stream_id))
+                await _refused(connection, keys.HOST_CONTROLLER_QUEUE, exchange="")  # no default exchange
+            finally:
+                await connection.close()
 
 
 async def test_up_runs_gateway_and_host_controller_as_their_own_users(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ async def raw_publisher(stack: Stack, stream_id: str, answer: Callable[[Negotiat
     connection = await aio_pika.connect_robust(amqp_url(stack))
     try:
         channel = await connection.channel()
+        control = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
         queue = await channel.declare_queue("", exclusive=True)
         await queue.bind(keys.CONTROL_EXCHANGE, routing_key=keys.stream_request_key(stream_id))
 
@@ -70,8 +71,8 @@ async def raw_publisher(stack: Stack, stream_id: str, answer: Callable[[Negotiat
             seen.append(request)
             body = answer(request)
             if body is not None:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(body, correlation_id=message.correlation_id), routing_key=message.reply_to)
+                await control.publish(aio_pika.Message(body, correlation_id=message.correlation_id),
+                                      routing_key=message.reply_to)
 
         await queue.consume(on, no_ack=True)
         yield seen

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from controlplane.bus import Requester, RequesterClosed
+from controlplane.contract.topology import default_topology
 
 
 class FakeExchange:
@@ -30,7 +32,7 @@ class Reply:
 
 def requester() -> tuple[Requester, FakeExchange]:
     exchange = FakeExchange()
-    req = Requester(bus=None)  # type: ignore[arg-type]
+    req = Requester(bus=SimpleNamespace(topology=default_topology()))  # type: ignore[arg-type]
     req._exchange = exchange  # type: ignore[assignment]
     return req, exchange
 

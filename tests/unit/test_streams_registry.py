@@ -132,3 +132,21 @@ def test_the_gateway_may_publish_the_registry_events_and_nothing_next_to_them() 
     assert pattern.match(keys.stream_request_key(stream_id))
     assert not pattern.match(f"ev.ready.swarm-remove.{stream_id}")
     assert not pattern.match(f"ev.ready.stream-advertised.{stream_id}.extra")
+
+
+def test_a_stream_publisher_may_listen_for_stream_requests_and_answer_nothing_else() -> None:
+    import re
+
+    from controlplane.bus.accounts import stream_publisher_grant
+
+    grant = stream_publisher_grant()
+    stream_id = str(uuid.uuid4())
+    queue = default_topology().templates.stream_publisher_queue.render(stream_id=stream_id)
+    assert re.match(grant.configure, queue.name) and re.match(grant.read, queue.name)
+    assert re.match(grant.topic_read, keys.stream_request_key(stream_id))
+    assert not re.match(grant.topic_read, f"sig.swarm-create.{stream_id}")
+    replies = default_topology().templates.replies_queue.render(owner="gw1", token="0a1b2c")
+    assert re.match(grant.topic_write, replies.bindings[0].key)
+    for forged in ("sig.swarm-create.x", keys.registry_event_key(keys.STREAM_EXPIRED, stream_id), "reply.gw1"):
+        assert not re.match(grant.topic_write, forged), forged
+    assert not re.match(grant.write, "amq.default") and not re.match(grant.configure, "ph.control.host-controller")

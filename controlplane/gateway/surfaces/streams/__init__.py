@@ -113,7 +113,7 @@ async def _load(ctx: GatewayContext) -> None:
 
 async def _start(ctx: GatewayContext) -> None:
     state = state_of(ctx)
-    state.requester = await Requester(ctx.bus).start()
+    state.requester = await Requester(ctx.bus, ctx.settings.gateway_name).start()
     state.tasks = sync.start_upkeep(ctx)
 
 
