@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from controlplane.contract.streams import BUILTIN_TYPES, SessionStatus, StreamAdvertise, StreamTypeInfo, iso
+from controlplane.contract.streams import BUILTIN_TYPES, SessionStatus, StreamAdvertise, StreamInfo, StreamTypeInfo, iso
 
 
 def _dumps(value: Any) -> bytes:
@@ -53,9 +53,10 @@ class Stream:
         return json.loads(self.render())
 
 
-# The listed fields before last_heartbeat and active_sessions, in the document's order.
-_HEAD_FIELDS = ("id", "name", "stream_type", "publisher_id", "protocol", "address", "port", "entity_id",
-                "device_id", "config", "metadata", "advertised_at")
+# The listed fields before last_heartbeat and active_sessions, in the wire model's order.
+_TAIL_FIELDS = ("last_heartbeat", "active_sessions")
+_HEAD_FIELDS = tuple(name for name in StreamInfo.model_fields if name not in _TAIL_FIELDS)
+assert tuple(StreamInfo.model_fields)[-2:] == _TAIL_FIELDS, "render() appends these two last"
 
 
 @dataclass(slots=True, eq=False)
