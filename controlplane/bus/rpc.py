@@ -31,6 +31,7 @@ from controlplane.logs import get_logger
 
 log = get_logger("bus.rpc")
 
+
 class RequesterClosed(ConnectionError):
     """The requester was closed while a caller waited for its reply, or before it asked."""
 
