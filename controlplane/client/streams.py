@@ -123,7 +123,9 @@ class StreamPublisher:
     async def __aenter__(self) -> StreamPublisher:
         self._gateway = _Gateway(self._gateway_url, self._api_key)
         try:
-            self._connection = await aio_pika.connect_robust(self._amqp_url)
+            # Named, so an operator tells publishers apart in the management UI.
+            self._connection = await aio_pika.connect_robust(
+                self._amqp_url, client_properties={"connection_name": f"stream-publisher {self.advert.publisher_id}"})
             self._channel = await self._connection.channel()
             self._control = await self._channel.get_exchange(CONTROL_EXCHANGE, ensure=False)
             await self._advertise()

@@ -481,3 +481,42 @@ async def test_the_readme_example_runs_as_written(settings_factory: Any, runtime
         assert "192.168.1.50 {'ndi_name': 'TD-01 (Camera A)'}" in capsys.readouterr().out
         assert (await gw.get("/streams"))[1] == []  # withdrawn on exit
         assert [r["status"] for r in (await gw.get("/streams/sessions/history"))[1]] == ["stopped"]
+
+
+async def test_negotiation_survives_the_gateways_and_the_publishers_broker_connections_dropping(
+        settings_factory: Any, runtime: Any, vhost: str) -> None:
+    """Both ends reconnect by themselves: the gateway's reply queue and the publisher's request
+    queue are exclusive, so the broker drops them with the connection and each end declares
+    its own again."""
+    from urllib.parse import quote
+
+    from controlplane.bus import Bus
+    from controlplane.contract.topology import load_topology
+    from controlplane.gateway.app import open_gateway
+    from aiohttp.test_utils import TestClient, TestServer
+    from tests.conftest import BROKER, drop_connections
+
+    settings = settings_factory()
+    name = f"streams-{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@{BROKER}/{quote(vhost, safe='')}"
+    async with Bus(url, load_topology(settings.topology_file), name) as bus, open_gateway(settings, bus) as app:
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        base = str(client.make_url("")).rstrip("/")
+        publisher_id = f"pub-{uuid.uuid4().hex[:8]}"
+
+        async def negotiated(stream_id: str) -> bool:
+            resp = await client.post(f"/streams/{stream_id}/request",
+                                     json={"consumer_id": "c", "consumer_address": "10.0.0.7"})
+            return resp.status == 201
+
+        try:
+            async with StreamPublisher(base, url, advert(publisher_id=publisher_id), heartbeat_s=3600) as publisher:
+                assert await negotiated(publisher.stream_id)
+                assert await drop_connections(name) >= 1
+                await until(lambda: negotiated(publisher.stream_id), 60, 0.5)
+                assert await drop_connections(f"stream-publisher {publisher_id}") >= 1
+                await until(lambda: negotiated(publisher.stream_id), 60, 0.5)
+                assert publisher.answered >= 3
+        finally:
+            await client.close()
