@@ -39,7 +39,7 @@ STREAM_EVENTS = "stream-events"
 STREAM_STATS = "stream-stats"
 
 # The streams registry (the Streams API surface): a negotiation is ``sig.stream-request.<streamId>``,
-# answered by the stream's publisher through the request's reply-to; everything the registry
+# answered by the stream's publisher under the request's reply-to key; everything the registry
 # sees happen is an event ``ev.ready.<event>.<scope>``, the scope a stream id (a type's name
 # for stream-type-created, the announcing gateway for stream-heartbeats).
 STREAM_REQUEST = "stream-request"

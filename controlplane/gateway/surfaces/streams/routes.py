@@ -3,7 +3,7 @@
 Reads and heartbeats touch memory only. A change is applied to memory, written through the
 store's writer and announced to the other gateways (``sync``). A stream request is a
 negotiation with the stream's publisher over RabbitMQ: ``sig.stream-request.<streamId>``,
-published mandatory, answered on the request's reply-to. Its outcomes:
+published mandatory, answered on ``ph.control`` under the request's reply-to. Its outcomes:
 
 - nobody bound to the key (the broker returned it): 502, no publisher is listening;
 - no answer within ``CP_STREAM_REQUEST_TIMEOUT_S``: 504;
