@@ -520,3 +520,24 @@ async def test_negotiation_survives_the_gateways_and_the_publishers_broker_conne
                 assert publisher.answered >= 3
         finally:
             await client.close()
+
+
+async def test_with_an_api_key_writes_need_it_and_reads_do_not(settings_factory: Any, runtime: Any) -> None:
+    key = "streams-admin-key-1"
+    async with gateway(settings_factory, runtime, api_key=key) as gw:
+        assert (await gw.post("/streams/advertise", advert()))[0] == 401
+        assert (await gw.post("/streams/types", {"name": "x", "display_name": "X"}))[0] == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        status, stream = await gw.post("/streams/advertise", advert(), headers=auth)
+        assert status == 201
+        assert (await gw.post(f"/streams/{stream['id']}/heartbeat", ""))[0] == 401
+        assert (await gw.post(f"/streams/{stream['id']}/heartbeat", "", headers={"Authorization": "Bearer wrong-key-00"}
+                              ))[0] == 403
+        assert (await gw.post(f"/streams/{stream['id']}/heartbeat", "", headers=auth))[0] == 200
+        assert (await gw.client.delete(f"/streams/{stream['id']}")).status == 401
+        assert [s["id"] for s in (await gw.get("/streams"))[1]] == [stream["id"]]  # reads stay open
+        assert (await gw.get("/streams/state"))[0] == 200
+        # The client sends the key it is given.
+        async with StreamPublisher(base_url(gw), amqp_url(gw), advert(), api_key=key) as publisher:
+            async with StreamConsumer(base_url(gw), publisher.stream_id, "c", "10.0.0.8", api_key=key) as consumer:
+                assert consumer.offer is not None
