@@ -125,7 +125,9 @@ async def project(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
     elif event.event in (keys.STREAM_WITHDRAWN, keys.STREAM_EXPIRED) and event.stream_id:
         registry.remove_stream(event.stream_id)
     elif event.event == keys.SESSION_STARTED and event.session:
-        registry.add_session(event.session, now, now + registry.ttl_s)
+        # Its own start time: a sweeper here closes its history row with the true duration.
+        started = epoch(event.session["started_at"]) if event.session.get("started_at") else now
+        registry.add_session(event.session, started, now + registry.ttl_s)
     elif event.event == keys.SESSION_STOPPED:
         for session_id in event.session_ids:
             registry.remove_session(session_id)
