@@ -35,7 +35,7 @@ from controlplane.contract.streams import (
     StreamTypeCreate, StreamTypeInfo,
 )
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.middleware import ApiError, read_json
+from controlplane.gateway.middleware import ApiError, read_json, validation_error
 from controlplane.gateway.surfaces.streams import metrics, sync
 from controlplane.gateway.surfaces.streams.sync import state_of
 from controlplane.logs import get_logger
@@ -55,9 +55,9 @@ def _problem(status: int, code: str, message: str, field: str | None = None, rea
 
 
 def _invalid(exc: ValidationError) -> ApiError:
-    fields = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "reason": e["msg"]} for e in exc.errors()]
-    message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
-    return ApiError(422, "invalid-request", message, fields, detail=message)
+    error = validation_error(exc, 422)
+    error.extra["detail"] = error.message
+    return error
 
 
 def _uuid(value: str, field: str) -> str:
@@ -160,13 +160,17 @@ async def withdraw(request: web.Request) -> web.Response:
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    ctx = context_of(request)
-    stream_id = _uuid(request.match_info["stream_id"], "stream_id")
-    if state_of(ctx).registry.heartbeat(stream_id, time.time()) is None:
-        raise _problem(404, "unknown-stream", f"stream {stream_id} is not advertised (it expired or was "
-                       "withdrawn): advertise it again")
-    STREAM_HEARTBEATS.inc()
-    return web.json_response({"status": "ok", "stream_id": stream_id})
+    return _refreshed(request, "stream_id", state_of(context_of(request)).registry.heartbeat, STREAM_HEARTBEATS,
+                      "unknown-stream", "is not advertised (it expired or was withdrawn): advertise it again")
+
+
+def _refreshed(request: web.Request, field: str, refresh: Any, counted: Any, code: str, gone: str) -> web.Response:
+    """A heartbeat: the id of ``field`` refreshed in memory, or a 404 saying what to do now."""
+    ident = _uuid(request.match_info[field], field)
+    if refresh(ident, time.time()) is None:
+        raise _problem(404, code, f"{field.removesuffix('_id')} {ident} {gone}")
+    counted.inc()
+    return web.json_response({"status": "ok", field: ident})
 
 
 # --- negotiation -----------------------------------------------------------------------------
@@ -228,9 +232,8 @@ async def _negotiate(ctx: GatewayContext, stream_id: str, question: dict[str, An
         reply = NegotiationReply.model_validate(answer)
     except ValidationError as exc:
         metrics.NEGOTIATIONS.labels("malformed").inc()
-        why = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}" for e in exc.errors())
-        raise _problem(502, "malformed-reply", f"the publisher's answer is not a valid reply ({why}); no session "
-                       "was opened") from None
+        raise _problem(502, "malformed-reply", f"the publisher's answer is not a valid reply "
+                       f"({validation_error(exc).message}); no session was opened") from None
     if not reply.accepted:
         metrics.NEGOTIATIONS.labels("rejected").inc()
         reason = reply.reason or "no reason given"
@@ -276,13 +279,9 @@ async def stop_session(request: web.Request) -> web.Response:
 
 
 async def session_heartbeat(request: web.Request) -> web.Response:
-    ctx = context_of(request)
-    session_id = _uuid(request.match_info["session_id"], "session_id")
-    if state_of(ctx).registry.session_heartbeat(session_id, time.time()) is None:
-        raise _problem(404, "unknown-session", f"session {session_id} is not active (it expired or was stopped): "
-                       "request the stream again")
-    SESSION_HEARTBEATS.inc()
-    return web.json_response({"status": "ok", "session_id": session_id})
+    return _refreshed(request, "session_id", state_of(context_of(request)).registry.session_heartbeat,
+                      SESSION_HEARTBEATS, "unknown-session",
+                      "is not active (it expired or was stopped): request the stream again")
 
 
 # --- the whole registry ----------------------------------------------------------------------
