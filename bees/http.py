@@ -156,6 +156,11 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
+class RefusedDestination(OSError):
+    """Every address a name resolved to is refused by the egress rules: a policy's answer,
+    which a caller may tell from a network failure (and give up on rather than retry)."""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves as usual, then keeps only the addresses the egress rules allow."""
 
@@ -169,7 +174,8 @@ class GuardedResolver(AbstractResolver):
         kept = [r for r in results if self.egress.address_problem(ipaddress.ip_address(r["host"]), port) is None]
         if not kept:
             reasons = {self.egress.address_problem(ipaddress.ip_address(r["host"]), port) for r in results}
-            raise OSError(f"{host} resolves only to refused addresses: {'; '.join(sorted(filter(None, reasons)))}")
+            raise RefusedDestination(
+                f"{host} resolves only to refused addresses: {'; '.join(sorted(filter(None, reasons)))}")
         return kept
 
     async def close(self) -> None:

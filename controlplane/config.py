@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -42,6 +43,14 @@ class Settings(BaseSettings):
     read_api_key: SecretStr | None = None
     protect_reads: bool = False
     allow_unauthenticated: bool = False
+    # Rate limits (the services surface): requests each caller (a configured API key, else the
+    # client's address) may make per window, in the notation of the `limits` library, e.g.
+    # "1000/hour" or "100 per minute". Counted in the gateway's memory, or in a Redis that
+    # gateways share (async+redis://host:6379/0) so that the limit holds across them. The
+    # address comes from X-Forwarded-For only when a proxy in front of the gateway sets it.
+    rate_limit: str = "1000/hour"
+    rate_limit_storage: SecretStr = SecretStr("memory://")
+    rate_limit_trust_forwarded: bool = False
     idempotency_retention_s: int = Field(24 * 3600, ge=60)
     management_url: str = "http://127.0.0.1:15672/"
     # Every container the control plane launches gets a broker user of its own, limited to its
@@ -114,6 +123,18 @@ class Settings(BaseSettings):
     # A Gluetun-like VPN container the pool's engines depend on (GET /vpn/status): its name.
     vpn_container: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
+    # Services dashboard (the services surface under /api): the host controller samples the
+    # running services' stats this often, this many at a time, reports everything now and then
+    # besides the changes, and gives an updated service this long to run and be healthy
+    # before rolling it back. Environment values show in a service's details only when allowed.
+    services_stats_interval_s: float = Field(10.0, ge=1.0, le=3600.0)
+    services_stats_concurrency: int = Field(4, ge=1, le=64)
+    services_full_report_s: float = Field(60.0, ge=5.0, le=3600.0)
+    services_update_timeout_s: float = Field(60.0, ge=1.0, le=3600.0)
+    services_show_env: bool = False
+    # How long a gateway waits for a host controller's answer to a logs request.
+    services_logs_timeout_s: float = Field(90.0, ge=1.0, le=3600.0)
+
     # Streams registry (the Streams API, at <streams_prefix>/streams): how long a stream or a session lives
     # without a heartbeat, how long a publisher has to answer a request, and how long the
     # sessions' history is kept.
@@ -121,6 +142,20 @@ class Settings(BaseSettings):
     stream_ttl_s: float = Field(30.0, ge=1.0, le=3600.0)
     stream_request_timeout_s: float = Field(5.0, gt=0, le=60.0)
     stream_history_days: int = Field(90, ge=1)
+
+    # Webhooks (the services surface). A destination on a loopback, link-local, private or
+    # otherwise non-public address is refused unless listed here (addresses or networks with an
+    # optional :port, as CP_ALLOWED_TARGETS); the broker's ports never. A delivery not answered
+    # 2xx within the timeout is tried again after retry_base_s, doubling up to retry_max_s,
+    # until max_attempts; at most `concurrency` are in flight at once. Finished deliveries are
+    # kept retention_days.
+    webhook_allowed_targets: list[str] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120.0)
+    webhook_max_attempts: int = Field(12, ge=1, le=30)
+    webhook_retry_base_s: float = Field(5.0, ge=0.01, le=3600.0)
+    webhook_retry_max_s: float = Field(3600.0, ge=0.01, le=86400.0)
+    webhook_concurrency: int = Field(16, ge=1, le=256)
+    webhook_retention_days: int = Field(30, ge=1)
 
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
@@ -132,7 +167,7 @@ class Settings(BaseSettings):
             raise ValueError("must not contain '--', which joins a swarm and its bee in an instance id")
         return value
 
-    @field_validator("allowed_targets")
+    @field_validator("allowed_targets", "webhook_allowed_targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
         return Target.check_all(value)
@@ -148,6 +183,16 @@ class Settings(BaseSettings):
             if key != key.strip() or len(key) < 8:
                 raise ValueError("must be at least 8 characters, without leading or trailing spaces")
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        return _one_rate_limit(value)
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _rate_limit_storage(cls, value: SecretStr) -> SecretStr:
+        return SecretStr(_async_rate_limit_storage(value.get_secret_value()))
 
     @model_validator(mode="after")
     def _one_streams_path(self) -> Settings:
@@ -189,6 +234,44 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _one_rate_limit(value: str) -> str:
+    """A single limit of at least one request, as ``limits.parse`` reads it."""
+    from limits import parse_many  # here, not above: only a process that validates settings loads it
+
+    try:
+        items = parse_many(value)
+    except ValueError:
+        items = []
+    if len(items) != 1:
+        raise ValueError(f"{value!r} is not one rate limit: write '<requests>/<period>', e.g. '1000/hour', "
+                         "'100/minute' or '5000 per 2 hours'")
+    if items[0].amount < 1:
+        raise ValueError("must allow at least 1 request per window")
+    return value
+
+
+def _async_rate_limit_storage(url: str) -> str:
+    """A ``limits`` storage URL in its asyncio form (``memory://`` becomes ``async+memory://``),
+    checked by building the storage (no connection is made), so that an unknown scheme or a
+    missing client library stops start-up. The URL's password never shows in a message."""
+    from limits.storage import SCHEMES, storage_from_string
+
+    scheme, found, _ = url.partition("://")
+    if found and not scheme.startswith("async+") and f"async+{scheme}" in SCHEMES:
+        url, scheme = f"async+{url}", f"async+{scheme}"
+    if not found or scheme not in SCHEMES:
+        known = ", ".join(sorted(s.removeprefix("async+") for s in SCHEMES if s.startswith("async+")))
+        raise ValueError(f"unknown rate-limit storage {scheme + '://' if found else '(not a URL)'}: use memory:// "
+                         f"or async+redis://host:6379/0 (schemes: {known})")
+    try:
+        storage_from_string(url)
+    except Exception as exc:  # a missing client library, a malformed address
+        password = urlparse(url).password
+        reason = str(exc).replace(password, "***") if password else str(exc)
+        raise ValueError(f"cannot use this {scheme}:// storage: {type(exc).__name__}: {reason}") from None
+    return url
 
 
 @lru_cache

@@ -8,6 +8,10 @@ does not get through: loopback, link-local, private and other non-public address
 refused unless the operator listed them (an address or a network), and the broker's ports
 are refused always. The rules are here; the resolver that applies them at connect time is
 ``bees.http.GuardedResolver`` (this module stays free of aiohttp: every bee imports it).
+
+The gateway's webhooks follow the same rules with one difference: any public destination
+may be called, so only the addresses are checked (``destination_problem``), against the
+operator's own list for them (``CP_WEBHOOK_ALLOWED_TARGETS``).
 """
 
 from __future__ import annotations
@@ -110,6 +114,24 @@ class Egress:
         if address is not None:
             return self.address_problem(address, port)
         if host == "localhost" or host.endswith(".localhost"):
+            return "localhost is a loopback address"
+        return None
+
+    def destination_problem(self, url: str) -> str | None:
+        """Why ``url`` is refused where any public destination may be called (a webhook's), or
+        None. The same rules without the list of names: an address must be public or listed,
+        the broker's ports are refused always. Config time: a name is not resolved here, its
+        addresses are checked when it is (``address_problem``)."""
+        parsed = URL(url)
+        host, port = (parsed.host or "").lower(), parsed.port
+        if port in BROKER_PORTS:
+            return f"port {port} is the message broker's"
+        address = _address(host)
+        if address is not None:
+            return self.address_problem(address, port)
+        name = host.rstrip(".")  # "localhost." is localhost too
+        if (name == "localhost" or name.endswith(".localhost")) and \
+                self.address_problem(ipaddress.ip_address("127.0.0.1"), port) is not None:
             return "localhost is a loopback address"
         return None
 

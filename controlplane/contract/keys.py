@@ -52,6 +52,17 @@ STREAM_TYPE_CREATED = "stream-type-created"
 STREAM_HEARTBEATS = "stream-heartbeats"
 REGISTRY_EVENTS = (STREAM_ADVERTISED, STREAM_WITHDRAWN, STREAM_EXPIRED, SESSION_STARTED, SESSION_STOPPED,
                    STREAM_TYPE_CREATED, STREAM_HEARTBEATS)
+# The services dashboard: lifecycle signals to a container's owner (``sig.<signal>.<swarmId>``
+# for a swarm's container, ``sig.<signal>.host-controller.<owner>`` for the rest), the host
+# controller's reports of what its engine runs (``ev.ready.service-report.<owner>``: facts,
+# not outcomes), the gateway's ask for a full report, and its logs request (request-reply).
+HOST_CONTROLLER_ROLE = "host-controller"
+SERVICE_ACTIONS = ("service-start", "service-stop", "service-restart", "service-update")
+SERVICE_REPORT = "service-report"
+SERVICE_REPORT_REQUEST = "service-report-request"
+SERVICE_LOGS = "service-logs"
+# Events that are facts some process saw happen, not the outcome of a signal.
+FACT_EVENTS = REGISTRY_EVENTS + (SERVICE_REPORT,)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 
@@ -163,6 +174,15 @@ def _stream_id(stream_id: str) -> str:
     if not _UUID.match(stream_id):
         raise InvalidKey(f"stream id {stream_id!r} must be a lowercase UUID")
     return stream_id
+
+
+def host_controller_scope(owner: str) -> str:
+    return component_scope(HOST_CONTROLLER_ROLE, owner)
+
+
+def service_report_key(owner: str) -> str:
+    """``ev.ready.service-report.<owner>``: what one host controller's engine runs."""
+    return ready_key(SERVICE_REPORT, check_slug(owner, "owner"))
 
 
 def controller_handshake_key(instance: str, ok: bool = True) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,7 +29,9 @@ from controlplane.contract import keys
 from controlplane.contract.models import Outcome, OutcomeState, Signal, SwarmPlan, SwarmStatus
 from controlplane.contract.receiver import Done, Failure, SignalServer, remaining_s
 from controlplane.controller.plan import broker_user, check_plan, plan_from_containers, plan_specs, teardown_swarm
+from controlplane.controller import service_actions
 from controlplane.controller.replies import Replies
+from controlplane.controller.services import ServiceMonitor
 from controlplane.controller.swarm import SwarmController
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import (
@@ -38,7 +41,7 @@ from controlplane.runtime.docker import (
     DockerRuntime,
     Mount,
 )
-from controlplane.runtime.labels import KIND, SWARM, filter_for, managed_labels
+from controlplane.runtime.labels import KIND, MANAGED, OWNER, SERVICE, SWARM, filter_for, managed_labels
 from controlplane.scenarios import configured_pool, load_catalog
 
 log = get_logger("host-controller")
@@ -68,12 +71,16 @@ class HostController:
         self._ready: dict[str, Outcome] = {}
         self._swarm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._consumers: list[Consumer] = []
+        self.services = ServiceMonitor(bus, runtime, settings, self.owner)
         self.server = SignalServer(
-            bus, f"host-controller.{self.owner}",
-            commands={"swarm-create": self._create, "swarm-remove": self._remove_orphan},
+            bus, keys.host_controller_scope(self.owner),
+            commands={"swarm-create": self._create, "swarm-remove": self._remove_orphan,
+                      **service_actions.commands(runtime, settings, self._serves)},
+            queries={keys.SERVICE_REPORT_REQUEST: lambda _sig: self.services.publish_full()},
             state=_failed,
-            # Creates of different swarms run side by side; one swarm's signals one at a time.
-            lock_for=lambda sig: self._swarm_locks[sig.swarm_id or ""])
+            # Creates of different swarms run side by side, and actions on different services;
+            # one swarm's (one service's) signals one at a time.
+            lock_for=lambda sig: self._swarm_locks[sig.swarm_id or f"service:{sig.args.get('containerId', '')}"])
 
     async def start(self) -> HostController:
         topology = self.bus.topology
@@ -82,9 +89,22 @@ class HostController:
         replies = topology.queue(keys.HOST_CONTROLLER_REPLIES_QUEUE)
         self._consumers.append(await self.bus.consume(replies, self._on_reply, prefetch=64))
         await self.adopt()
+        await self.services.start()
         commands = topology.queue(keys.HOST_CONTROLLER_QUEUE)
-        self._consumers.append(await self.bus.consume(commands, self.server.on_message, prefetch=32))
+        self._consumers.append(await self.bus.consume(commands, self._on_command, prefetch=32))
         return self
+
+    async def _on_command(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
+        if keys.parse_key(routing_key).signal == keys.SERVICE_LOGS:
+            await self.services.answer_logs(message, body)  # request-reply, not a signal
+        else:
+            await self.server.on_message(routing_key, body, message)
+
+    def _serves(self, labels: Mapping[str, str]) -> bool:
+        """The services this host controller acts on: what its owner launched, and the
+        containers that opted in."""
+        mine = labels.get(MANAGED) == "true" and labels.get(OWNER) == self.owner
+        return mine or (labels.get(SERVICE) == "true" and labels.get(MANAGED) != "true")
 
     async def stop(self) -> None:
         """Stop serving; the swarms keep running and the next host controller adopts them.
@@ -92,6 +112,7 @@ class HostController:
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()
+        await self.services.stop()
         await self.server.close()
         self._handshakes.fail_all()
         for task in self.tasks.values():

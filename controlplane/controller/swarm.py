@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -61,6 +62,7 @@ from controlplane.controller.plan import (
     sut_url,
     teardown_swarm,
 )
+from controlplane.controller import service_actions
 from controlplane.controller.pool import PoolPolicy
 from controlplane.controller.replies import Replies
 from controlplane.logs import get_logger
@@ -72,7 +74,7 @@ from controlplane.runtime.docker import (
     ImageMissing,
     PolicyViolation,
 )
-from controlplane.runtime.labels import INSTANCE, KIND, ROLE, SPEC, filter_for
+from controlplane.runtime.labels import INSTANCE, KIND, OWNER, ROLE, SPEC, SWARM, filter_for
 
 __all__ = ["SwarmController", "SwarmFailure", "plan_from_containers", "plan_from_labels", "teardown_swarm"]
 
@@ -134,10 +136,17 @@ class SwarmController:
             bus, f"swarm-controller.{self.instance}",
             commands={"swarm-start": self._start, "swarm-stop": self._stop, "swarm-remove": self._remove,
                       "swarm-template": self._template, "config-update": self._config_update,
-                      **(self.pool.commands() if self.pool else {})},
+                      **(self.pool.commands() if self.pool else {}),
+                      **service_actions.commands(runtime, settings, self._serves)},
             queries={"status-request": self._status_request},
             answered_elsewhere=("swarm-create",),  # the host controller answers it
             state=self._state, after=self._after, lock_for=self._lock_for)
+
+    def _serves(self, labels: Mapping[str, str]) -> bool:
+        """The services this controller acts on: its swarm's containers, not itself (its host
+        controller runs it)."""
+        return labels.get(SWARM) == self.swarm_id and labels.get(OWNER) == self.owner and \
+            labels.get(KIND) != keys.CONTROLLER_ROLE
 
     def _lock_for(self, sig: Signal) -> asyncio.Lock:
         """Lifecycle signals one at a time; provisions, removals and inspections side by side

@@ -282,6 +282,17 @@ async def begin(ctx: GatewayContext, action: Action,
     return Begun(tracked, new.envelope)
 
 
+async def begin_and_wait(ctx: GatewayContext, action: Action) -> tuple[Tracked, bool]:
+    """``begin``, then wait (the signal's timeout, and a second) for the operation to close: for
+    surfaces whose documents answer an action with its result. The operation, and whether it
+    closed in time. A key first used through another gateway is a 409 naming its operation."""
+    begun = await begin(ctx, action)
+    if begun.tracked is None:
+        raise ApiError(409, "idempotency-key-used", "this Idempotency-Key was used through another gateway; "
+                       f"read its operation at /api/operations/{begun.envelope['correlationId']}")
+    return begun.tracked, await wait_closed(begun.tracked, timeout_ms(ctx, action.signal) / 1000 + 1)
+
+
 def _replay(ctx: GatewayContext, known: Replayed, signal: str) -> Begun:
     if not known.same_request:
         raise ApiError(422, "idempotency-key-reused",

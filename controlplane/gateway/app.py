@@ -22,7 +22,7 @@ from controlplane.gateway.events import EventHub, stream_events
 from controlplane.gateway.metrics import metrics_view
 from controlplane.gateway.ledger import Ledger
 from controlplane.gateway.dispatch import settle_dispatches
-from controlplane.gateway.middleware import OPEN_PATHS, Access, make_middlewares, tag_stream
+from controlplane.gateway.middleware import OPEN_PATHS, Access, Wrapped, make_middlewares, tag_stream
 from controlplane.gateway.openapi import Op, document
 from controlplane.gateway.readmodels import Swarms
 from controlplane.gateway.registry import Registry
@@ -72,14 +72,15 @@ def build_app(ctx: GatewayContext, surfaces: tuple[Surface, ...] | None = None) 
     surfaces = surfaces_for(settings) if surfaces is None else surfaces
     api_keys = [k.get_secret_value() if k else None for k in (settings.api_key, settings.read_api_key)]
     access: Access = {}
+    wrapped: Wrapped = {}
     app = web.Application(middlewares=make_middlewares(*api_keys, reads_guarded=settings.reads_guarded,
-                                                       access=access),
+                                                       access=access, wrapped=wrapped),
                           client_max_size=1 << 20)
     app[CTX] = ctx
     app.on_response_prepare.append(tag_stream)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view),
                     web.get("/api/events", stream_events)])
-    spec = document(BASE_OPERATIONS + mount(app, surfaces, claimed=BASE_OPERATIONS, access=access),
+    spec = document(BASE_OPERATIONS + mount(app, surfaces, claimed=BASE_OPERATIONS, access=access, wrapped=wrapped),
                     open_paths=frozenset(OPEN_PATHS) if settings.reads_guarded else None)
 
     async def openapi(_: web.Request) -> web.Response:

@@ -122,11 +122,17 @@ async def tag_stream(request: web.Request, response: web.StreamResponse) -> None
 Access = dict[tuple[str, str], str]
 
 
+# (method, route path) -> the middleware of the surface owning the route (``surface.Middleware``).
+Wrapped = dict[tuple[str, str], Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]]
+
+
 def make_middlewares(admin_key: str | None, read_key: str | None = None,
-                     reads_guarded: bool = False, access: Access | None = None) -> list[Callable[..., Any]]:
-    """``access``: filled as surfaces are mounted; read when each request comes in."""
+                     reads_guarded: bool = False, access: Access | None = None,
+                     wrapped: Wrapped | None = None) -> list[Callable[..., Any]]:
+    """``access`` and ``wrapped``: filled as surfaces are mounted; read when each request comes in."""
     admin = admin_key.encode() if admin_key else None
     special = access if access is not None else {}
+    surface_wrappers = wrapped if wrapped is not None else {}
     reader = read_key.encode() if read_key else None
 
     @web.middleware
@@ -182,5 +188,12 @@ def make_middlewares(admin_key: str | None, read_key: str | None = None,
             raise ApiError(403, "forbidden", "this key may only read")
         raise ApiError(403, "forbidden", "bearer key is not valid")
 
-    # Order: context outermost so every answer (even an auth refusal) is counted and tagged.
-    return [context, errors, auth]
+    @web.middleware
+    async def by_surface(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        wrapper = surface_wrappers.get((request.method, resource.canonical)) if resource is not None else None
+        return await handler(request) if wrapper is None else await wrapper(request, handler)
+
+    # Order: context outermost so every answer (even an auth refusal) is counted and tagged; a
+    # surface's own middleware outside auth, so it shapes auth refusals as its other answers.
+    return [context, errors, by_surface, auth]

@@ -18,7 +18,7 @@ from aiohttp import web
 from controlplane.gateway.actions import register_signals
 from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.events import TopicPattern
-from controlplane.gateway.middleware import Access
+from controlplane.gateway.middleware import Access, Wrapped
 from controlplane.gateway.openapi import Op
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -28,6 +28,9 @@ Projection = Callable[[GatewayContext, str, dict[str, Any]], Awaitable[None]]
 # A surface's own life beside the gateway's: ``load`` its read model before events are
 # consumed, ``start`` what it runs (which may send signals) once they are, ``stop`` at the end.
 Hook = Callable[[GatewayContext], Awaitable[None]]
+# Wraps every request to one of the surface's routes, outside the auth check: a surface with an
+# answer shape of its own (its errors, its headers) shapes the auth refusals too.
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,15 @@ class Surface:
     load: Hook | None = None
     start: Hook | None = None
     stop: Hook | None = None
+    middleware: Middleware | None = None
 
 
 def mount(app: web.Application, surfaces: Iterable[Surface], claimed: Iterable[Op] = (),
-          access: Access | None = None) -> list[Op]:
+          access: Access | None = None, wrapped: Wrapped | None = None) -> list[Op]:
     """Add every surface's routes and signals to ``app``; its operations, for the OpenAPI
     description. A (method, path) claimed twice is a wiring mistake: it fails here.
-    ``access`` receives the routes whose access is not the default, for the auth middleware."""
+    ``access`` receives the routes whose access is not the default, for the auth middleware;
+    ``wrapped`` the routes of surfaces with a middleware of their own."""
     owners = {(op.method, op.path): "the gateway" for op in claimed}
     ops: list[Op] = []
     for surface in surfaces:
@@ -59,6 +64,8 @@ def mount(app: web.Application, surfaces: Iterable[Surface], claimed: Iterable[O
             app.router.add_route(op.method, op.path, handler)
             if op.access != "default" and access is not None:
                 access[key] = op.access
+            if surface.middleware is not None and wrapped is not None:
+                wrapped[key] = surface.middleware
             ops.append(op)
     return ops
 

@@ -84,11 +84,12 @@ class Tracker:
                 # A status request is answered by the component's status-full, not by ev.ready.
                 written = close_target(self.ctx, message.correlation_id, "status-request",
                                        keys.component_scope(status.role, status.instance), "succeeded", body)
-        elif parsed.kind == "ready" and parsed.signal in keys.REGISTRY_EVENTS:
-            # Facts a gateway saw happen (the streams registry's), not the outcome of a signal.
+        elif parsed.kind == "ready" and parsed.signal in keys.FACT_EVENTS:
+            # Facts a process saw happen (the streams registry's, an engine's services), not
+            # the outcome of a signal.
             await self.projections.apply(self.ctx, routing_key, body)
-            if parsed.signal == keys.STREAM_HEARTBEATS:
-                return  # the gateways' own bookkeeping, large and once a second: not streamed
+            if parsed.signal in (keys.STREAM_HEARTBEATS, keys.SERVICE_REPORT):
+                return  # bookkeeping, large and frequent: not streamed
         elif parsed.kind in ("ready", "error") and parsed.signal != keys.CONTROLLER_ROLE:
             outcome = Outcome.model_validate(body)
             if _mismatch("outcome", routing_key, outcome.routing_key()):

@@ -176,10 +176,21 @@ class DockerRuntime:
                 raise RuntimeUnavailable(f"exec: Docker engine at {self.url} unreachable: {exc}") from exc
             raise ContainerRuntimeError(f"exec: {exc}") from exc
 
+    async def call(self, op: str, fn: Callable[[docker.APIClient], T], *, idempotent: bool = True) -> T:
+        """An engine call the methods above do not cover (the services dashboard's), run like
+        theirs: on a worker thread, errors mapped to ours; retried only when ``idempotent``."""
+        return await self._run(op, lambda: fn(self._client()), attempts=None if idempotent else 1)
+
     def watch(self, labels: dict[str, str], on_event: Callable[[str, str], None]) -> Callable[[], None]:
         """Follow the engine's container events (start, die, destroy...) for containers with
         ``labels``, on a thread of its own; ``on_event(action, container_id)`` runs on the
         calling loop. Reconnects when the engine goes away. Returns the function that stops it."""
+        return self.watch_events(labels, lambda event: on_event(
+            str(event.get("Action", "")).split(":")[0], str((event.get("Actor") or {}).get("ID", ""))))
+
+    def watch_events(self, labels: dict[str, str], on_event: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """``watch`` with the engine's whole event (its ``Actor.Attributes`` carry the exit
+        code of a ``die``, the labels and the name)."""
         loop = asyncio.get_running_loop()
         stopped = threading.Event()
         current: list[Any] = []
@@ -193,9 +204,8 @@ class DockerRuntime:
                     for event in stream:
                         if stopped.is_set():
                             break
-                        action, container_id = str(event.get("Action", "")), str((event.get("Actor") or {}).get("ID", ""))
                         if not loop.is_closed():
-                            loop.call_soon_threadsafe(on_event, action.split(":")[0], container_id)
+                            loop.call_soon_threadsafe(on_event, event)
                 except Exception as exc:  # the engine went away: follow again once it is back
                     if not stopped.is_set():
                         log.warning("docker.events interrupted", error=str(exc))
@@ -246,14 +256,14 @@ class DockerRuntime:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _run(self, op: str, fn: Callable[[], T]) -> T:
+    async def _run(self, op: str, fn: Callable[[], T], attempts: int | None = None) -> T:
         """Run ``fn`` on a worker thread, retrying transient failures, mapping SDK errors to ours."""
         if self._closed:
             raise ContainerRuntimeError(f"{op}: the runtime is closed")
         loop = asyncio.get_running_loop()
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            stop=stop_after_attempt(self._attempts),
+            stop=stop_after_attempt(attempts or self._attempts),
             wait=wait_exponential(multiplier=0.2, max=2),
             before_sleep=_log_retry,
             reraise=True,

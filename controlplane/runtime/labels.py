@@ -30,6 +30,23 @@ ACESTREAM_HTTPS_PORT = "acestream.https_port"
 HOST_HTTP_PORT = "host.http_port"
 HOST_HTTPS_PORT = "host.https_port"
 
+# The services dashboard: a container the control plane did not start is a service when it
+# carries ``controlplane.service=true``. What a service says of itself comes from these labels,
+# each falling back on the OCI image annotation of the same meaning where one exists.
+SERVICE = PREFIX + "service"
+SERVICE_NAME = PREFIX + "service.name"
+SERVICE_VERSION = PREFIX + "service.version"
+SERVICE_DESCRIPTION = PREFIX + "service.description"
+SERVICE_URL = PREFIX + "service.url"
+SERVICE_PORT = PREFIX + "service.port"
+_SERVICE_FIELDS = {
+    "title": (SERVICE_NAME, "org.opencontainers.image.title"),
+    "version": (SERVICE_VERSION, "org.opencontainers.image.version"),
+    "description": (SERVICE_DESCRIPTION, "org.opencontainers.image.description"),
+    "url": (SERVICE_URL, "org.opencontainers.image.url"),
+    "port": (SERVICE_PORT,),
+}
+
 Kind = Literal["swarm-controller", "bee", "sut", "provisioned", "engine"]
 KINDS: tuple[str, ...] = ("swarm-controller", "bee", "sut", "provisioned", "engine")
 
@@ -131,3 +148,14 @@ def engine_ports(labels: Mapping[str, str] | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return ports if isinstance(ports, dict) else {}
+
+
+def service_fields(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """title, version, description, url and port as the container's labels give them."""
+    labels = labels or {}
+    found: dict[str, str] = {}
+    for field_name, names in _SERVICE_FIELDS.items():
+        value = next((labels[name] for name in names if labels.get(name)), None)
+        if value is not None:
+            found[field_name] = value
+    return found

@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.store import pools, statements, streams
+from controlplane.store import pools, statements, streams, webhooks
 from controlplane.store.database import Database, open_database
 from controlplane.store.models import (
     FINAL_STATUSES,
@@ -301,6 +301,45 @@ class Store:
 
     def purge_stream_history(self, ended_before: datetime) -> asyncio.Future[int]:
         return self.writer.submit(partial(streams.purge, ended_before=ended_before), bulky=True)
+
+    # --- webhooks (the services surface) ------------------------------------------------------
+
+    def add_webhook(self, hook: webhooks.Webhook, limit: int) -> asyncio.Future[bool]:
+        """False when ``limit`` webhooks exist already."""
+        return self.writer.submit(partial(webhooks.add, hook=hook, limit=limit))
+
+    def remove_webhook(self, webhook_id: str) -> asyncio.Future[bool]:
+        """With its deliveries; False when there was no such webhook."""
+        return self.writer.submit(partial(webhooks.remove, webhook_id=webhook_id))
+
+    async def get_webhook(self, webhook_id: str) -> webhooks.Webhook | None:
+        return await self.database.read(webhooks.get, webhook_id)
+
+    async def list_webhooks(self) -> list[webhooks.Webhook]:
+        return await self.database.read(webhooks.list_all)
+
+    def queue_webhook_deliveries(self, event: str, event_id: str, body: str, now: datetime) -> asyncio.Future[int]:
+        """One delivery per webhook subscribed to ``event``, once per event id; how many were new."""
+        return self.writer.submit(partial(webhooks.queue, event=event, event_id=event_id, body=body, now=now))
+
+    def claim_webhook_deliveries(self, lease: str, now: datetime, lease_until: datetime, limit: int
+                                 ) -> asyncio.Future[tuple[list[webhooks.Claimed], datetime | None]]:
+        """Due deliveries leased to ``lease``, and when the next one is due."""
+        return self.writer.submit(partial(webhooks.claim, lease=lease, now=now, lease_until=lease_until, limit=limit))
+
+    def record_webhook_attempt(self, attempted: webhooks.Attempted) -> asyncio.Future[bool]:
+        """False when the lease had lapsed and another gateway took the delivery over."""
+        return self.writer.submit(partial(webhooks.record, attempted=attempted))
+
+    def release_webhook_leases(self, lease_prefix: str, now: datetime) -> asyncio.Future[int]:
+        return self.writer.submit(partial(webhooks.release, lease_prefix=lease_prefix, now=now))
+
+    async def webhook_deliveries(self, webhook_id: str, status: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first."""
+        return await self.database.read(webhooks.history, webhook_id, status, limit)
+
+    def purge_webhook_deliveries(self, finished_before: datetime) -> asyncio.Future[int]:
+        return self.writer.submit(partial(webhooks.purge, finished_before=finished_before), bulky=True)
 
     async def list_components(self, swarm_id: str | None = None, role: str | None = None) -> list[ComponentRow]:
         stmt = sa.select(components).order_by(components.c.swarm_id, components.c.role, components.c.instance)

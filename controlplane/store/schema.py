@@ -235,3 +235,45 @@ stream_sessions = sa.Table(
     sa.Index("ix_stream_sessions_publisher", "publisher_id", "started_at"),
     sa.Index("ix_stream_sessions_consumer", "consumer_id", "started_at"),
 )
+
+# The services surface's webhooks: each subscription with the secret its deliveries are signed
+# with, and each event queued for one of them. A delivery is unique per (webhook, event id), so
+# several gateways that all see one event queue it once. ``lease`` names the gateway's claim
+# that is sending it; ``next_attempt_at`` is when it is due (while claimed: when the claim
+# lapses), null once it is delivered or failed.
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("id", sa.String(36), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("events", _json(), nullable=False),
+    sa.Column("secret", sa.String(256), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("id", name="pk_webhooks"),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.String(36), nullable=False),
+    sa.Column("webhook_id", sa.String(36), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("event_id", sa.String(255), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("last_status_code", sa.Integer(), nullable=True),
+    sa.Column("last_error", sa.String(500), nullable=True),
+    sa.Column("history", _json(), nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
+    sa.Column("lease", sa.String(100), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.PrimaryKeyConstraint("id", name="pk_webhook_deliveries"),
+    sa.UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_event"),
+    sa.CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="ck_webhook_deliveries_status"),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_webhook", "webhook_id", "created_at"),
+    sa.Index("ix_webhook_deliveries_updated_at", "updated_at"),
+)

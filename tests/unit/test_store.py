@@ -111,9 +111,9 @@ async def test_migrations_run_twice(db_url: str) -> None:
             tables = await opened.database.read(lambda c: set(sa.inspect(c).get_table_names()))
         finally:
             await opened.close()
-        assert version == ["0005"]
+        assert version == ["0006"]
         assert {"idempotency", "operations", "swarms", "components", "operation_targets", "pool_engines",
-                "pool_streams", "pool_stream_stats"} <= tables
+                "pool_streams", "pool_stream_stats", "webhooks", "webhook_deliveries"} <= tables
 
 
 async def test_concurrent_first_open(db_url: str) -> None:
@@ -173,7 +173,7 @@ def test_alembic_cli_upgrade_and_check(db_url: str) -> None:
         return proc.stdout + proc.stderr
 
     alembic("upgrade", "head")
-    assert "0005 (head)" in alembic("current")
+    assert "0006 (head)" in alembic("current")
     # The migrations and schema.py describe the same tables.
     alembic("check")
 

@@ -24,9 +24,8 @@ from controlplane.contract.models import (
     ActionRequest, CreateSwarmRequest, Outcome, Scope, SwarmStatus, new_id, utcnow,
 )
 from controlplane.contract.pool import AceProvisionRequest, ProvisionRequest, StreamEnded, StreamStarted
-from controlplane.gateway.actions import Action, begin, timeout_ms
+from controlplane.gateway.actions import Action, begin, begin_and_wait
 from controlplane.gateway.context import GatewayContext, context_of
-from controlplane.gateway.ledger import wait_closed
 from controlplane.gateway.middleware import ApiError, read_json, validation_error
 from controlplane.gateway.surfaces.ace import metrics
 from controlplane.gateway.surfaces.ace.view import PoolView
@@ -121,12 +120,8 @@ async def _pool_action(request: web.Request, signal: str, args: dict[str, Any]) 
         body = PoolAction(idempotency_key=key, args=args)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise validation_error(exc) from None
-    begun = await begin(ctx, Action(signal=signal, request=body, swarm_id=_pool_id(ctx), args=args))
-    if begun.tracked is None:
-        raise ApiError(409, "idempotency-key-used", "this Idempotency-Key was used through another gateway; "
-                       f"read its operation at /api/operations/{begun.envelope['correlationId']}")
-    tracked = begun.tracked
-    if not await wait_closed(tracked, timeout_ms(ctx, signal) / 1000 + 1):
+    tracked, closed = await begin_and_wait(ctx, Action(signal=signal, request=body, swarm_id=_pool_id(ctx), args=args))
+    if not closed:
         raise _timed_out(tracked.correlation_id, signal)
     op = tracked.op
     outcome = op.outcome or {}
