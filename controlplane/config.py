@@ -124,11 +124,12 @@ class Settings(BaseSettings):
     vpn_container: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
     # Services dashboard (the services surface under /api): the host controller samples the
-    # running services' stats this often, this many at a time, reports everything now and then
+    # running services' stats this often, this many at a time (each reading waits about a
+    # second for the engine's stats collector, mostly idle), reports everything now and then
     # besides the changes, and gives an updated service this long to run and be healthy
     # before rolling it back. Environment values show in a service's details only when allowed.
     services_stats_interval_s: float = Field(10.0, ge=1.0, le=3600.0)
-    services_stats_concurrency: int = Field(4, ge=1, le=64)
+    services_stats_concurrency: int = Field(64, ge=1, le=512)
     services_full_report_s: float = Field(60.0, ge=5.0, le=3600.0)
     services_update_timeout_s: float = Field(60.0, ge=1.0, le=3600.0)
     services_show_env: bool = False

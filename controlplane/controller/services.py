@@ -39,6 +39,7 @@ from controlplane.contract.services import (
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import ContainerRuntimeError, DockerRuntime
 from controlplane.runtime.labels import KIND, SERVICE, SWARM, filter_for, service_fields
+from controlplane.runtime.stats import StatsReader
 
 log = get_logger("services")
 
@@ -62,8 +63,13 @@ class ServiceMonitor:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unwatch: list[Any] = []
+        self._stats: StatsReader | None = None
 
     async def start(self) -> ServiceMonitor:
+        try:
+            self._stats = StatsReader(self.runtime.url)
+        except ValueError:  # an engine reached otherwise (TLS): through the SDK's worker threads
+            self._stats = None
         # Watch first: a change between the listing and the watch would be missed otherwise.
         self._unwatch = [self.runtime.watch_events(labels, self._on_event)
                          for labels in (filter_for(owner=self.owner), {SERVICE: "true"})]
@@ -79,6 +85,8 @@ class ServiceMonitor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stats is not None:
+            await self._stats.close()
 
     # --- what the engine runs ------------------------------------------------------------------
 
@@ -185,8 +193,14 @@ class ServiceMonitor:
                 self._dirty.add(container_id)  # asked again on the next round
                 continue
             (changed if present else removed).append(container_id)
-        await self._publish(ServiceReport(host=self.owner, services=[self.services[c] for c in changed],
-                                          removed=removed, transitions=transitions))
+        try:
+            await self._publish(ServiceReport(host=self.owner, services=[self.services[c] for c in changed],
+                                              removed=removed, transitions=transitions))
+        except Exception:
+            # Not lost: reported with the next round's changes.
+            self._dirty.update(changed + removed)
+            self._transitions[:0] = transitions
+            raise
 
     # --- stats -------------------------------------------------------------------------------
 
@@ -204,19 +218,20 @@ class ServiceMonitor:
 
     async def sample(self) -> dict[str, Sample]:
         """One reading of every running service, ``services_stats_concurrency`` at a time.
-        One-shot (a few milliseconds; a streamed reading would wait a second for the engine's
-        own second sample): the CPU figure is taken against this container's previous reading,
-        so it shows from the second round on."""
+        One-shot: the CPU figure is taken against this container's previous reading, so it shows
+        from the second round on. The engine answers each at its collector's next tick (about a
+        second), so a round of N takes about N / concurrency seconds (``runtime.stats``)."""
         bound = asyncio.Semaphore(self.settings.services_stats_concurrency)
         running = [cid for cid, state in self.services.items() if state.state == "running"]
 
         async def read(container_id: str) -> None:
             async with bound:
                 try:
-                    raw = await self.runtime.call("stats", lambda api: api.stats(
-                        container_id, stream=False, one_shot=True))
+                    raw = await self._read_stats(container_id)
                 except ContainerRuntimeError:
-                    return  # gone or stopped meanwhile: its events say so
+                    return  # stopped meanwhile, or the engine is away: the next round reads again
+                if raw is None:
+                    return  # gone: its events say so
                 raw["_cp_cpu"] = stats_figures(raw, self._raw_stats.get(container_id))[0]
                 raw["_cp_at"] = utcnow().isoformat()
                 self._raw_stats[container_id] = raw
@@ -225,6 +240,11 @@ class ServiceMonitor:
         for gone in set(self._raw_stats) - set(self.services):
             del self._raw_stats[gone]
         return {cid: sample for cid in running if (sample := _sample_of(self._raw_stats.get(cid))) is not None}
+
+    async def _read_stats(self, container_id: str) -> dict[str, Any] | None:
+        if self._stats is not None:
+            return await self._stats.read(container_id)
+        return await self.runtime.call("stats", lambda api: api.stats(container_id, stream=False, one_shot=True))
 
     # --- logs --------------------------------------------------------------------------------
 
