@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Any
@@ -60,6 +61,7 @@ class ServiceMonitor:
         self._dirty: set[str] = set()
         self._transitions: list[Transition] = []
         self._killed: dict[str, float] = {}
+        self._seen: deque[tuple[str, str, Any]] = deque(maxlen=256)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unwatch: list[Any] = []
@@ -114,6 +116,11 @@ class ServiceMonitor:
         container_id, attributes = str(actor.get("ID", "")), actor.get("Attributes") or {}
         if action not in _RELEVANT or not container_id:
             return
+        # A container both labels match is followed twice: each event counts once.
+        seen = (container_id, str(event.get("Action", "")), event.get("timeNano"))
+        if seen in self._seen:
+            return
+        self._seen.append(seen)
         if action == "kill":
             self._killed[container_id] = time.monotonic()
         transition = self._transition(action, container_id, attributes, event)
@@ -136,6 +143,7 @@ class ServiceMonitor:
         if action == "restart":
             return made("service:restart")
         if action == "oom":
+            self._killed[container_id] = time.monotonic()  # its die follows: this is the error it reports
             return made("service:error", "oom-killed")
         if action == "health_status" and "unhealthy" in str(event.get("Action", "")):
             return made("service:error", "unhealthy")

@@ -358,6 +358,15 @@ async def vpn_status(request: web.Request) -> web.Response:
 # --- projections -----------------------------------------------------------------------------
 
 
+def _stamp(value: Any) -> datetime | None:
+    """An event's ``ts``; None when it has none that reads."""
+    try:
+        stamp = datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=timezone.utc) if stamp is not None and stamp.tzinfo is None else stamp
+
+
 def _mine(ctx: GatewayContext, body: dict[str, Any]) -> bool:
     return ((body.get("scope") or {}).get("swarmId") or body.get("swarmId")) == _pool_id(ctx)
 
@@ -366,12 +375,14 @@ async def on_pool_outcome(ctx: GatewayContext, _key: str, body: dict[str, Any]) 
     if not _mine(ctx, body) or body.get("result") != "success":
         return
     details, view = body.get("details") or {}, view_of(ctx)
+    as_of = _stamp(body.get("ts"))
     if isinstance(details.get("engine"), dict):
         view.add_engine(details["engine"])
     if isinstance(details.get("removed"), list):
         view.remove_engines([str(c) for c in details["removed"]])
     if isinstance(details.get("engines"), list):
-        view.replace_engines(details["engines"])
+        view.replace_engines(details["engines"], as_of)
+    view.saw_engines_at(as_of)
 
 
 async def on_controller_status(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
@@ -382,7 +393,7 @@ async def on_controller_status(ctx: GatewayContext, _key: str, body: dict[str, A
         return
     view = view_of(ctx)
     if isinstance(pool.get("engines"), list):
-        view.replace_engines(pool["engines"])
+        view.replace_engines(pool["engines"], _stamp(body.get("ts")))
     if isinstance(pool.get("vpn"), dict):
         try:
             view.vpn = type(view.vpn).model_validate(pool["vpn"])

@@ -33,6 +33,9 @@ class PoolView:
     def __init__(self, store: Store, pool_id: str, history: int, vpn_configured: bool) -> None:
         self.store, self.pool_id, self.history = store, pool_id, history
         self.engines: dict[str, PoolEngine] = {}
+        # When the controller stated what ``engines`` holds: outcomes and statuses come on two
+        # queues, so a status taken before a provision may arrive after its outcome.
+        self.engines_as_of: datetime | None = None
         self.streams: dict[str, StreamState] = {}
         self.stats: dict[str, deque[StreamStatSnapshot]] = {}
         self.vpn = VpnStatus.disabled() if not vpn_configured else VpnStatus(enabled=True, status="unknown")
@@ -61,10 +64,18 @@ class PoolView:
         view["streams"] = sorted(self._started_on.get(engine.container_id, ()))
         return view
 
-    def replace_engines(self, engines: list[dict[str, Any]]) -> None:
-        """The controller's whole list (from its status)."""
+    def replace_engines(self, engines: list[dict[str, Any]], as_of: datetime | None = None) -> None:
+        """The controller's whole list (from its status, or a collection's outcome), unless
+        what is known is newer than ``as_of``."""
+        if as_of is not None and self.engines_as_of is not None and as_of < self.engines_as_of:
+            return
         self._set_engines(engines)
         self._persist_engines()
+        self.saw_engines_at(as_of)
+
+    def saw_engines_at(self, as_of: datetime | None) -> None:
+        if as_of is not None and (self.engines_as_of is None or as_of > self.engines_as_of):
+            self.engines_as_of = as_of
 
     def add_engine(self, engine: dict[str, Any]) -> None:
         parsed = _engine(engine)

@@ -24,13 +24,11 @@ class ServicesView:
     services: dict[str, ServiceState] = field(default_factory=dict)  # by container id
     samples: dict[str, Sample] = field(default_factory=dict)
     by_name: dict[str, str] = field(default_factory=dict)  # container name -> id
-    reported: bool = False  # a full report has come: an empty list means none, not "not yet"
 
     def apply(self, report: ServiceReport) -> None:
         if report.full:
             for gone in [cid for cid, s in self.services.items() if s.host == report.host]:
                 self._forget(gone)
-            self.reported = True
         for removed in report.removed:
             self._forget(removed)
         for state in report.services:
