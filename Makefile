@@ -1,7 +1,8 @@
 # Entry points for working on and checking the project (GNU make):
 #   make venv    .venv with the locked dependencies (hashes checked), the project in editable mode
 #   make lock    requirements*.lock from pyproject.toml, with hashes (keeps existing pins)
-#   make infra   RabbitMQ, Redis, the Docker engine and the local images, started or built when missing
+#   make infra   RabbitMQ, Redis, the Docker engine, a local image registry and the local images, started
+#                or built when missing
 #   make run     the whole control plane on this machine (API on :8080)
 #   make test    the test suite against the real RabbitMQ and Docker engine
 SHELL := /bin/bash
@@ -37,6 +38,7 @@ infra:
 	bash scripts/ensure-rabbitmq.sh
 	bash scripts/ensure-redis.sh
 	bash scripts/ensure-docker.sh
+	bash scripts/ensure-registry.sh
 	bash scripts/build-images.sh
 
 images:

@@ -50,13 +50,21 @@ def engine() -> Any:
 def build_image(engine: Any, tag: str, version: str, cmd: list[str] | None = None, healthcheck: str | None = None) -> str:
     """A small image of ``tag`` whose OCI version label is ``version``; its id."""
     lines = [f"FROM {BASE_IMAGE}", f'LABEL org.opencontainers.image.version="{version}" '
-             'org.opencontainers.image.description="a test service"', "ENV SERVICE_MODE=image-default"]
+             f'org.opencontainers.image.description="a test service" cp-test-build="{tag.rsplit(":", 1)[0]}"',
+             "ENV SERVICE_MODE=image-default"]
     if cmd is not None:
         lines.append("CMD " + json.dumps(cmd))
     if healthcheck is not None:
         lines.append("HEALTHCHECK " + healthcheck)
     image, _ = engine.images.build(fileobj=io.BytesIO("\n".join(lines).encode()), tag=tag, rm=True)
     return str(image.id)
+
+
+def remove_images(engine: Any, tag: str) -> None:
+    """Every build of ``tag`` (its earlier ones are untagged by the later), by the label they share."""
+    repository = tag.rsplit(":", 1)[0]
+    for image in engine.images.list(filters={"label": f"cp-test-build={repository}"}):
+        engine.images.remove(image.id, force=True)
 
 
 @pytest.fixture
@@ -270,7 +278,32 @@ async def test_update_recreates_the_container_with_its_config_on_the_rebuilt_ima
             c.remove(force=True)
         network.remove()
         volume.remove(force=True)
-        engine.images.remove(tag, force=True)
+        remove_images(engine, tag)
+
+
+REGISTRY = "127.0.0.1:5000"  # scripts/ensure-registry.sh
+
+
+async def test_update_pulls_the_newest_image_when_a_registry_answers(services: Stack, containers: Any,
+                                                                      engine: Any) -> None:
+    ref = f"{REGISTRY}/cp-svc-test-{uuid.uuid4().hex[:6]}:latest"
+    name = name_for("pull")
+    try:
+        old_image = build_image(engine, ref, "1.0.0", cmd=["python", "-c", SERVICE_SCRIPT])
+        new_image = build_image(engine, ref, "2.0.0", cmd=["python", "-c", SERVICE_SCRIPT])
+        engine.images.push(ref)  # the registry has 2.0.0 ...
+        engine.images.get(old_image).tag(ref)  # ... while this engine's own tag says 1.0.0
+        containers(name, image=ref, command=None)
+        await listed(services, name, version="1.0.0", status="running")
+
+        status, body = await services.post(f"/api/services/{name}/update", {})
+        assert status == 200, body
+        assert (body["data"]["pulled"], body["data"]["version"], body["data"]["versionBefore"]) == (True, "2.0.0", "1.0.0")
+        assert engine.containers.get(name).attrs["Image"] == new_image
+    finally:
+        for c in engine.containers.list(all=True, filters={"name": name}):
+            c.remove(force=True)
+        remove_images(engine, ref)
 
 
 @pytest.mark.parametrize("broken, why", [
@@ -298,7 +331,7 @@ async def test_an_update_whose_new_container_fails_is_rolled_back(services: Stac
     finally:
         for c in engine.containers.list(all=True, filters={"name": name}):
             c.remove(force=True)
-        engine.images.remove(tag, force=True)
+        remove_images(engine, tag)
 
 
 @pytest.mark.parametrize("path, field", [
@@ -340,6 +373,11 @@ async def test_a_swarms_container_is_acted_on_by_its_swarm_controller(services: 
     assert status == 202, created
     await watcher.wait_for(f"ev.ready.swarm-create.{swarm_id}", 120)
     try:
+        async def ready() -> bool:  # the gateway routes to a swarm's controller once it knows the swarm serves
+            status, swarm = await services.get(f"/api/swarms/{swarm_id}")
+            return status == 200 and swarm["status"] == "Ready"
+
+        await until(ready, what="the swarm Ready in the gateway's read model")
         async def a_bee() -> dict[str, Any] | None:
             _, body = await services.get("/api/services?filter=running")
             return next((s for s in body["data"] if s["swarmId"] == swarm_id and s["kind"] == "bee"), None)
@@ -367,7 +405,7 @@ async def test_webhooks_get_signed_service_events_from_real_containers(settings_
     async with running_stack(settings, runtime) as stack, receiving(Receiver(free_port())) as receiver:
         status, hook = await stack.post("/api/webhooks", {"url": receiver.url, "secret": secret,
                                                           "events": ["service:error", "service:stop",
-                                                                     "service:update"]})
+                                                                     "service:restart", "service:update"]})
         assert status == 201, hook
         name = name_for("hook")
         container = containers(name, command=["python", "-c", "import time; time.sleep(1); raise SystemExit(5)"])
@@ -404,5 +442,25 @@ async def test_webhooks_get_signed_service_events_from_real_containers(settings_
         stopped = await receiver.wait_for(lambda seen: any(
             r.json["type"] == "service:stop" and r.json["data"]["name"] == other for r in seen))
         assert not any(r.json["type"] == "service:error" and r.json["data"]["name"] == other for r in stopped)
+        # A restart, and an update with its versions.
+        updated, tag = name_for("hook-upd"), f"cp-svc-test-{uuid.uuid4().hex[:6]}:latest"
+        try:
+            build_image(engine, tag, "1.0.0", cmd=["python", "-c", SERVICE_SCRIPT])
+            containers(updated, image=tag, command=None)
+            await listed(stack, updated, status="running")
+            status, body = await stack.post(f"/api/services/{updated}/restart", {})
+            assert status == 200, body
+            await receiver.wait_for(of_name("service:restart", updated))
+            build_image(engine, tag, "1.1.0", cmd=["python", "-c", SERVICE_SCRIPT])
+            status, body = await stack.post(f"/api/services/{updated}/update", {})
+            assert status == 200, body
+            seen = await receiver.wait_for(of_name("service:update", updated))
+            update = next(r.json["data"] for r in seen if r.json["type"] == "service:update")
+            assert (update["version"], update["versionBefore"]) == ("1.1.0", "1.0.0")
+            assert update["correlationId"] and update["previousContainerId"] != body["data"]["containerId"]
+        finally:
+            for c in engine.containers.list(all=True, filters={"name": updated}):
+                c.remove(force=True)
+            remove_images(engine, tag)
         status, deliveries = await stack.get(f"/api/webhooks/{hook['data']['id']}/deliveries")
         assert status == 200 and {d["status"] for d in deliveries["data"]} <= {"delivered", "pending"}
