@@ -103,6 +103,7 @@ def make_settings(vhost: str, owner: str, tmp: Path, **overrides: Any) -> Settin
         bee_ready_timeout_s=45.0,
         log_level="WARNING",
         ace_pool_id="",  # the engine pool only where a test asks for it
+        services_stats_interval_s=600.0,  # stats sampled only where a test asks for them
     )
     values.update(overrides)
     return Settings(**values)
