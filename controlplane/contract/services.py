@@ -187,7 +187,8 @@ def _short_stamp(stamp: str) -> str:
 
 
 class ServiceAction(ActionRequest):
-    """A lifecycle action as the gateway files it: the container is part of the request, so a
-    key reused for another container is refused rather than replayed."""
+    """A lifecycle action as the gateway files it: the service (its container's name, which an
+    update keeps) is part of the request, so a key reused for another service is refused rather
+    than replayed, and a retried update is answered again though its container is new."""
 
-    container_id: str
+    service: str

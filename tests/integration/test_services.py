@@ -256,8 +256,12 @@ async def test_update_recreates_the_container_with_its_config_on_the_rebuilt_ima
         found = await listed(services, name, version="1.0.0")
 
         new_image = build_image(engine, tag, "2.0.0")
-        status, body = await services.post(f"/api/services/{found['containerId']}/update", {})
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        status, body = await services.post(f"/api/services/{found['containerId']}/update", {}, headers=key)
         assert status == 200, body
+        # A retry (by the name: the container is new) is answered again, nothing recreated twice.
+        again_status, again = await services.post(f"/api/services/{name}/update", {}, headers=key)
+        assert (again_status, again["data"]) == (200, body["data"])
         data = body["data"]
         assert (data["version"], data["versionBefore"], data["updated"]) == ("2.0.0", "1.0.0", True)
         assert data["message"] == "Service updated successfully" and data["pulled"] is False

@@ -272,7 +272,7 @@ async def run_action(ctx: GatewayContext, request: web.Request, signal: str, ser
     """Send ``signal`` to the service's owner and wait for its outcome: its details, or the error."""
     key = request.headers.get("Idempotency-Key", "").strip().strip('"') or str(uuid.uuid4())
     try:
-        body = ServiceAction(idempotency_key=key, container_id=service.container_id)  # type: ignore[arg-type]
+        body = ServiceAction(idempotency_key=key, service=service.name)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise validation_error(exc) from None
     tracked, closed = await begin_and_wait(ctx, Action(
