@@ -157,6 +157,9 @@ async def test_an_opted_in_container_is_listed_with_details_and_stats(services: 
     status, system = await services.get("/api/system/stats")
     assert status == 200 and system["data"]["services"]["running"] >= 1
     assert system["data"]["resources"]["totalMemoryUsage"] >= stats["memoryUsage"]
+    metrics = await (await services.client.get("/metrics")).text()
+    running = next(line for line in metrics.splitlines() if line.startswith('cp_services{status="running"}'))
+    assert float(running.split()[-1]) == system["data"]["services"]["running"]
 
 
 async def test_start_stop_restart_act_on_the_container_and_answer_with_its_state(services: Stack, containers: Any,

@@ -26,7 +26,7 @@ from controlplane.contract.services import LogsRequest, ServiceAction, ServiceRe
 from controlplane.gateway.actions import Action, begin_and_wait
 from controlplane.gateway.context import GatewayContext, context_of
 from controlplane.gateway.middleware import ApiError, validation_error
-from controlplane.gateway.surfaces.services import webhooks
+from controlplane.gateway.surfaces.services import metrics, webhooks
 from controlplane.gateway.surfaces.services.envelope import ok
 from controlplane.gateway.surfaces.services.view import Ambiguous, ServicesView
 from controlplane.logs import get_logger
@@ -58,7 +58,10 @@ def state_of(ctx: GatewayContext) -> ServicesState:
 
 
 async def load(ctx: GatewayContext) -> None:
-    ctx.surfaces[NAME] = ServicesState()
+    state = ctx.surfaces[NAME] = ServicesState()
+    for status in ("running", "stopped", "paused", "restarting"):
+        metrics.SERVICES.labels(status).set_function(lambda s=status: state.view.count(s))
+    metrics.UNHEALTHY.set_function(lambda: sum(1 for svc in state.view.services.values() if svc.health == "unhealthy"))
     await webhooks.load(ctx)
 
 
@@ -95,6 +98,10 @@ async def on_report(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> Non
     report = ServiceReport.model_validate(body)
     view = state_of(ctx).view
     view.apply(report)
+    metrics.REPORTS.labels("full" if report.full else "changes" if report.services or report.removed
+                           or report.transitions else "samples").inc()
+    for t in report.transitions:
+        metrics.TRANSITIONS.labels(t.event).inc()
 
     def data(t: Transition) -> dict[str, Any]:
         service = view.services.get(t.container_id)
@@ -278,9 +285,10 @@ async def run_action(ctx: GatewayContext, request: web.Request, signal: str, ser
     tracked, closed = await begin_and_wait(ctx, Action(
         signal=signal, request=body, args={"containerId": service.container_id}, holds=f"service:{service.name}",
         **_owner_scope(ctx, service)))
+    op = tracked.op
+    metrics.ACTIONS.labels(signal, op.status if closed else "waiting").inc()
     if not closed:
         raise _timed_out(tracked.correlation_id, signal)
-    op = tracked.op
     outcome = op.outcome or {}
     if op.status == OperationStatus.SUCCEEDED:
         return dict(outcome.get("details") or {})

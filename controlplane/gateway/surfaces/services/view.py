@@ -58,6 +58,9 @@ class ServicesView:
             raise Ambiguous(f"{len(matches)} services' ids start with {ref!r}")
         return matches[0] if matches else None
 
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.services.values() if s.status == status)
+
     def listed(self, which: Filter) -> list[ServiceState]:
         states = sorted(self.services.values(), key=lambda s: s.name)
         if which == "all":
