@@ -66,6 +66,8 @@ class ServiceMonitor:
         self._tasks: list[asyncio.Task[None]] = []
         self._unwatch: list[Any] = []
         self._stats: StatsReader | None = None
+        self._fresh: set[str] = set()
+        self._started = asyncio.Event()
 
     async def start(self) -> ServiceMonitor:
         try:
@@ -201,6 +203,9 @@ class ServiceMonitor:
                 self._dirty.add(container_id)  # asked again on the next round
                 continue
             (changed if present else removed).append(container_id)
+            if present and self.services[container_id].state == "running" and container_id not in self._raw_stats:
+                self._fresh.add(container_id)  # just started: read now, not at the next round
+                self._started.set()
         try:
             await self._publish(ServiceReport(host=self.owner, services=[self.services[c] for c in changed],
                                               removed=removed, transitions=transitions))
@@ -213,24 +218,38 @@ class ServiceMonitor:
     # --- stats -------------------------------------------------------------------------------
 
     async def _sample_forever(self) -> None:
+        """A round over every running service each interval; in between, a service that has just
+        started is read at once, so its figures do not wait for the next round."""
         interval = self.settings.services_stats_interval_s
         while True:
-            started = time.monotonic()
-            try:
-                samples = await self.sample()
-                if samples:
-                    await self._publish(ServiceReport(host=self.owner, samples=samples))
-            except Exception as exc:
-                log.warning("services stats round failed", error=str(exc))
-            await asyncio.sleep(max(0.5, interval - (time.monotonic() - started)))
+            deadline = time.monotonic() + interval
+            await self._sample_and_report(None)
+            deadline = max(deadline, time.monotonic() + 0.5)  # a round longer than the interval: a breath
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._started.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+                self._started.clear()
+                fresh, self._fresh = self._fresh, set()
+                await self._sample_and_report(fresh)
 
-    async def sample(self) -> dict[str, Sample]:
+    async def _sample_and_report(self, only: set[str] | None) -> None:
+        try:
+            samples = await self.sample(only)
+            if samples:
+                await self._publish(ServiceReport(host=self.owner, samples=samples))
+        except Exception as exc:
+            log.warning("services stats round failed", error=str(exc))
+
+    async def sample(self, only: set[str] | None = None) -> dict[str, Sample]:
         """One reading of every running service, ``services_stats_concurrency`` at a time.
         One-shot: the CPU figure is taken against this container's previous reading, so it shows
         from the second round on. The engine answers each at its collector's next tick (about a
         second), so a round of N takes about N / concurrency seconds (``runtime.stats``)."""
         bound = asyncio.Semaphore(self.settings.services_stats_concurrency)
-        running = [cid for cid, state in self.services.items() if state.state == "running"]
+        running = [cid for cid, state in self.services.items()
+                   if state.state == "running" and (only is None or cid in only)]
 
         async def read(container_id: str) -> None:
             async with bound:
@@ -246,7 +265,7 @@ class ServiceMonitor:
 
         await asyncio.gather(*(read(cid) for cid in running))
         for gone in set(self._raw_stats) - set(self.services):
-            del self._raw_stats[gone]
+            self._raw_stats.pop(gone, None)
         return {cid: sample for cid in running if (sample := _sample_of(self._raw_stats.get(cid))) is not None}
 
     async def _read_stats(self, container_id: str) -> dict[str, Any] | None:

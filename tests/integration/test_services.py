@@ -444,6 +444,12 @@ async def test_webhooks_get_signed_service_events_from_real_containers(settings_
         other = name_for("hook-stop")
         containers(other)
         await listed(stack, other, status="running")
+
+        async def sampled() -> bool:  # at once, though this stack's sampler goes round every 10 minutes
+            _, stats = await stack.get(f"/api/services/{other}/stats")
+            return bool(stats["data"]["sampled"])
+
+        await until(sampled, what="a container just started read at once")
         status, body = await stack.post(f"/api/services/{other}/stop", {})
         assert status == 200, body
         stopped = await receiver.wait_for(lambda seen: any(
