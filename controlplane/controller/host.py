@@ -3,7 +3,10 @@
 It launches a swarm-controller per swarm (as a task of this process, or as a container of
 the project's image), turns the controller's handshake into the outcome of the create, tears
 the controller down after a remove, and on start re-adopts every swarm it finds running by
-its containers' labels. It never destroys anything at start-up.
+its containers' labels. It never destroys anything at start-up. For the services dashboard it
+runs the services monitor (``services``), answers logs requests, and serves the lifecycle
+actions on every container of its owner's that no served swarm's controller answers for, and
+on the containers that opted in (``service_actions``).
 
 Creates run side by side (one at a time per swarm). The handshakes they wait for arrive on
 a queue of their own, ``ph.control.host-controller.replies``: were they queued behind the
