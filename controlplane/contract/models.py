@@ -25,6 +25,18 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time as the wire and Docker write it (``Z``, nanoseconds), UTC when it names
+    no zone; None when it is absent, unreadable, or Docker's "never" (year 1)."""
+    if not isinstance(value, str) or not value or value.startswith("0001-01-01"):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

@@ -31,7 +31,7 @@ from controlplane.bus import Bus
 from controlplane.bus.rpc import reply
 from controlplane.config import Settings
 from controlplane.contract import keys
-from controlplane.contract.models import new_id, utcnow
+from controlplane.contract.models import new_id, parse_time, utcnow
 from controlplane.contract.redact import MASK, is_secret_key
 from controlplane.contract.services import (
     LogsRequest, PortMapping, Sample, ServiceReport, ServiceState, Transition, VolumeMapping, parse_log_line,
@@ -325,7 +325,7 @@ def service_state(attrs: dict[str, Any], owner: str, show_env: bool = False) -> 
         exit_code=state.get("ExitCode") if state.get("Status") in ("exited", "dead") else None,
         oom_killed=bool(state.get("OOMKilled")), image=config.get("Image", ""), image_id=attrs.get("Image", ""),
         version=fields.get("version"), description=fields.get("description"), url=url, port=port,
-        created=_time(attrs.get("Created")), started_at=_time(state.get("StartedAt")),
+        created=parse_time(attrs.get("Created")), started_at=parse_time(state.get("StartedAt")),
         restart_count=int(attrs.get("RestartCount") or 0), kind=labels.get(KIND), swarm_id=labels.get(SWARM),
         ports=ports,
         volumes=[VolumeMapping(source=m.get("Source") or m.get("Name") or "", destination=m.get("Destination", ""),
@@ -347,21 +347,6 @@ def _sample_of(raw: dict[str, Any] | None) -> Sample | None:
     _, usage, limit, percent = stats_figures(raw)
     return Sample(cpu=raw.get("_cp_cpu", 0.0), memory=percent, memory_usage=usage, memory_limit=limit,
                   sampled_at=datetime.fromisoformat(raw["_cp_at"]))
-
-
-def _time(value: Any) -> datetime | None:
-    if not value or str(value).startswith("0001-01-01"):
-        return None
-    text = str(value).replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:  # nanoseconds: Python reads microseconds
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _event_time(event: dict[str, Any]) -> datetime:

@@ -101,3 +101,15 @@ def test_id_kinds_have_their_own_checks() -> None:
     assert ids.problem("container", "bad name!")
     assert ids.problem("container", "x" * 200)
     assert ids.problem("slug", "Demo") and ids.problem("slug", "demo") is None
+
+
+def test_times_are_read_as_the_wire_and_docker_write_them() -> None:
+    from datetime import datetime, timezone
+
+    from controlplane.contract.models import parse_time
+
+    utc = timezone.utc
+    assert parse_time("2026-12-03T15:16:55.123456789Z") == datetime(2026, 12, 3, 15, 16, 55, 123456, tzinfo=utc)
+    assert parse_time("2026-12-03T15:16:55") == datetime(2026, 12, 3, 15, 16, 55, tzinfo=utc)  # no zone: UTC
+    assert parse_time("0001-01-01T00:00:00Z") is None  # Docker's "never started"
+    assert parse_time("yesterday") is None and parse_time(None) is None and parse_time("") is None

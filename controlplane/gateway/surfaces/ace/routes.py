@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +20,7 @@ from pydantic import Field, ValidationError
 from controlplane.bus.batch import Batcher
 from controlplane.contract import keys
 from controlplane.contract.models import (
-    ActionRequest, CreateSwarmRequest, Outcome, Scope, SwarmStatus, new_id, utcnow,
+    ActionRequest, CreateSwarmRequest, Outcome, Scope, SwarmStatus, new_id, parse_time, utcnow,
 )
 from controlplane.contract.pool import AceProvisionRequest, ProvisionRequest, StreamEnded, StreamStarted
 from controlplane.gateway.actions import Action, begin, begin_and_wait
@@ -339,15 +338,10 @@ async def stream_stats(request: web.Request) -> web.Response:
     if stream_id not in view.streams:
         raise ApiError(404, "unknown-stream", f"no stream has id {stream_id!r}")
     raw = request.query.get("since")
-    since = None
-    if raw:
-        try:
-            since = datetime.fromisoformat(raw.strip().replace(" ", "+"))
-        except ValueError:
-            raise ApiError(400, "invalid-since", f"since {raw!r} is not an ISO-8601 time, e.g. 2024-05-01T12:00:00Z",
-                           [{"field": "since", "reason": "not an ISO-8601 time"}]) from None
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=timezone.utc)  # a time without zone is UTC
+    since = parse_time(raw.strip().replace(" ", "+")) if raw else None  # a "+" decoded from a query is a space
+    if raw and since is None:
+        raise ApiError(400, "invalid-since", f"since {raw!r} is not an ISO-8601 time, e.g. 2024-05-01T12:00:00Z",
+                       [{"field": "since", "reason": "not an ISO-8601 time"}])
     return web.json_response(view.stats_of(stream_id, since))
 
 
@@ -358,15 +352,6 @@ async def vpn_status(request: web.Request) -> web.Response:
 # --- projections -----------------------------------------------------------------------------
 
 
-def _stamp(value: Any) -> datetime | None:
-    """An event's ``ts``; None when it has none that reads."""
-    try:
-        stamp = datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
-    except ValueError:
-        return None
-    return stamp.replace(tzinfo=timezone.utc) if stamp is not None and stamp.tzinfo is None else stamp
-
-
 def _mine(ctx: GatewayContext, body: dict[str, Any]) -> bool:
     return ((body.get("scope") or {}).get("swarmId") or body.get("swarmId")) == _pool_id(ctx)
 
@@ -375,7 +360,7 @@ async def on_pool_outcome(ctx: GatewayContext, _key: str, body: dict[str, Any]) 
     if not _mine(ctx, body) or body.get("result") != "success":
         return
     details, view = body.get("details") or {}, view_of(ctx)
-    as_of = _stamp(body.get("ts"))
+    as_of = parse_time(body.get("ts"))
     if isinstance(details.get("engine"), dict):
         view.add_engine(details["engine"])
     if isinstance(details.get("removed"), list):
@@ -393,7 +378,7 @@ async def on_controller_status(ctx: GatewayContext, _key: str, body: dict[str, A
         return
     view = view_of(ctx)
     if isinstance(pool.get("engines"), list):
-        view.replace_engines(pool["engines"], _stamp(body.get("ts")))
+        view.replace_engines(pool["engines"], parse_time(body.get("ts")))
     if isinstance(pool.get("vpn"), dict):
         try:
             view.vpn = type(view.vpn).model_validate(pool["vpn"])

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from controlplane.bus import Requester
 from controlplane.bus.rpc import RequesterClosed, Unroutable
 from controlplane.contract import keys
-from controlplane.contract.models import CommandTarget, Signal, SwarmStatus, new_id
+from controlplane.contract.models import CommandTarget, Signal, SwarmStatus, new_id, parse_time
 from controlplane.contract.services import LogsRequest, ServiceAction, ServiceReport, ServiceState, Transition
 from controlplane.gateway.actions import Action, begin_and_wait
 from controlplane.gateway.context import GatewayContext, context_of
@@ -117,7 +117,7 @@ async def on_outcome(ctx: GatewayContext, key: str, body: dict[str, Any]) -> Non
     correlation id is the event's id: every gateway hears the outcome, each webhook gets it once."""
     parsed = keys.parse_key(key)
     details = body.get("details") or {}
-    at = _parse_time(body.get("ts")) or datetime.now(timezone.utc)
+    at = parse_time(body.get("ts")) or datetime.now(timezone.utc)
     data = {"containerId": details.get("containerId"), "name": details.get("name"), "signal": parsed.signal,
             "correlationId": body.get("correlationId")}
     if parsed.kind == "ready" and parsed.signal == "service-update" and details.get("updated"):
@@ -230,21 +230,11 @@ def _since(raw: str | None) -> datetime | None:
         return datetime.fromtimestamp(float(raw), timezone.utc)
     except ValueError:
         pass
-    parsed = _parse_time(raw)
+    parsed = parse_time(raw)
     if parsed is None:
         raise ApiError(400, "invalid-since", f"since must be an RFC 3339 timestamp or epoch seconds, got {raw!r}",
                        [{"field": "since", "reason": "not a timestamp"}])
     return parsed
-
-
-def _parse_time(raw: Any) -> datetime | None:
-    if not isinstance(raw, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 # --- actions --------------------------------------------------------------------------------------
