@@ -20,7 +20,7 @@ from controlplane.contract.models import OutcomeState, Signal
 from controlplane.contract.receiver import Command, Done, Failure
 from controlplane.logs import get_logger
 from controlplane.runtime.docker import ContainerRuntimeError, DockerRuntime, RuntimeUnavailable
-from controlplane.runtime.labels import service_fields
+from controlplane.runtime.labels import LabelView, service_fields
 from controlplane.runtime.recreate import create_args, launch_view, other_networks
 
 log = get_logger("service-actions")
@@ -128,16 +128,8 @@ class ServiceActions:
 
     def _check_policy(self, attrs: dict[str, Any]) -> None:
         """A recreated container is a launch: it gets what the policy allows, whoever first ran it."""
-        policy, spec = self.runtime.policy, launch_view(attrs)
-        problems = []
-        if spec.privileged and not policy.allow_privileged:
-            problems.append("it is privileged (CP_ALLOW_PRIVILEGED)")
-        if spec.network == "host" and not policy.allow_host_network:
-            problems.append("it uses the host network (CP_ALLOW_HOST_NETWORK)")
-        problems += [f"it mounts {m.source!r} (CP_ALLOWED_MOUNTS)" for m in spec.mounts
-                     if not policy.mount_allowed(m.source) and not policy.is_docker_socket(m.source)]
-        problems += ["it mounts the Docker socket" for m in spec.mounts
-                     if policy.is_docker_socket(m.source) and spec.labels.get("controlplane.kind") != "swarm-controller"]
+        spec = launch_view(attrs)
+        problems = self.runtime.policy.privilege_problems(spec, LabelView.from_labels(spec.labels).kind or "service")
         if problems:
             raise Failure("policy-refused", "the control plane may not recreate this container: " + "; ".join(problems),
                           "update", state=_state(_status(attrs)))

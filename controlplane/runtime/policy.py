@@ -103,22 +103,29 @@ class RuntimePolicy:
             return [], [f"kind {kind!r} is not one the control plane runs"]
         images = [] if self.image_allowed(kind, spec.image) else [
             f"image {spec.image!r} is not allowed for a {kind} (see CP_ALLOWED_IMAGES)"]
-        others: list[str] = []
-        if spec.network == "host" and not self.allow_host_network:
-            others.append("host network is refused (set CP_ALLOW_HOST_NETWORK=true to allow it)")
-        if spec.privileged and not self.allow_privileged:
-            others.append("privileged mode is refused (set CP_ALLOW_PRIVILEGED=true to allow it)")
-        for mount in spec.mounts:
-            if self.is_docker_socket(mount.source):
-                if kind != CONTROLLER_KIND:
-                    others.append(f"the Docker socket is mounted into swarm-controllers only, not a {kind}")
-            elif not self.mount_allowed(mount.source):
-                others.append(f"mount of {mount.source!r} is refused (not listed in CP_ALLOWED_MOUNTS)")
+        others = self.privilege_problems(spec, kind)
         if kind == "sut" and spec.command is not None and tuple(spec.command) != DEFAULT_SUT_COMMAND \
                 and not self.allow_sut_command:
             others.append("a system under test with a command of its own is refused "
                           "(set CP_ALLOW_SUT_COMMAND=true to allow it)")
         return images, others
+
+    def privilege_problems(self, spec: ContainerSpec, kind: str) -> list[str]:
+        """What ``spec`` asks of the host that is refused: its network, privileged mode, mounts
+        (the Docker socket for swarm-controllers only). Also what a recreated container (a
+        service update) is checked against, whoever first ran it."""
+        problems: list[str] = []
+        if spec.network == "host" and not self.allow_host_network:
+            problems.append("host network is refused (set CP_ALLOW_HOST_NETWORK=true to allow it)")
+        if spec.privileged and not self.allow_privileged:
+            problems.append("privileged mode is refused (set CP_ALLOW_PRIVILEGED=true to allow it)")
+        for mount in spec.mounts:
+            if self.is_docker_socket(mount.source):
+                if kind != CONTROLLER_KIND:
+                    problems.append(f"the Docker socket is mounted into swarm-controllers only, not a {kind}")
+            elif not self.mount_allowed(mount.source):
+                problems.append(f"mount of {mount.source!r} is refused (not listed in CP_ALLOWED_MOUNTS)")
+        return problems
 
     def is_docker_socket(self, source: str) -> bool:
         return posixpath.normpath(source) == posixpath.normpath(self.docker_socket)

@@ -341,6 +341,16 @@ async def test_an_update_whose_new_container_fails_is_rolled_back(services: Stac
         remove_images(engine, tag)
 
 
+async def test_an_update_recreates_only_what_the_policy_allows(services: Stack, containers: Any, engine: Any) -> None:
+    name = name_for("host")
+    container = containers(name, volumes={"/tmp": {"bind": "/host-tmp", "mode": "ro"}})  # a host mount nobody allowed
+    await listed(services, name, status="running")
+    status, body = await services.post(f"/api/services/{name}/update", {})
+    assert (status, body["code"]) == (403, "policy-refused"), body
+    assert "'/tmp'" in body["error"] and "CP_ALLOWED_MOUNTS" in body["error"]
+    assert engine.containers.get(name).id == container.id
+
+
 @pytest.mark.parametrize("path, field", [
     ("/api/services?filter=sleeping", "filter"),
     ("/api/services?limit=0", "limit"),
