@@ -114,7 +114,7 @@ def gateway_grant(gateway_id: str) -> Grant:
     """A gateway: the shared exchanges and the static queues (it declares them), its own event
     queues; it publishes commands, the timeouts it calls, its readiness probes."""
     static = [re.escape(n) for n in (keys.DEAD_LETTER_QUEUE, keys.HOST_CONTROLLER_QUEUE,
-                                     keys.HOST_CONTROLLER_REPLIES_QUEUE)]
+                                     keys.HOST_CONTROLLER_REPLIES_QUEUE, keys.HOST_CONTROLLER_REQUESTS_QUEUE)]
     exchanges = [re.escape(keys.CONTROL_EXCHANGE), re.escape(keys.DEAD_LETTER_EXCHANGE)]
     # Its event queues, and the reply queues of its requesters (stream negotiations).
     own = (rf"{re.escape(keys.CONTROL_EXCHANGE)}\.(gateway\.{re.escape(gateway_id)}(\.status)?"

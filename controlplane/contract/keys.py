@@ -23,6 +23,8 @@ DEAD_LETTER_POLICY = "cp-dead-letter"  # the topology's policy bounding it
 HOST_CONTROLLER_QUEUE = "ph.control.host-controller"
 # Replies the host controller waits for (controller handshakes), apart from its commands.
 HOST_CONTROLLER_REPLIES_QUEUE = "ph.control.host-controller.replies"
+# Requests the host controller answers to the requester (services' logs), apart from its commands.
+HOST_CONTROLLER_REQUESTS_QUEUE = "ph.control.host-controller.requests"
 
 CONTROLLER_ROLE = "swarm-controller"
 # Container name parts of a swarm's own containers; no bee may be named after them.

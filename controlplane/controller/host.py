@@ -93,15 +93,11 @@ class HostController:
         self._consumers.append(await self.bus.consume(replies, self._on_reply, prefetch=64))
         await self.adopt()
         await self.services.start()
+        requests = topology.queue(keys.HOST_CONTROLLER_REQUESTS_QUEUE)
+        self._consumers.append(await self.bus.consume(requests, self.services.answer_logs, prefetch=16))
         commands = topology.queue(keys.HOST_CONTROLLER_QUEUE)
-        self._consumers.append(await self.bus.consume(commands, self._on_command, prefetch=32))
+        self._consumers.append(await self.bus.consume(commands, self.server.on_message, prefetch=32))
         return self
-
-    async def _on_command(self, routing_key: str, body: dict[str, Any], message: Any) -> None:
-        if keys.parse_key(routing_key).signal == keys.SERVICE_LOGS:
-            await self.services.answer_logs(message, body)  # request-reply, not a signal
-        else:
-            await self.server.on_message(routing_key, body, message)
 
     def _serves(self, labels: Mapping[str, str]) -> bool:
         """The services this host controller acts on: what its owner launched, and the

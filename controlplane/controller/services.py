@@ -77,7 +77,7 @@ class ServiceMonitor:
         # Watch first: a change between the listing and the watch would be missed otherwise.
         self._unwatch = [self.runtime.watch_events(labels, self._on_event)
                          for labels in (filter_for(owner=self.owner), {SERVICE: "true"})]
-        await self._load_all()
+        await self._sync()
         await self.publish_full()
         self._tasks = [asyncio.create_task(self._report_forever(), name="services.reports"),
                        asyncio.create_task(self._sample_forever(), name="services.sampler")]
@@ -94,12 +94,18 @@ class ServiceMonitor:
 
     # --- what the engine runs ------------------------------------------------------------------
 
-    async def _load_all(self) -> None:
-        listed = {info.id for labels in (filter_for(owner=self.owner), {SERVICE: "true"})
+    async def _sync(self) -> None:
+        """What the engine lists against what is known: a container new, or in another state
+        than known (an event missed while the engine's stream reconnected), is inspected; one
+        no longer listed is forgotten. At start that is every container; later, none usually:
+        the events keep the rest current, so the periodic full report costs two listings."""
+        listed = {info.id: info for labels in (filter_for(owner=self.owner), {SERVICE: "true"})
                   for info in await self.runtime.list(labels)}
-        for container_id in listed:
-            await self._refresh(container_id)
-        for gone in set(self.services) - listed:
+        for container_id, info in listed.items():
+            known = self.services.get(container_id)
+            if known is None or known.state != info.state:
+                await self._refresh(container_id)
+        for gone in set(self.services) - set(listed):
             self.services.pop(gone, None)
 
     async def _refresh(self, container_id: str) -> bool:
@@ -182,7 +188,7 @@ class ServiceMonitor:
             try:
                 if time.monotonic() - last_full >= full_every:
                     # Now and then everything, so a gateway that missed a report catches up.
-                    await self._load_all()
+                    await self._sync()
                     await self.publish_full()
                     last_full = time.monotonic()
                     continue
@@ -275,7 +281,7 @@ class ServiceMonitor:
 
     # --- logs --------------------------------------------------------------------------------
 
-    async def answer_logs(self, message: AbstractIncomingMessage, body: dict[str, Any]) -> None:
+    async def answer_logs(self, _routing_key: str, body: dict[str, Any], message: AbstractIncomingMessage) -> None:
         """A gateway's logs request: the container's last lines, both streams, oldest first."""
         try:
             ask = LogsRequest.model_validate(body)
