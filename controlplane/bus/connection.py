@@ -225,10 +225,11 @@ class Bus:
 
     # --- publishing -----------------------------------------------------------------
 
-    async def publish(self, routing_key: str, body: Wire | dict[str, Any], *, correlation_id: str | None = None,
+    async def publish(self, routing_key: str, body: Wire | dict[str, Any] | bytes, *, correlation_id: str | None = None,
                       exchange: str = keys.CONTROL_EXCHANGE, reply_to: str | None = None,
                       expiration: float | None = None, persistent: bool = True) -> None:
-        """Publish JSON (persistently unless told otherwise) and wait for the broker's confirm.
+        """Publish JSON (persistently unless told otherwise) and wait for the broker's confirm;
+        ``body`` as bytes is JSON already encoded.
 
         While the connection is being restored the publish is retried, for a bounded time;
         a receiver may then see a message twice, which idempotency keys make harmless.
@@ -238,7 +239,10 @@ class Bus:
         """
         if expiration is not None and expiration < 0:
             raise ValueError(f"expiration must not be negative, got {expiration}")
-        payload = body.to_json() if isinstance(body, Wire) else json.dumps(body).encode()
+        if isinstance(body, bytes):
+            payload = body
+        else:
+            payload = body.to_json() if isinstance(body, Wire) else json.dumps(body).encode()
         message = aio_pika.Message(
             payload,
             content_type="application/json",

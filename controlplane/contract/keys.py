@@ -48,11 +48,11 @@ STREAM_REQUEST = "stream-request"
 STREAM_ADVERTISED = "stream-advertised"
 STREAM_WITHDRAWN = "stream-withdrawn"
 STREAM_EXPIRED = "stream-expired"
-SESSION_STARTED = "stream-session-started"
+SESSIONS_STARTED = "stream-sessions-started"
 SESSION_STOPPED = "stream-session-stopped"
 STREAM_TYPE_CREATED = "stream-type-created"
 STREAM_HEARTBEATS = "stream-heartbeats"
-REGISTRY_EVENTS = (STREAM_ADVERTISED, STREAM_WITHDRAWN, STREAM_EXPIRED, SESSION_STARTED, SESSION_STOPPED,
+REGISTRY_EVENTS = (STREAM_ADVERTISED, STREAM_WITHDRAWN, STREAM_EXPIRED, SESSIONS_STARTED, SESSION_STOPPED,
                    STREAM_TYPE_CREATED, STREAM_HEARTBEATS)
 # The services dashboard: lifecycle signals to a container's owner (``sig.<signal>.<swarmId>``
 # for a swarm's container, ``sig.<signal>.host-controller.<owner>`` for the rest), the host
@@ -162,7 +162,7 @@ def registry_event_key(event: str, scope: str) -> str:
     """``ev.ready.<event>.<scope>`` of a streams-registry event."""
     if event not in REGISTRY_EVENTS:
         raise InvalidKey(f"unknown streams-registry event {event!r}")
-    if event == STREAM_HEARTBEATS:
+    if event in (STREAM_HEARTBEATS, SESSIONS_STARTED):  # a gateway's gathered events
         scope = check_slug(scope, "gateway")
     elif event == STREAM_TYPE_CREATED:
         if not _TYPE_NAME.match(scope):

@@ -266,7 +266,7 @@ class RegistryEvent(Snake):
     origin: str
     stream: dict[str, Any] | None = None  # advertised: the stream as listed
     stream_id: str | None = None
-    session: dict[str, Any] | None = None  # session-started: the session as listed
+    started: list[dict[str, Any]] = Field(default_factory=list)  # sessions-started: each as listed
     session_ids: list[str] = Field(default_factory=list)  # stopped or closed with their stream
     status: SessionStatus | None = None  # why sessions ended
     stream_type: dict[str, Any] | None = None  # type-created

@@ -281,8 +281,10 @@ class Store:
         return self.writer.gather(streams.save_streams, (stream_id, body, advertised_at), bulky=True)
 
     def open_stream_session(self, row: dict[str, Any]) -> asyncio.Future[None]:
-        """Gathered, off the event loop: a thousand negotiations a second cost a few statements."""
-        return self.writer.gather(streams.open_sessions, row, bulky=True)
+        """Gathered: a thousand negotiations a second cost a few statements. A batch of up to
+        ``BULKY_ITEMS`` rows commits on the event loop: handing it to the writer thread cost a
+        negotiation more than its row did (the thread and the loop contend for the GIL)."""
+        return self.writer.gather(streams.open_sessions, row)
 
     def close_streams(self, stream_ids: list[str], endings: list[streams.Ending]) -> asyncio.Future[tuple[list[str], list[str]]]:
         """The stream ids and session ids this write was the one to remove or close."""

@@ -120,7 +120,10 @@ async def test_advertise_discover_request_keep_alive_stop_and_history(settings_f
                 # The publisher was asked over RabbitMQ, with the consumer's details and the session id.
                 assert [(r.session_id, r.consumer_id, r.consumer_port, r.config) for r in asked] == [
                     (o.session_id, "max-workstation-02", 5970, {"preferred_codec": "h264"})]
-                await watcher.wait_for(keys.registry_event_key(keys.SESSION_STARTED, stream_id), 20)
+                started = await watcher.wait_for(
+                    keys.registry_event_key(keys.SESSIONS_STARTED, gw.settings.gateway_name), 20)
+                assert [(x["session_id"], x["stream_id"], x["consumer_id"]) for x in started["started"]] == [
+                    (o.session_id, stream_id, "max-workstation-02")]
 
                 status, sessions = await gw.get(f"/streams/sessions?stream_id={stream_id}")
                 assert status == 200 and [s["session_id"] for s in sessions] == [o.session_id]
@@ -411,6 +414,66 @@ async def test_two_gateways_keep_one_registry_and_announce_each_expiry_once(sett
                 assert len(expiries) == 1
                 assert watcher.keys_seen().count(marker_expired) == 1
                 publisher.stream = None  # already gone: nothing to withdraw
+
+
+async def test_sessions_opened_together_are_announced_together_and_before_they_end(
+        settings_factory: Any, runtime: Any, watch: Any) -> None:
+    async with fresh_postgres_database() as url:
+        settings = settings_factory(database_url=url)
+        async with running_stack(settings.model_copy(update={"gateway_id": "gw-a"}), runtime, with_host=False) as a, \
+                running_stack(settings.model_copy(update={"gateway_id": "gw-b"}), runtime, with_host=False) as b:
+            watcher = await watch(keys.ready_key(keys.SESSIONS_STARTED, "*"))
+            status, stream = await a.post("/streams/advertise", advert())
+            assert status == 201, stream
+            stream_id, burst = stream["id"], 12
+            async with burst_publisher(a, stream_id, burst):
+                asked = {"consumer_id": "c", "consumer_address": "10.1.1.1"}
+                answers = await asyncio.gather(*(a.post(f"/streams/{stream_id}/request", asked)
+                                                 for _ in range(burst)))
+            assert [status for status, _ in answers] == [201] * burst, answers
+            opened = {offer["session_id"] for _, offer in answers}
+            # Every gateway learns of every session, from fewer events than sessions.
+            await until(lambda: _active_sessions(b, stream_id, burst))
+            key = keys.registry_event_key(keys.SESSIONS_STARTED, a.settings.gateway_name)
+            announced = [x["session_id"] for k, body in watcher.seen if k == key for x in body["started"]]
+            assert sorted(announced) == sorted(opened)
+            assert len([k for k in watcher.keys_seen() if k == key]) < burst
+
+            # A session stopped as soon as it opened: its start reaches b first, never after its end.
+            async with raw_publisher(a, stream_id, lambda _: json.dumps({"accepted": True}).encode()):
+                status, offer = await a.post(f"/streams/{stream_id}/request", asked)
+            assert status == 201, offer
+            assert (await a.client.delete(f"/streams/sessions/{offer['session_id']}")).status == 200
+            await watcher.wait_for(key, 20, lambda body: offer["session_id"] in {x["session_id"] for x in body["started"]})
+            # Advertised after both were announced: once b lists it, b has applied both.
+            status, marker = await a.post("/streams/advertise", advert(name="marker"))
+            await until(lambda: _status(b, f"/streams/{marker['id']}", 200))
+            assert await _active_sessions(b, stream_id, burst)
+
+
+@asynccontextmanager
+async def burst_publisher(stack: Stack, stream_id: str, burst: int) -> AsyncIterator[None]:
+    """A publisher that holds its answers until ``burst`` requests have come, then accepts
+    them all at once, so their sessions open within one moment."""
+    connection = await aio_pika.connect(amqp_url(stack))
+    try:
+        channel = await connection.channel()
+        control = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(keys.CONTROL_EXCHANGE, routing_key=keys.stream_request_key(stream_id))
+        held: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def on(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            held.append(message)
+            if len(held) == burst:
+                await asyncio.gather(*(control.publish(aio_pika.Message(b'{"accepted": true}',
+                                                                        correlation_id=m.correlation_id),
+                                                       routing_key=m.reply_to or "") for m in held))
+
+        await queue.consume(on, no_ack=True)
+        yield
+    finally:
+        await connection.close()
 
 
 async def _status(gw: Stack, path: str, wanted: int) -> bool:

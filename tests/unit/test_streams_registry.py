@@ -43,7 +43,7 @@ def test_a_stream_lives_for_its_ttl_and_a_heartbeat_moves_it_but_never_after_it(
 def test_session_counts_follow_every_change_exactly() -> None:
     registry = StreamRegistry(TTL)
     stream = registry.advertise(str(uuid.uuid4()), advert(), now=0.0)
-    sessions = [registry.open_session(str(uuid.uuid4()), stream, offer(), consumer(f"c{i}"), 1.0) for i in range(3)]
+    sessions = [registry.open_session(str(uuid.uuid4()), stream, offer(), consumer(f"c{i}"), 1.0)[0] for i in range(3)]
     assert json.loads(stream.render())["active_sessions"] == 3
     registry.remove_session(sessions[0].id)
     assert registry.remove_session(sessions[0].id) is None  # twice is once
@@ -64,8 +64,8 @@ def test_expired_sessions_of_an_expired_stream_end_with_it_not_alone() -> None:
     registry = StreamRegistry(TTL)
     stream = registry.advertise(str(uuid.uuid4()), advert(), now=0.0)
     kept = registry.advertise(str(uuid.uuid4()), advert(), now=0.0)
-    with_stream = registry.open_session(str(uuid.uuid4()), stream, offer(), consumer(), 0.0)
-    alone = registry.open_session(str(uuid.uuid4()), kept, offer(), consumer(), 0.0)
+    with_stream, _ = registry.open_session(str(uuid.uuid4()), stream, offer(), consumer(), 0.0)
+    alone, _ = registry.open_session(str(uuid.uuid4()), kept, offer(), consumer(), 0.0)
     registry.heartbeat(kept.id, 20.0)
     streams, sessions = registry.expired(31.0)
     assert streams == [stream] and sessions == [alone]
@@ -127,7 +127,8 @@ def test_the_gateway_may_publish_the_registry_events_and_nothing_next_to_them() 
     pattern = re.compile(gateway_grant("gw").topic_write)
     stream_id = str(uuid.uuid4())
     for event in keys.REGISTRY_EVENTS:
-        scope = {"stream-heartbeats": "gw", "stream-type-created": "lidar_v2"}.get(event, stream_id)
+        scope = {"stream-heartbeats": "gw", "stream-sessions-started": "gw",
+                 "stream-type-created": "lidar_v2"}.get(event, stream_id)
         assert pattern.match(keys.registry_event_key(event, scope)), event
     assert pattern.match(keys.stream_request_key(stream_id))
     assert not pattern.match(f"ev.ready.swarm-remove.{stream_id}")

@@ -24,7 +24,7 @@ from controlplane.gateway.context import GatewayContext
 from controlplane.gateway.openapi import Op
 from controlplane.gateway.surface import Handler, Surface
 from controlplane.gateway.surfaces.streams import metrics, routes, sync
-from controlplane.gateway.surfaces.streams.registry import StreamRegistry
+from controlplane.gateway.surfaces.streams.registry import HISTORY_FIELDS, StreamRegistry
 from controlplane.gateway.surfaces.streams.sync import NAME, StreamsState, state_of
 from controlplane.store.streams import Ending
 from controlplane.store.writer import detach
@@ -96,9 +96,7 @@ async def _load(ctx: GatewayContext) -> None:
         registry.add_stream(listed, epoch(listed.get("last_heartbeat") or listed["advertised_at"]), now + ttl)
     for row in saved["sessions"]:
         started = row["started_at"].timestamp()
-        body = {k: row[k] for k in ("session_id", "stream_id", "stream_name", "stream_type", "publisher_id",
-                                    "publisher_address", "consumer_id", "consumer_address", "protocol",
-                                    "transport_config", "publisher_port", "consumer_port")}
+        body = {name: row[name] for name in HISTORY_FIELDS}
         if registry.add_session({**body, "started_at": iso(started),
                                  "status": "active"}, started, now + ttl) is None:
             # Its stream is gone: a row a gateway that stopped in between left open.
@@ -119,6 +117,7 @@ async def _start(ctx: GatewayContext) -> None:
 
 async def _stop(ctx: GatewayContext) -> None:
     state = state_of(ctx)
+    await sync.announce_started(ctx)
     await asyncio.gather(*state.background, return_exceptions=True)
     for task in state.tasks:
         task.cancel()

@@ -74,20 +74,17 @@ class Session:
     def render(self) -> bytes:
         return self.rendered
 
-    def history_row(self) -> dict[str, Any]:
-        """The store's row for this session while it is open."""
-        f = json.loads(self.rendered)
-        return {"session_id": self.id, "stream_id": self.stream_id, "stream_name": f["stream_name"],
-                "stream_type": f["stream_type"], "publisher_id": f["publisher_id"],
-                "publisher_address": f["publisher_address"], "publisher_port": self.publisher_port,
-                "consumer_id": f["consumer_id"], "consumer_address": f["consumer_address"],
-                "consumer_port": self.consumer_port, "protocol": f["protocol"],
-                "transport_config": f["transport_config"], "status": SessionStatus.ACTIVE.value,
-                "started_at": datetime.fromtimestamp(self.started, timezone.utc)}
 
-    def event_body(self) -> dict[str, Any]:
-        return {**json.loads(self.rendered), "publisher_port": self.publisher_port,
-                "consumer_port": self.consumer_port}
+# A session's history row holds these of the body it is opened with, besides its status and times.
+HISTORY_FIELDS = ("session_id", "stream_id", "stream_name", "stream_type", "publisher_id", "publisher_address",
+                   "publisher_port", "consumer_id", "consumer_address", "consumer_port", "protocol",
+                   "transport_config")
+
+
+def history_row(body: dict[str, Any], started: float) -> dict[str, Any]:
+    """The store's row for a session while it is open, from the body it was opened with."""
+    return {**{name: body[name] for name in HISTORY_FIELDS}, "status": SessionStatus.ACTIVE.value,
+            "started_at": datetime.fromtimestamp(started, timezone.utc)}
 
 
 class StreamRegistry:
@@ -161,7 +158,8 @@ class StreamRegistry:
     # --- sessions ----------------------------------------------------------------------------
 
     def open_session(self, session_id: str, stream: Stream, offer: dict[str, Any], consumer: dict[str, Any],
-                     now: float) -> Session:
+                     now: float) -> tuple[Session, dict[str, Any]]:
+        """The session, and its body as the other gateways learn it (listed fields and both ports)."""
         body = {"session_id": session_id, "stream_id": stream.id, "stream_name": stream.name,
                 "stream_type": stream.stream_type, "publisher_id": stream.publisher_id,
                 "publisher_address": offer["publisher_address"], "consumer_id": consumer["consumer_id"],
@@ -171,7 +169,7 @@ class StreamRegistry:
                 "consumer_port": consumer.get("consumer_port")}
         session = self.add_session(body, now, now + self.ttl_s)
         assert session is not None
-        return session
+        return session, body
 
     def add_session(self, body: dict[str, Any], started: float, expires_at: float) -> Session | None:
         """A session as an event carries it (listed fields and both ports); None when its stream

@@ -37,6 +37,7 @@ from controlplane.contract.streams import (
 from controlplane.gateway.context import GatewayContext, context_of
 from controlplane.gateway.middleware import ApiError, read_json, validation_error
 from controlplane.gateway.surfaces.streams import metrics, sync
+from controlplane.gateway.surfaces.streams.registry import history_row
 from controlplane.gateway.surfaces.streams.sync import state_of
 from controlplane.logs import get_logger
 from controlplane.store.writer import detach
@@ -185,7 +186,7 @@ async def request_stream(request: web.Request) -> web.Response:
     session_id = new_id()
     question = NegotiationRequest(session_id=session_id, stream_id=stream_id, stream_name=stream.name,
                                   **asked.model_dump())
-    reply = await _negotiate(ctx, stream_id, question.to_dict())
+    reply = await _negotiate(ctx, stream_id, question.model_dump_json().encode())
     stream = state.registry.streams.get(stream_id)
     if stream is None:  # withdrawn or expired while its publisher answered
         metrics.NEGOTIATIONS.labels("gone").inc()
@@ -195,17 +196,15 @@ async def request_stream(request: web.Request) -> web.Response:
              "publisher_address": reply.address or stream.address,
              "publisher_port": stream.port if reply.port is None else reply.port,
              "transport_config": reply.transport_config}
-    session = state.registry.open_session(session_id, stream, offer, asked.model_dump(), time.time())
-    detach(ctx.store.open_stream_session(session.history_row()), "open stream session")
-    # Not waited for: the consumer has its offer from memory, and the other gateways learn
-    # of the session within a broker round trip, long before its first heartbeat is due.
-    sync.in_background(ctx, sync.announce_quietly(ctx, keys.SESSION_STARTED, stream_id,
-                                                  session=session.event_body()))
+    now = time.time()
+    _, body = state.registry.open_session(session_id, stream, offer, asked.model_dump(), now)
+    detach(ctx.store.open_stream_session(history_row(body, now)), "open stream session")
+    sync.session_started(ctx, body)
     metrics.NEGOTIATIONS.labels("accepted").inc()
     return web.json_response(offer, status=201)
 
 
-async def _negotiate(ctx: GatewayContext, stream_id: str, question: dict[str, Any]) -> NegotiationReply:
+async def _negotiate(ctx: GatewayContext, stream_id: str, question: bytes) -> NegotiationReply:
     requester = state_of(ctx).requester
     timeout = ctx.settings.stream_request_timeout_s
     started = time.perf_counter()

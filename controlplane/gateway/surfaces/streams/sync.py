@@ -5,7 +5,10 @@ What a gateway sees happen (an advertisement, a withdrawal, a session started or
 type created) it applies to its memory, then announces as ``ev.ready.<event>.<scope>`` on
 ``ph.control``; every gateway consumes those from its own queue and applies the others'
 (``project``). Heartbeats are too many for one event each: each gateway sends the ones it
-took, coalesced, once per flush interval (``ev.ready.stream-heartbeats.<gateway>``).
+took, coalesced, once per flush interval (``ev.ready.stream-heartbeats.<gateway>``). Sessions
+opened within ``SESSIONS_GATHER_S`` go out together too (``ev.ready.stream-sessions-started.
+<gateway>``): one message per session was half a negotiation's cost, in the broker and in
+every gateway.
 
 Every gateway sweeps. The store's compare-and-set (``Store.close_streams``) says which one
 removed a stream's row or closed a session's, and only that one announces the expiry, so
@@ -38,6 +41,7 @@ log = get_logger("gateway.streams")
 
 NAME = "streams"
 RETENTION_INTERVAL_S = 3600.0
+SESSIONS_GATHER_S = 0.02
 
 
 @dataclass
@@ -50,6 +54,7 @@ class StreamsState:
     requester: Requester | None = None
     origin: str = field(default_factory=new_id)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    started: list[dict[str, Any]] = field(default_factory=list)  # sessions opened, not yet announced
     background: set[asyncio.Future[None]] = field(default_factory=set)  # announcements not waited for
 
 
@@ -63,9 +68,14 @@ def state_of(ctx: GatewayContext) -> StreamsState:
 async def announce(ctx: GatewayContext, event: str, scope: str, **fields: Any) -> None:
     """Publish one registry event (confirmed by the broker before this returns). Not
     persistent: what must outlive a broker restart is in the store, and a gateway that starts
-    loads it from there; the broker's disk stays out of every negotiation."""
+    loads it from there; the broker's disk stays out of every negotiation.
+
+    Sessions opened here and not yet announced go first, so no gateway hears of a session's
+    end before its start."""
+    if event != keys.SESSIONS_STARTED and state_of(ctx).started:
+        await announce_started(ctx)
     body = RegistryEvent(ts=utcnow(), event=event, origin=state_of(ctx).origin, **fields)
-    await ctx.bus.publish(keys.registry_event_key(event, scope), body.model_dump(mode="json", exclude_none=True),
+    await ctx.bus.publish(keys.registry_event_key(event, scope), body.model_dump_json(exclude_none=True).encode(),
                           persistent=False)
 
 
@@ -88,6 +98,26 @@ async def announce_ended(ctx: GatewayContext, stream: Stream | None, sessions: l
     for session in sessions:
         await announce_quietly(ctx, keys.SESSION_STOPPED, session.stream_id, stream_id=session.stream_id,
                                session_ids=[session.id], status=status)
+
+
+def session_started(ctx: GatewayContext, body: dict[str, Any]) -> None:
+    """Announce the session opened with ``body`` (``StreamRegistry.open_session``'s) with the
+    others opened here within ``SESSIONS_GATHER_S``. Not waited for: the consumer has its
+    offer from memory, and the other gateways learn of the session long before its first
+    heartbeat is due."""
+    state = state_of(ctx)
+    if not state.started:
+        asyncio.get_running_loop().call_later(SESSIONS_GATHER_S,
+                                              lambda: in_background(ctx, announce_started(ctx)))
+    state.started.append(body)
+
+
+async def announce_started(ctx: GatewayContext) -> None:
+    """The sessions gathered so far, in one event (nothing when none are)."""
+    state = state_of(ctx)
+    started, state.started = state.started, []
+    if started:
+        await announce_quietly(ctx, keys.SESSIONS_STARTED, ctx.settings.gateway_name, started=started)
 
 
 def ending(session: Session, status: SessionStatus, now: float) -> Ending:
@@ -124,10 +154,11 @@ async def project(ctx: GatewayContext, _key: str, body: dict[str, Any]) -> None:
         registry.add_stream(event.stream, beat, beat + registry.ttl_s)
     elif event.event in (keys.STREAM_WITHDRAWN, keys.STREAM_EXPIRED) and event.stream_id:
         registry.remove_stream(event.stream_id)
-    elif event.event == keys.SESSION_STARTED and event.session:
-        # Its own start time: a sweeper here closes its history row with the true duration.
-        started = epoch(event.session["started_at"]) if event.session.get("started_at") else now
-        registry.add_session(event.session, started, now + registry.ttl_s)
+    elif event.event == keys.SESSIONS_STARTED:
+        for session in event.started:
+            # Its own start time: a sweeper here closes its history row with the true duration.
+            started = epoch(session["started_at"]) if session.get("started_at") else now
+            registry.add_session(session, started, now + registry.ttl_s)
     elif event.event == keys.SESSION_STOPPED:
         for session_id in event.session_ids:
             registry.remove_session(session_id)
