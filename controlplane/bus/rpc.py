@@ -20,7 +20,7 @@ import json
 from contextlib import suppress
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
@@ -53,7 +53,7 @@ class Requester:
         self.reply_queue = bus.topology.templates.replies_queue.render(
             owner=keys.check_slug(owner, "owner"), token=new_id().replace("-", ""))
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._closed = False
 
     @property
@@ -68,8 +68,17 @@ class Requester:
                                                   arguments=decl.arguments)
         for binding in decl.bindings:
             await queue.bind(binding.exchange, routing_key=binding.key)
-        await queue.consume(self._on_reply, no_ack=True)
+        await self._consume()
+        # aio-pika restores the queue after a reconnect; the consumer underneath is ours to restore.
+        self._channel.reopen_callbacks.add(self._consume)
         return self
+
+    async def _consume(self, *_: Any) -> None:
+        # On the channel underneath: aio-pika's message wrapper and its hand-off cost more than
+        # reading the reply does.
+        assert self._channel is not None
+        channel = await self._channel.get_underlay_channel()
+        await channel.basic_consume(self.reply_queue.name, self._on_reply, no_ack=True)
 
     @property
     def reply_to(self) -> str:
@@ -87,11 +96,11 @@ class Requester:
             with suppress(Exception):  # the broker is gone; the channel is closed anyway
                 await channel.close()
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        # A plain function: aio-pika calls it without a task of its own per reply.
-        future = self._pending.get(message.correlation_id or "")
+    def _on_reply(self, message: DeliveredMessage) -> None:
+        correlation_id = message.header.properties.correlation_id
+        future = self._pending.get(correlation_id or "")
         if future is None or future.done():
-            log.warning("reply dropped: nobody waits for it", correlation_id=message.correlation_id)
+            log.warning("reply dropped: nobody waits for it", correlation_id=correlation_id)
             return
         try:
             future.set_result(parse_body(message.body))

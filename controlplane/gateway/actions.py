@@ -240,7 +240,7 @@ async def begin(ctx: GatewayContext, action: Action,
         await precondition()
     holder = ctx.ledger.holder(action.resource)
     if holder is not None and not await _settled(ctx, action):
-        raise _busy(action, holder.op)
+        return await _replay_or_busy(ctx, action, digest, holder.op)
     if not ctx.bus.ready:
         raise _broker_down()
 
@@ -262,7 +262,7 @@ async def begin(ctx: GatewayContext, action: Action,
     if isinstance(result, Replayed):
         return _replay(ctx, result, action.signal)
     if isinstance(result, Busy):
-        raise _busy(action, result.active)
+        return await _replay_or_busy(ctx, action, digest, result.active)
     if isinstance(result, SwarmExists):
         raise ApiError(409, "swarm-exists", f"swarm {action.swarm_id!r} already exists (status {result.swarm.status})",
                        currentState=result.swarm.status)
@@ -335,6 +335,15 @@ def _check_limits(ctx: GatewayContext, action: Action) -> None:
 def _broker_down() -> ApiError:
     return ApiError(503, "broker-unavailable", "the message broker is not reachable; nothing was recorded; "
                     "retry with the same idempotencyKey")
+
+
+async def _replay_or_busy(ctx: GatewayContext, action: Action, digest: str, active: OperationRow) -> Begun:
+    """A 409 for ``active``, unless the store knows this request's key by now: a duplicate
+    begun through another gateway a moment ago is answered as a replay, never as busy."""
+    known = await ctx.store.find_action(action.signal, action.scope, action.key, digest)
+    if known is None:
+        raise _busy(action, active)
+    return _replay(ctx, known, action.signal)
 
 
 def _busy(action: Action, active: OperationRow) -> ApiError:

@@ -43,8 +43,11 @@ class FakeChannel:
 
 
 class Reply:
-    def __init__(self, correlation_id: str | None, body: bytes, routing_key: str = "") -> None:
-        self.correlation_id, self.body, self.routing_key = correlation_id, body, routing_key
+    """A delivered reply as aiormq hands it over."""
+
+    def __init__(self, correlation_id: str | None, body: bytes) -> None:
+        self.header = SimpleNamespace(properties=SimpleNamespace(correlation_id=correlation_id))
+        self.body = body
 
 
 def requester() -> tuple[Requester, FakeChannel]:

@@ -46,6 +46,7 @@ log = get_logger("gateway.streams")
 
 STREAM_HEARTBEATS = metrics.HEARTBEATS.labels("stream")
 SESSION_HEARTBEATS = metrics.HEARTBEATS.labels("session")
+NEGOTIATED = metrics.NEGOTIATIONS.labels("accepted")
 HISTORY_LIMIT_MAX = 500
 
 
@@ -182,10 +183,9 @@ async def request_stream(request: web.Request) -> web.Response:
     state = state_of(ctx)
     stream_id = _uuid(request.match_info["stream_id"], "stream_id")
     stream = _stream_or_404(ctx, stream_id)
-    asked: StreamRequest = await _model(request, StreamRequest)
+    asked = (await _model(request, StreamRequest)).model_dump()
     session_id = new_id()
-    question = NegotiationRequest(session_id=session_id, stream_id=stream_id, stream_name=stream.name,
-                                  **asked.model_dump())
+    question = NegotiationRequest(session_id=session_id, stream_id=stream_id, stream_name=stream.name, **asked)
     reply = await _negotiate(ctx, stream_id, question.model_dump_json().encode())
     stream = state.registry.streams.get(stream_id)
     if stream is None:  # withdrawn or expired while its publisher answered
@@ -197,10 +197,10 @@ async def request_stream(request: web.Request) -> web.Response:
              "publisher_port": stream.port if reply.port is None else reply.port,
              "transport_config": reply.transport_config}
     now = time.time()
-    _, body = state.registry.open_session(session_id, stream, offer, asked.model_dump(), now)
+    _, body = state.registry.open_session(session_id, stream, offer, asked, now)
     detach(ctx.store.open_stream_session(history_row(body, now)), "open stream session")
     sync.session_started(ctx, body)
-    metrics.NEGOTIATIONS.labels("accepted").inc()
+    NEGOTIATED.inc()
     return web.json_response(offer, status=201)
 
 
