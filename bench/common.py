@@ -22,7 +22,6 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import uvloop
 
 from controlplane import logs
 
@@ -92,7 +91,7 @@ def run_and_print(args: argparse.Namespace, run: Callable[[argparse.Namespace], 
                   render: Callable[[dict[str, Any], argparse.Namespace], str]) -> None:
     """Run a benchmark, print its table, and write the raw figures to ``--json`` if given."""
     logs.configure("WARNING")  # warnings to stderr; stdout keeps the table
-    results = uvloop.run(run(args))  # as the gateway: what runs here shares the machine with it
+    results = asyncio.run(run(args))
     print(render(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

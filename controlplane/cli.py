@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import aio_pika
 import aiohttp
 import click
-import uvloop
 from pydantic import SecretStr
 from aiohttp import web
 
@@ -66,8 +65,7 @@ def _gateway_settings() -> Settings:
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main`` until SIGINT/SIGTERM sets its stop event, on uvloop: its event loop and
-    transports took a sixth off a stream negotiation's cost in the gateway."""
+    """Run ``main`` until SIGINT/SIGTERM sets its stop event."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -76,7 +74,7 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    uvloop.run(runner())
+    asyncio.run(runner())
 
 
 async def _open_bus(stack: AsyncExitStack, settings: Settings, name: str, declare_exchanges: bool = True) -> Bus:
