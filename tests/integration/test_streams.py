@@ -59,12 +59,7 @@ async def raw_publisher(stack: Stack, stream_id: str, answer: Callable[[Negotiat
     """A publisher written against the documented contract only (aio-pika, no client helper):
     answers each request with the bytes ``answer`` gives (None: no answer at all)."""
     seen: list[NegotiationRequest] = []
-    connection = await aio_pika.connect_robust(amqp_url(stack))
-    try:
-        channel = await connection.channel()
-        control = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
-        queue = await channel.declare_queue("", exclusive=True)
-        await queue.bind(keys.CONTROL_EXCHANGE, routing_key=keys.stream_request_key(stream_id))
+    async with stream_requests(stack, stream_id) as (control, queue):
 
         async def on(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             request = NegotiationRequest.model_validate_json(message.body)
@@ -76,6 +71,20 @@ async def raw_publisher(stack: Stack, stream_id: str, answer: Callable[[Negotiat
 
         await queue.consume(on, no_ack=True)
         yield seen
+
+
+@asynccontextmanager
+async def stream_requests(stack: Stack, stream_id: str
+                          ) -> AsyncIterator[tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]]:
+    """A publisher's connection of its own: ``ph.control`` to answer on, and an exclusive queue
+    bound to the stream's requests."""
+    connection = await aio_pika.connect_robust(amqp_url(stack))
+    try:
+        channel = await connection.channel()
+        control = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(keys.CONTROL_EXCHANGE, routing_key=keys.stream_request_key(stream_id))
+        yield control, queue
     finally:
         await connection.close()
 
@@ -455,12 +464,7 @@ async def test_sessions_opened_together_are_announced_together_and_before_they_e
 async def burst_publisher(stack: Stack, stream_id: str, burst: int) -> AsyncIterator[None]:
     """A publisher that holds its answers until ``burst`` requests have come, then accepts
     them all at once, so their sessions open within one moment."""
-    connection = await aio_pika.connect(amqp_url(stack))
-    try:
-        channel = await connection.channel()
-        control = await channel.get_exchange(keys.CONTROL_EXCHANGE, ensure=False)
-        queue = await channel.declare_queue("", exclusive=True)
-        await queue.bind(keys.CONTROL_EXCHANGE, routing_key=keys.stream_request_key(stream_id))
+    async with stream_requests(stack, stream_id) as (control, queue):
         held: list[aio_pika.abc.AbstractIncomingMessage] = []
 
         async def on(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -472,8 +476,6 @@ async def burst_publisher(stack: Stack, stream_id: str, burst: int) -> AsyncIter
 
         await queue.consume(on, no_ack=True)
         yield
-    finally:
-        await connection.close()
 
 
 async def _status(gw: Stack, path: str, wanted: int) -> bool:
