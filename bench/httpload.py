@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import aiohttp
+import uvloop
 
 LATE_S = 0.010  # an open-loop request this far behind its due time counts as late
 
@@ -152,4 +153,5 @@ async def main(jobs: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1])))
+    # uvloop: a client that costs less leaves more of the shared cores to what it measures.
+    uvloop.run(main(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1])))
