@@ -120,8 +120,11 @@ class Requester:
         if self._channel is None:
             raise RuntimeError("requester not started")
         correlation_id = new_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[correlation_id] = future
+        # The deadline fails the future itself: wait_for's own future and task cost a request more.
+        deadline = loop.call_later(timeout, _expire, future)
         try:
             # Straight to the channel underneath: aio-pika's Message costs more than the frames,
             # and its publish holds the channel until the frames are on the socket (wait=False
@@ -137,11 +140,17 @@ class Requester:
                 wait=False)
             if isinstance(confirmed, DeliveredMessage):
                 raise Unroutable(f"no queue is bound to {routing_key}")
-            return await asyncio.wait_for(future, timeout)
+            return await future
         finally:
+            deadline.cancel()
             future.cancel()
             if self._pending.get(correlation_id) is future:
                 del self._pending[correlation_id]
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 async def reply(bus: Bus, request: AbstractIncomingMessage, body: dict[str, Any]) -> None:

@@ -51,6 +51,7 @@ from controlplane.logs import get_logger
 # A conflict whose winner then rolled back leaves nothing to report; try again this often.
 BEGIN_ATTEMPTS = 3
 HOUSEKEEPING_INTERVAL_S = 5.0
+SESSION_ROWS_GATHER_S = 0.05  # at 1,000 sessions a second, about 50 rows a commit
 
 log = get_logger("store")
 
@@ -281,10 +282,12 @@ class Store:
         return self.writer.gather(streams.save_streams, (stream_id, body, advertised_at), bulky=True)
 
     def open_stream_session(self, row: dict[str, Any]) -> asyncio.Future[None]:
-        """Gathered: a thousand negotiations a second cost a few statements. A batch of up to
-        ``BULKY_ITEMS`` rows commits on the event loop: handing it to the writer thread cost a
-        negotiation more than its row did (the thread and the loop contend for the GIL)."""
-        return self.writer.gather(streams.open_sessions, row)
+        """Gathered for ``SESSION_ROWS_GATHER_S``: a thousand negotiations a second cost a few
+        statements, and a commit's own cost (a WAL page per index touched) is shared by many
+        rows. A batch of up to ``BULKY_ITEMS`` rows commits on the event loop: handing it to the
+        writer thread cost a negotiation more than its row did (the thread and the loop contend
+        for the GIL)."""
+        return self.writer.gather(streams.open_sessions, row, window_s=SESSION_ROWS_GATHER_S)
 
     def close_streams(self, stream_ids: list[str], endings: list[streams.Ending]) -> asyncio.Future[tuple[list[str], list[str]]]:
         """The stream ids and session ids this write was the one to remove or close."""
@@ -296,6 +299,10 @@ class Store:
 
     async def stream_session_history(self, stream_id: str | None, publisher_id: str | None,
                                      consumer_id: str | None, limit: int) -> list[dict[str, Any]]:
+        """Sessions this gateway opened are in it, even those whose rows were still gathered."""
+        opened = self.writer.flush(streams.open_sessions)
+        if opened is not None:  # a failure is logged where the rows were handed in; read what is there
+            await asyncio.wait([opened])
         return await self.database.read(streams.history, stream_id, publisher_id, consumer_id, limit)
 
     async def load_streams(self) -> dict[str, Any]:

@@ -65,8 +65,9 @@ class Writer:
         self._wake.set()
         return future
 
-    def gather(self, fn: Callable[[Connection, list[Any]], Any], item: Any, bulky: bool = False) -> asyncio.Future[Any]:
-        """Queue ``item`` for ``fn``, which takes every item gathered within ``GATHER_S`` as one
+    def gather(self, fn: Callable[[Connection, list[Any]], Any], item: Any, bulky: bool = False,
+               window_s: float = GATHER_S) -> asyncio.Future[Any]:
+        """Queue ``item`` for ``fn``, which takes every item gathered within ``window_s`` as one
         unit: a thousand outcomes cost one unit, not a thousand. All share one future.
 
         For writes nobody waits on (read models kept durable): gathering them a moment keeps
@@ -81,22 +82,24 @@ class Writer:
             if bulky:
                 self._bulky.add(fn)
             self._idle.clear()
-            loop.call_later(GATHER_S, self._submit_gathered, fn)
+            loop.call_later(window_s, self._submit_gathered, fn)
         group[0].append(item)
         return group[1]
 
-    def flush(self, fn: Callable[[Connection, list[Any]], Any]) -> None:
+    def flush(self, fn: Callable[[Connection, list[Any]], Any]) -> asyncio.Future[Any] | None:
         """Submit what is gathered for ``fn`` now: a unit submitted next commits after it (the
-        writer commits in order), e.g. a row's update after its gathered insert."""
-        self._submit_gathered(fn)
+        writer commits in order), e.g. a row's update after its gathered insert. The gathered
+        items' future, None when nothing was gathered."""
+        return self._submit_gathered(fn)
 
-    def _submit_gathered(self, fn: Callable[[Connection, list[Any]], Any]) -> None:
+    def _submit_gathered(self, fn: Callable[[Connection, list[Any]], Any]) -> asyncio.Future[Any] | None:
         group = self._groups.pop(fn, None)
-        if group is None:  # already submitted by stop()
-            return
+        if group is None:  # already submitted by stop() or flush()
+            return None
         items, future = group
         committed = self.submit(_Gathered(fn, items), bulky=len(items) > BULKY_ITEMS or fn in self._bulky)
         committed.add_done_callback(lambda done: _chain(done, future))
+        return future
 
     async def stop(self) -> None:
         """Commit everything already submitted or gathered, then stop."""

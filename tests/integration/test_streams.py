@@ -129,6 +129,10 @@ async def test_advertise_discover_request_keep_alive_stop_and_history(settings_f
                 # The publisher was asked over RabbitMQ, with the consumer's details and the session id.
                 assert [(r.session_id, r.consumer_id, r.consumer_port, r.config) for r in asked] == [
                     (o.session_id, "max-workstation-02", 5970, {"preferred_codec": "h264"})]
+                # In the history at once, open, though its row may still be gathered for the store.
+                status, history = await gw.get(f"/streams/sessions/history?stream_id={stream_id}")
+                assert status == 200 and [(h["session_id"], h["status"], h["ended_at"]) for h in history] == [
+                    (o.session_id, "active", None)]
                 started = await watcher.wait_for(
                     keys.registry_event_key(keys.SESSIONS_STARTED, gw.settings.gateway_name), 20)
                 assert [(x["session_id"], x["stream_id"], x["consumer_id"]) for x in started["started"]] == [

@@ -80,3 +80,19 @@ async def test_gathered_items_are_one_unit_and_stop_commits_them(database: Datab
     await writer.stop()
     assert late.done() and late.result() == 1
     assert await ids(database) == [*range(10, 20), 99]
+
+
+async def test_a_flush_commits_a_gathering_before_its_window_ends(database: Database) -> None:
+    writer = Writer(database).start()
+    try:
+        def insert_all(conn: Any, items: list[int]) -> None:
+            conn.execute(sa.insert(TABLE), [{"id": i} for i in items])
+
+        gathered = writer.gather(insert_all, 7, window_s=3600)
+        flushed = writer.flush(insert_all)
+        assert flushed is gathered  # the caller can wait for what it flushed
+        await asyncio.wait_for(flushed, 10)
+        assert await ids(database) == [7]
+        assert writer.flush(insert_all) is None  # nothing gathered any more
+    finally:
+        await writer.stop()
