@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
+from controlplane.aio import wait_set
 from controlplane.bus import Bus
 from controlplane.bus.rpc import reply
 from controlplane.config import Settings
@@ -181,8 +181,7 @@ class ServiceMonitor:
         full_every = self.settings.services_full_report_s
         last_full = time.monotonic()
         while True:
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(1.0, full_every - (time.monotonic() - last_full)))
+            await wait_set(self._wake, max(1.0, full_every - (time.monotonic() - last_full)))
             await asyncio.sleep(_BATCH_S)
             self._wake.clear()
             try:
@@ -232,9 +231,7 @@ class ServiceMonitor:
             await self._sample_and_report(None)
             deadline = max(deadline, time.monotonic() + 0.5)  # a round longer than the interval: a breath
             while (left := deadline - time.monotonic()) > 0:
-                try:
-                    await asyncio.wait_for(self._started.wait(), left)
-                except asyncio.TimeoutError:
+                if not await wait_set(self._started, left):
                     break
                 self._started.clear()
                 fresh, self._fresh = self._fresh, set()

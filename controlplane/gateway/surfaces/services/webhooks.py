@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook as Signer
 from yarl import URL
 
 from bees.http import RefusedDestination, guarded_connector
+from controlplane.aio import wait_set
 from controlplane.config import Settings
 from controlplane.contract.egress import Egress
 from controlplane.contract.models import new_id, utcnow
@@ -350,10 +351,7 @@ async def _deliver(ctx: GatewayContext, state: WebhooksState) -> None:
             if len(claimed) < room and next_due is not None:
                 delay = min(POLL_S, max(MIN_WAIT_S, (next_due - utcnow()).total_seconds()))
         state.asleep_until = utcnow() + timedelta(seconds=delay)
-        try:
-            await asyncio.wait_for(state.wake.wait(), delay)
-        except TimeoutError:
-            pass
+        await wait_set(state.wake, delay)
 
 
 def _sent(state: WebhooksState, task: asyncio.Task[None]) -> None:
