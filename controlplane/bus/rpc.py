@@ -123,7 +123,7 @@ class Requester:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[correlation_id] = future
-        # The deadline fails the future itself: wait_for's own future and task cost a request more.
+        # The deadline fails the future itself: wait_for would add a second future and its callbacks.
         deadline = loop.call_later(timeout, _expire, future)
         try:
             # Straight to the channel underneath: aio-pika's Message costs more than the frames,

@@ -199,8 +199,9 @@ class HostController:
                 raise Failure("invalid-plan", f"swarmPlan: {exc}", "launch", state=_failed()) from None
             self._check_policy(swarm_id, plan, sig)
             await self._launch(swarm_id, plan, sig)
-            return await asyncio.wait_for(handshake, timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                return await handshake
+        except TimeoutError:
             raise Failure("controller-timeout", f"swarm-controller did not hand-shake within {timeout_s:g}s",
                           "launch", retryable=True, state=_failed()) from None
         except ContainerRuntimeError as exc:
@@ -263,8 +264,9 @@ class HostController:
         task = self.tasks.get(swarm_id)
         if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(task), 10)
-            except (asyncio.TimeoutError, Exception):
+                async with asyncio.timeout(10):
+                    await asyncio.shield(task)
+            except Exception:  # TimeoutError included
                 task.cancel()
         await self.runtime.remove(keys.container_name(self.owner, swarm_id, keys.CONTROLLER_PART))
         if self.accounts is not None and self.settings.controller_mode == "container":

@@ -41,8 +41,9 @@ class Replies(Generic[K, V]):
             del self._pending[key]
 
     async def wait(self, key: K, timeout_s: float) -> V:
-        """Await the reply for ``key``; ``asyncio.TimeoutError`` when none comes in time."""
-        return await asyncio.wait_for(self.expect(key), timeout_s)
+        """Await the reply for ``key``; ``TimeoutError`` when none comes in time."""
+        async with asyncio.timeout(timeout_s):
+            return await self.expect(key)
 
     def resolve(self, key: K, value: V) -> bool:
         """Hand ``value`` to whoever waits for ``key``; False when nobody does."""

@@ -140,10 +140,10 @@ class ServiceActions:
             return False
         repository, tag = _split_ref(ref)
         try:
-            await asyncio.wait_for(self.runtime.call("pull", lambda api: api.pull(repository, tag=tag),
-                                                     idempotent=False), PULL_TIMEOUT_S)
+            async with asyncio.timeout(PULL_TIMEOUT_S):
+                await self.runtime.call("pull", lambda api: api.pull(repository, tag=tag), idempotent=False)
             return True
-        except (ContainerRuntimeError, asyncio.TimeoutError) as exc:
+        except (ContainerRuntimeError, TimeoutError) as exc:
             log.info("image not pulled; using the local one", image=ref, reason=str(exc)[:200])
             return False
 

@@ -473,8 +473,9 @@ class SwarmController:
             # No longer than the caller waits: past its deadline the gateway has said timeout.
             wait_s = max(min(BEE_TOGGLE_TIMEOUT_S, remaining_s(sig, BEE_TOGGLE_TIMEOUT_S)), MIN_TOGGLE_WAIT_S)
             try:
-                outcome: Outcome = await asyncio.wait_for(reply, wait_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait_s):
+                    outcome: Outcome = await reply
+            except TimeoutError:
                 raise Failure("bee-timeout", f"bee {bee.name!r} did not confirm enabled={enabled} within "
                               f"{wait_s:.3g}s", sig.signal, retryable=True) from None
             if outcome.result != "success":

@@ -165,9 +165,9 @@ class DockerRuntime:
         if self._closed:
             raise ContainerRuntimeError("exec: the runtime is closed")
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, lambda: self._exec(name_or_id, command)),
-                                          timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await loop.run_in_executor(self._executor, lambda: self._exec(name_or_id, command))
+        except TimeoutError:
             raise ContainerRuntimeError(f"exec: {command[0]!r} did not finish within {timeout:g}s") from None
         except NotFound:
             raise ContainerRuntimeError(f"exec: container {name_or_id!r} does not exist") from None
