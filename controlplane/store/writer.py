@@ -47,7 +47,8 @@ class Writer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self._groups: dict[Callable[..., Any], tuple[list[Any], asyncio.Future[Any]]] = {}
+        # fn -> (its items, their future, the timer that submits them)
+        self._groups: dict[Callable[..., Any], tuple[list[Any], asyncio.Future[Any], asyncio.TimerHandle]] = {}
         self._bulky: set[Callable[..., Any]] = set()
 
     def start(self) -> Writer:
@@ -78,11 +79,11 @@ class Writer:
         if group is None:
             loop = asyncio.get_running_loop()
             items: list[Any] = []
-            group = self._groups[fn] = (items, loop.create_future())
+            group = self._groups[fn] = (items, loop.create_future(),
+                                        loop.call_later(window_s, self._submit_gathered, fn))
             if bulky:
                 self._bulky.add(fn)
             self._idle.clear()
-            loop.call_later(window_s, self._submit_gathered, fn)
         group[0].append(item)
         return group[1]
 
@@ -94,9 +95,10 @@ class Writer:
 
     def _submit_gathered(self, fn: Callable[[Connection, list[Any]], Any]) -> asyncio.Future[Any] | None:
         group = self._groups.pop(fn, None)
-        if group is None:  # already submitted by stop() or flush()
+        if group is None:  # nothing gathered
             return None
-        items, future = group
+        items, future, timer = group
+        timer.cancel()  # flushed early: the next group must get its whole window
         committed = self.submit(_Gathered(fn, items), bulky=len(items) > BULKY_ITEMS or fn in self._bulky)
         committed.add_done_callback(lambda done: _chain(done, future))
         return future

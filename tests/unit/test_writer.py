@@ -94,5 +94,13 @@ async def test_a_flush_commits_a_gathering_before_its_window_ends(database: Data
         await asyncio.wait_for(flushed, 10)
         assert await ids(database) == [7]
         assert writer.flush(insert_all) is None  # nothing gathered any more
+
+        # A flushed group's timer is gone: it must not cut the next group's window short.
+        writer.gather(insert_all, 8, window_s=0.05)
+        writer.flush(insert_all)
+        later = writer.gather(insert_all, 9, window_s=3600)
+        after_that_timer = writer.gather(lambda conn, items: None, None, window_s=0.1)
+        await asyncio.wait_for(after_that_timer, 10)  # committed after the flushed timer was due
+        assert not later.done() and await ids(database) == [7, 8]
     finally:
         await writer.stop()
