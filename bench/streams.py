@@ -18,8 +18,10 @@ gateway's memory with 10,000 streams, each beside a reference measured in the sa
    confirms on ``ph.control``, the reply to a queue of its own bound there, the same
    responder); and, of the requests' time, how much the gateway waited for the answer (its
    ``cp_stream_negotiation_seconds``).
-   Goal: at least 1,000 negotiations/s, p50 under 15 ms. The same at concurrency 2, for the
-   latency a caller sees on a machine that is not full.
+   Goal: at least 1,000 negotiations/s, p50 under 15 ms. Then the same negotiations for 5 s
+   with wrk as the client, when it is installed: a C client takes less of the two cores the
+   gateway shares with it than the Python one (``bench.wrk``). The same at concurrency 2, for
+   the latency a caller sees on a machine that is not full.
 5. The gateway's resident memory (VmRSS) idle, after the 10,000 advertisements, and at the end
    with the sessions of part 4. Goal: under 150 MB with 10,000 streams.
 
@@ -48,6 +50,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
+from bench import wrk
 from bench.common import (
     BROKER, MANAGEMENT, BenchError, GatewayProcess, environment, gateway_process, header, http_load, progress,
     run_and_print,
@@ -275,7 +278,7 @@ async def negotiation_seconds(base: str) -> tuple[float, float]:
 
 
 async def negotiations(gateway: GatewayProcess, amqp_url: str, ids: list[str], n: int, concurrency: int,
-                       warmup: int) -> dict[str, Any]:
+                       warmup: int, wrk_s: float = 0) -> dict[str, Any]:
     base = gateway.base
     asks = [f"{base}/streams/{stream_id}/request" for stream_id in ids]
     body = {"consumer_id": "bench-consumer", "consumer_address": "10.1.0.1"}
@@ -288,13 +291,27 @@ async def negotiations(gateway: GatewayProcess, amqp_url: str, ids: list[str], n
         [measured] = checked(await http_load([job("negotiate", "POST", asks, n, concurrency, 201, body=body)]))
         cpu, after = gateway.cpu_seconds() - cpu, await negotiation_seconds(base)
         bare = await bare_round_trips(amqp_url, n, concurrency, question)
+        by_wrk = await negotiations_by_wrk(gateway, asks, body, concurrency, wrk_s) if wrk_s else None
     # Of each request's time in the gateway, how much went to the round trip to the publisher.
     measured["round_trip_mean_ms"] = (after[0] - before[0]) / max(after[1] - before[1], 1) * 1000
     # What one negotiation costs the gateway, whatever the machine lets the rate be.
     measured["cpu_ms"] = cpu / n * 1000
-    if answered["n"] != 2 * (n + warmup):
-        raise BenchError(f"the responder answered {answered['n']} requests, {2 * (n + warmup)} were made")
-    return {"gateway": measured, "bare": bare, "streams": len(ids), "sessions": n + warmup}
+    made = 2 * (n + warmup) + (by_wrk["n"] if by_wrk else 0)
+    # wrk stops with up to ``concurrency`` requests in flight, answered but not counted.
+    if not made <= answered["n"] <= made + (concurrency if by_wrk else 0):
+        raise BenchError(f"the responder answered {answered['n']} requests, {made} were made")
+    return {"gateway": measured, "wrk": by_wrk, "bare": bare, "streams": len(ids),
+            "sessions": n + warmup + (by_wrk["n"] if by_wrk else 0)}
+
+
+async def negotiations_by_wrk(gateway: GatewayProcess, asks: list[str], body: dict[str, Any], concurrency: int,
+                              duration_s: float) -> dict[str, Any]:
+    """The same negotiations with wrk as the client: what the gateway does when the client
+    takes less of the two cores (``bench.wrk``)."""
+    cpu = gateway.cpu_seconds()
+    [measured] = checked([await wrk.load("negotiate-wrk", "POST", asks, body, concurrency, duration_s, 201)])
+    measured["cpu_ms"] = (gateway.cpu_seconds() - cpu) / max(measured["n"], 1) * 1000
+    return measured
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -333,11 +350,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["sustained"] = await sustained(base, beats, args.rate, args.sustain_s, args.in_flight,
                                                            args.reads, 2.0)
                     await settle(gateway)
-                progress(f"4. {args.neg_n} negotiations over {args.neg_streams} streams and as many bare round "
-                         f"trips, concurrency {args.neg_c}")
+                progress(f"4. {args.neg_n} negotiations over {args.neg_streams} streams, as many bare round trips"
+                         f"{f' and {args.neg_wrk_s:g} s of negotiations from wrk' if wrk.available() else ''}, "
+                         f"concurrency {args.neg_c}")
                 async with phases.phase("negotiations"):
                     results["negotiations"] = await negotiations(gateway, amqp_url, ids[:args.neg_streams], args.neg_n,
-                                                                 args.neg_c, args.neg_warmup)
+                                                                 args.neg_c, args.neg_warmup,
+                                                                 args.neg_wrk_s if wrk.available() else 0)
                     await settle(gateway)
                     # The same at low concurrency: the latency a caller sees when the machine is not full.
                     results["negotiations_low"] = await negotiations(gateway, amqp_url, ids[:args.neg_streams],
@@ -406,25 +425,35 @@ def render_sustained(results: dict[str, Any], args: argparse.Namespace) -> list[
 
 def render_negotiations(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     neg = results["negotiations"]
-    gw, bare = neg["gateway"], neg["bare"]
-    rps, p50 = gw["rps"], gw["latency_ms"]["p50"]
-    rps_goal, p50_goal = GOALS["negotiations_rps"], GOALS["negotiation_p50_ms"]
-    p50_verdict = "met" if p50 < p50_goal else f"MISSED ({p50 / p50_goal:.1f}x the goal)"
+    gw, by_wrk, bare = neg["gateway"], neg.get("wrk"), neg["bare"]
+    by_wrk_lines = [
+        f"  the same, wrk as the client    {by_wrk['rps']:7,.0f} req/s, {lat(by_wrk)}   ({by_wrk['n']:,} in "
+        f"{by_wrk['elapsed_s']:.0f} s; {by_wrk['cpu_ms']:.2f} ms of the gateway's CPU each)",
+        f"    {_negotiation_goals(by_wrk)}",
+    ] if by_wrk else ["  (not driven by wrk: it is not installed (apt-get install wrk), or --neg-wrk-s is 0)"]
+    ratio_wrk = f"; wrk {by_wrk['rps'] / bare['rps']:.2f} (rate)" if by_wrk else ""
     return [
-        f"4. negotiations, concurrency {args.neg_c}, {gw['n']:,} over {neg['streams']} streams, one responder "
-        "in the benchmark's process",
-        f"  POST /streams/{{id}}/request    {rps:7,.0f} req/s, {lat(gw)}   "
-        f"earlier {EARLIER['negotiations_rps']}/s at p50 {EARLIER['negotiation_p50_ms']} ms",
-        f"    goal >= {rps_goal:,}/s: {verdict(rps >= rps_goal, rps, rps_goal)}; "
-        f"goal p50 < {p50_goal} ms: {p50_verdict}",
+        f"4. negotiations, concurrency {args.neg_c}, over {neg['streams']} streams, one responder in the "
+        "benchmark's process",
+        f"  POST /streams/{{id}}/request    {gw['rps']:7,.0f} req/s, {lat(gw)}   ({gw['n']:,} from the Python "
+        f"client; earlier {EARLIER['negotiations_rps']}/s at p50 {EARLIER['negotiation_p50_ms']} ms)",
+        f"    {_negotiation_goals(gw)}",
         f"    mean {gw['latency_ms']['mean']:.1f} ms, of which {gw['round_trip_mean_ms']:.1f} ms from the request's "
         "publish to the answer, inside the gateway (its cp_stream_negotiation_seconds); "
         f"{gw['cpu_ms']:.2f} ms of the gateway's CPU each",
+        *by_wrk_lines,
         f"  bare aio-pika request-reply    {bare['rps']:7,.0f} req/s, {lat(bare)}",
-        f"  ratio control plane/bare: {rps / bare['rps']:.2f} (rate), "
-        f"{p50 / bare['latency_ms']['p50']:.2f} (p50)",
+        f"  ratio control plane/bare: {gw['rps'] / bare['rps']:.2f} (rate), "
+        f"{gw['latency_ms']['p50'] / bare['latency_ms']['p50']:.2f} (p50){ratio_wrk}",
         *_low(results["negotiations_low"], args.neg_c_low),
     ]
+
+
+def _negotiation_goals(res: dict[str, Any]) -> str:
+    rps, p50 = res["rps"], res["latency_ms"]["p50"]
+    rps_goal, p50_goal = GOALS["negotiations_rps"], GOALS["negotiation_p50_ms"]
+    p50_verdict = "met" if p50 < p50_goal else f"MISSED ({p50 / p50_goal:.1f}x the goal)"
+    return f"goal >= {rps_goal:,}/s: {verdict(rps >= rps_goal, rps, rps_goal)}; goal p50 < {p50_goal} ms: {p50_verdict}"
 
 
 def _low(neg: dict[str, Any], concurrency: int) -> list[str]:
@@ -481,6 +510,8 @@ def main() -> None:
     parser.add_argument("--neg-c-low", type=int, default=2, help="the low concurrency also measured (default 2)")
     parser.add_argument("--neg-streams", type=int, default=200, help="streams negotiated (default 200)")
     parser.add_argument("--neg-warmup", type=int, default=200, help="untimed negotiations first (default 200)")
+    parser.add_argument("--neg-wrk-s", type=float, default=5,
+                        help="the negotiations driven by wrk for this long, when it is installed (default 5 s; 0: not)")
     parser.add_argument("--json", type=Path)
     run_and_print(parser.parse_args(), run, render)
 
