@@ -1,7 +1,7 @@
 """Streams registry benchmark: advertisement, heartbeats, listing, negotiation and the
 gateway's memory with 10,000 streams, each beside a reference measured in the same run.
 
-    .venv/bin/python -m bench.streams              # about 1.5 minutes
+    .venv/bin/python -m bench.streams              # about 2 minutes
     .venv/bin/python -m bench.streams --json /tmp/streams.json
 
 1. Advertise 10,000 streams (``POST /streams/advertise``) at concurrency 32.
@@ -20,8 +20,9 @@ gateway's memory with 10,000 streams, each beside a reference measured in the sa
    ``cp_stream_negotiation_seconds``).
    Goal: at least 1,000 negotiations/s, p50 under 15 ms. Then the same negotiations for 5 s
    with wrk as the client, when it is installed: a C client takes less of the two cores the
-   gateway shares with it than the Python one (``bench.wrk``). The same at concurrency 2, for
-   the latency a caller sees on a machine that is not full.
+   gateway shares with it than the Python one (``bench.wrk``). Three rounds of the three,
+   the median round of each reported. The same at concurrency 2, for the latency a caller
+   sees on a machine that is not full.
 5. The gateway's resident memory (VmRSS) idle, after the 10,000 advertisements, and at the end
    with the sessions of part 4. Goal: under 150 MB with 10,000 streams.
 
@@ -278,30 +279,45 @@ async def negotiation_seconds(base: str) -> tuple[float, float]:
 
 
 async def negotiations(gateway: GatewayProcess, amqp_url: str, ids: list[str], n: int, concurrency: int,
-                       warmup: int, wrk_s: float = 0) -> dict[str, Any]:
+                       warmup: int, rounds: int = 1, wrk_s: float = 0) -> dict[str, Any]:
+    """``rounds`` x (``n`` negotiations from the Python client, ``n`` bare round trips and, with
+    ``wrk_s``, that long of negotiations from wrk); each figure is its median round, as the
+    machine's pace drifts within a run."""
     base = gateway.base
     asks = [f"{base}/streams/{stream_id}/request" for stream_id in ids]
     body = {"consumer_id": "bench-consumer", "consumer_address": "10.1.0.1"}
     question = {"stream_id": ids[0], "stream_name": "bench-camera-0", "consumer_port": None, "config": {}, **body}
+    measured: list[dict[str, Any]] = []
+    by_wrk: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
     async with responder(amqp_url, keys.signal_key(keys.STREAM_REQUEST, "*"), BARE_KEY) as answered:
         # The same warm-up for both, then each measured alone.
         checked(await http_load([job("warmup", "POST", asks, warmup, concurrency, 201, body=body)]))
         await bare_round_trips(amqp_url, warmup, concurrency, question)
-        before, cpu = await negotiation_seconds(base), gateway.cpu_seconds()
-        [measured] = checked(await http_load([job("negotiate", "POST", asks, n, concurrency, 201, body=body)]))
-        cpu, after = gateway.cpu_seconds() - cpu, await negotiation_seconds(base)
-        bare = await bare_round_trips(amqp_url, n, concurrency, question)
-        by_wrk = await negotiations_by_wrk(gateway, asks, body, concurrency, wrk_s) if wrk_s else None
+        for _ in range(rounds):
+            measured.append(await negotiations_by_python_client(gateway, asks, body, n, concurrency))
+            bare.append(await bare_round_trips(amqp_url, n, concurrency, question))
+            if wrk_s:
+                by_wrk.append(await negotiations_by_wrk(gateway, asks, body, concurrency, wrk_s))
+    made = 2 * (rounds * n + warmup) + sum(r["n"] for r in by_wrk)
+    # wrk stops with up to ``concurrency`` requests in flight, answered but not counted.
+    if not made <= answered["n"] <= made + concurrency * len(by_wrk):
+        raise BenchError(f"the responder answered {answered['n']} requests, {made} were made")
+    return {"gateway": middle(measured), "wrk": middle(by_wrk) if by_wrk else None, "bare": middle(bare),
+            "rounds": {"gateway": measured, "wrk": by_wrk, "bare": bare}, "streams": len(ids),
+            "sessions": rounds * n + warmup + sum(r["n"] for r in by_wrk)}
+
+
+async def negotiations_by_python_client(gateway: GatewayProcess, asks: list[str], body: dict[str, Any], n: int,
+                                        concurrency: int) -> dict[str, Any]:
+    before, cpu = await negotiation_seconds(gateway.base), gateway.cpu_seconds()
+    [measured] = checked(await http_load([job("negotiate", "POST", asks, n, concurrency, 201, body=body)]))
+    cpu, after = gateway.cpu_seconds() - cpu, await negotiation_seconds(gateway.base)
     # Of each request's time in the gateway, how much went to the round trip to the publisher.
     measured["round_trip_mean_ms"] = (after[0] - before[0]) / max(after[1] - before[1], 1) * 1000
     # What one negotiation costs the gateway, whatever the machine lets the rate be.
     measured["cpu_ms"] = cpu / n * 1000
-    made = 2 * (n + warmup) + (by_wrk["n"] if by_wrk else 0)
-    # wrk stops with up to ``concurrency`` requests in flight, answered but not counted.
-    if not made <= answered["n"] <= made + (concurrency if by_wrk else 0):
-        raise BenchError(f"the responder answered {answered['n']} requests, {made} were made")
-    return {"gateway": measured, "wrk": by_wrk, "bare": bare, "streams": len(ids),
-            "sessions": n + warmup + (by_wrk["n"] if by_wrk else 0)}
+    return measured
 
 
 async def negotiations_by_wrk(gateway: GatewayProcess, asks: list[str], body: dict[str, Any], concurrency: int,
@@ -350,13 +366,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["sustained"] = await sustained(base, beats, args.rate, args.sustain_s, args.in_flight,
                                                            args.reads, 2.0)
                     await settle(gateway)
-                progress(f"4. {args.neg_n} negotiations over {args.neg_streams} streams, as many bare round trips"
-                         f"{f' and {args.neg_wrk_s:g} s of negotiations from wrk' if wrk.available() else ''}, "
+                progress(f"4. {args.neg_rounds} x ({args.neg_n} negotiations over {args.neg_streams} streams, as "
+                         f"many bare round trips"
+                         f"{f', {args.neg_wrk_s:g} s of negotiations from wrk' if wrk.available() else ''}), "
                          f"concurrency {args.neg_c}")
                 async with phases.phase("negotiations"):
-                    results["negotiations"] = await negotiations(gateway, amqp_url, ids[:args.neg_streams], args.neg_n,
-                                                                 args.neg_c, args.neg_warmup,
-                                                                 args.neg_wrk_s if wrk.available() else 0)
+                    results["negotiations"] = await negotiations(
+                        gateway, amqp_url, ids[:args.neg_streams], args.neg_n, args.neg_c, args.neg_warmup,
+                        args.neg_rounds, args.neg_wrk_s if wrk.available() else 0)
                     await settle(gateway)
                     # The same at low concurrency: the latency a caller sees when the machine is not full.
                     results["negotiations_low"] = await negotiations(gateway, amqp_url, ids[:args.neg_streams],
@@ -434,7 +451,7 @@ def render_negotiations(results: dict[str, Any], args: argparse.Namespace) -> li
     ratio_wrk = f"; wrk {by_wrk['rps'] / bare['rps']:.2f} (rate)" if by_wrk else ""
     return [
         f"4. negotiations, concurrency {args.neg_c}, over {neg['streams']} streams, one responder in the "
-        "benchmark's process",
+        f"benchmark's process, {len(neg['rounds']['bare'])} rounds (the median round of each)",
         f"  POST /streams/{{id}}/request    {gw['rps']:7,.0f} req/s, {lat(gw)}   ({gw['n']:,} from the Python "
         f"client; earlier {EARLIER['negotiations_rps']}/s at p50 {EARLIER['negotiation_p50_ms']} ms)",
         f"    {_negotiation_goals(gw)}",
@@ -445,8 +462,15 @@ def render_negotiations(results: dict[str, Any], args: argparse.Namespace) -> li
         f"  bare aio-pika request-reply    {bare['rps']:7,.0f} req/s, {lat(bare)}",
         f"  ratio control plane/bare: {gw['rps'] / bare['rps']:.2f} (rate), "
         f"{gw['latency_ms']['p50'] / bare['latency_ms']['p50']:.2f} (p50){ratio_wrk}",
+        f"  (rounds, req/s: {_rounds(neg['rounds'])})",
         *_low(results["negotiations_low"], args.neg_c_low),
     ]
+
+
+def _rounds(rounds: dict[str, list[dict[str, Any]]]) -> str:
+    names = {"gateway": "Python client", "wrk": "wrk", "bare": "bare"}
+    return "; ".join(f"{names[name]} {', '.join(format(r['rps'], ',.0f') for r in runs)}"
+                     for name, runs in rounds.items() if runs)
 
 
 def _negotiation_goals(res: dict[str, Any]) -> str:
@@ -510,6 +534,8 @@ def main() -> None:
     parser.add_argument("--neg-c-low", type=int, default=2, help="the low concurrency also measured (default 2)")
     parser.add_argument("--neg-streams", type=int, default=200, help="streams negotiated (default 200)")
     parser.add_argument("--neg-warmup", type=int, default=200, help="untimed negotiations first (default 200)")
+    parser.add_argument("--neg-rounds", type=int, default=3,
+                        help="rounds of negotiations and bare round trips, median reported (default 3)")
     parser.add_argument("--neg-wrk-s", type=float, default=5,
                         help="the negotiations driven by wrk for this long, when it is installed (default 5 s; 0: not)")
     parser.add_argument("--json", type=Path)
