@@ -120,12 +120,23 @@ class GatewayProcess:
     log: Path
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used so far (from /proc)."""
+        """User plus system CPU time the gateway has used so far (from /proc), its running
+        child processes included: the store's writer process is the gateway's work too."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(_cpu_ticks(pid) for pid in (self.pid, *child_pids(self.pid))) / os.sysconf("SC_CLK_TCK")
         except OSError:
             return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

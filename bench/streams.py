@@ -53,8 +53,8 @@ from aiormq.abc import DeliveredMessage
 
 from bench import wrk
 from bench.common import (
-    BROKER, MANAGEMENT, BenchError, GatewayProcess, environment, gateway_process, header, http_load, progress,
-    run_and_print,
+    BROKER, MANAGEMENT, BenchError, GatewayProcess, child_pids, environment, gateway_process, header, http_load,
+    progress, run_and_print,
 )
 from bench.httpload import percentile
 from controlplane.bus.management import Management
@@ -75,9 +75,14 @@ GOALS = {"heartbeats_rps": 3000, "list_p99_ms": 150, "negotiations_rps": 1000, "
 
 
 def memory(pid: int) -> dict[str, float]:
-    """Resident memory now (VmRSS) and at its peak (VmHWM), in MiB, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {name: int(fields[key].split()[0]) / 1024 for name, key in (("rss_mib", "VmRSS"), ("peak_mib", "VmHWM"))}
+    """Resident memory now (VmRSS) and at its peak (VmHWM), in MiB, from /proc; and that of the
+    processes it runs (the store's writer process), apart."""
+    def rss(of: int, key: str) -> float:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{of}/status").read_text().splitlines() if ":" in line)
+        return int(fields[key].split()[0]) / 1024
+
+    return {"rss_mib": rss(pid, "VmRSS"), "peak_mib": rss(pid, "VmHWM"),
+            "children_rss_mib": sum(rss(child, "VmRSS") for child in child_pids(pid))}
 
 
 async def settle(gateway: GatewayProcess) -> None:
@@ -495,7 +500,9 @@ def render_memory(results: dict[str, Any]) -> list[str]:
         f"  idle {mem['idle']['rss_mib']:.0f} MiB; with {streams:,} streams {mem['streams']['rss_mib']:.0f} MiB "
         f"({with_streams_mb:.0f} MB); at the end, with "
         f"{results['negotiations']['sessions'] + results['negotiations_low']['sessions']:,} sessions too, "
-        f"{mem['end']['rss_mib']:.0f} MiB (peak {mem['end']['peak_mib']:.0f} MiB)",
+        f"{mem['end']['rss_mib']:.0f} MiB (peak {mem['end']['peak_mib']:.0f} MiB); besides, its store writer "
+        f"process {mem['streams']['children_rss_mib']:.0f} MiB with the streams, "
+        f"{mem['end']['children_rss_mib']:.0f} MiB at the end",
         f"  earlier {EARLIER['rss_mib']} MiB   goal < {goal} MB with {streams:,} streams: "
         f"{verdict(with_streams_mb < goal, with_streams_mb, goal)}",
     ]

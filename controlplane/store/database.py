@@ -4,12 +4,16 @@ Every query of the store is written once, as a function of a connection, and run
 on both backends. PostgreSQL runs it over asyncpg through SQLAlchemy's ``run_sync``.
 
 SQLite runs it with the standard ``sqlite3`` driver. A small write transaction (the ones
-requests wait for) runs right on the event loop: it takes tens of microseconds, where
-handing it to a thread and back cost milliseconds here, mostly waiting for the GIL while
-the loop was busy. Bulk writes and all reads run on threads of their own. The one writer
-(``Writer``) never runs two write transactions at once, so the loop never waits on
-SQLite's lock held by this process; WAL checkpoints, the one slow part of a commit, are
-taken off the commit path and run on the read thread (``checkpoint``).
+requests wait for) runs right on the event loop: it takes tens of microseconds, where handing
+it to a thread and back cost milliseconds here, mostly waiting for the GIL while the loop was
+busy, and a round trip to another process about half a millisecond. A bulk write (many rows:
+a hot path's gathered rows, a registry flush) runs in a process of its own (``process``):
+SQLite's work then has a core and a GIL of its own, and the loop only pickles the rows and
+reads the answer; a thread did not help, it and the loop contend for the GIL. A bulk write
+that does not pickle runs on a thread, as before. Reads run on a thread of their own. The one
+writer (``Writer``) never runs two write transactions at once, so nothing here waits on
+SQLite's lock held by this gateway; WAL checkpoints, the one slow part of a commit, are taken
+off the commit path and run on the read thread (``checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sqlalchemy.engine import Connection
 
 from controlplane.store.engine import READ_ONLY, make_postgres_engine, make_sqlite_engine, parse_url
 from controlplane.store.migrate import PG_MIGRATION_LOCK_KEY, run_migrations
+from controlplane.store.process import NotPortable, WriterProcess
 
 T = TypeVar("T")
 Work = Callable[..., T]
@@ -41,7 +46,8 @@ class Database:
         raise NotImplementedError
 
     async def write_small(self, fn: Work[T], *args: Any) -> T:
-        """``write`` for a transaction of a few statements (SQLite: on the event loop)."""
+        """``write`` for a transaction of a few statements (SQLite: on the event loop, where
+        ``write`` runs in a writer process)."""
         return await self.write(fn, *args)
 
     async def checkpoint(self) -> None:
@@ -83,10 +89,14 @@ class SqliteDatabase(Database):
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._held: Connection | None = None  # write_small's, used on the event loop only
+        self._process = WriterProcess(url.render_as_string(hide_password=False))
 
     async def write(self, fn: Work[T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._write_thread, partial(_in_transaction, self.engine, fn, args))
+        try:
+            return await self._process.run(fn, args)
+        except NotPortable:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._write_thread, partial(_in_transaction, self.engine, fn, args))
 
     async def write_small(self, fn: Work[T], *args: Any) -> T:
         # A connection of its own, held: checking one out of the pool and back for every
@@ -117,6 +127,7 @@ class SqliteDatabase(Database):
             self._read_thread, partial(_in_transaction, self._reader, fn, args))
 
     async def close(self) -> None:
+        await self._process.stop()
         loop = asyncio.get_running_loop()
         for thread in (self._write_thread, self._read_thread):
             await loop.run_in_executor(None, thread.shutdown)

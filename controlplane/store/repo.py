@@ -284,10 +284,9 @@ class Store:
     def open_stream_session(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Gathered for ``SESSION_ROWS_GATHER_S``: a thousand negotiations a second cost a few
         statements, and a commit's own cost (a WAL page per index touched) is shared by many
-        rows. A batch of up to ``BULKY_ITEMS`` rows commits on the event loop: handing it to the
-        writer thread cost a negotiation more than its row did (the thread and the loop contend
-        for the GIL)."""
-        return self.writer.gather(streams.open_sessions, row, window_s=SESSION_ROWS_GATHER_S)
+        rows. Bulky: SQLite's inserting them was the largest part of a negotiation that the
+        gateway's loop did itself; in SQLite's writer process it runs beside the loop."""
+        return self.writer.gather(streams.open_sessions, row, bulky=True, window_s=SESSION_ROWS_GATHER_S)
 
     def close_streams(self, stream_ids: list[str], endings: list[streams.Ending]) -> asyncio.Future[tuple[list[str], list[str]]]:
         """The stream ids and session ids this write was the one to remove or close."""
