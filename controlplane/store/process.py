@@ -1,10 +1,10 @@
-"""SQLite's write transactions in a process of their own.
+"""SQLite's bulk write transactions in a process of their own.
 
-A row that SQLite inserts is C work: B-trees, pages, the WAL. On the gateway's event loop it
-was the largest part of what a stream negotiation cost that the control plane itself owned
-(a session's history row), and a thread did not help, because the thread and the loop contend
-for the GIL. A child process has a GIL of its own. The loop only pickles a transaction's work
-and reads the answer, and SQLite runs on the other core.
+A row that SQLite inserts is C work: B-trees, pages, the WAL. On the gateway's event loop the
+rows a hot path gathers (a stream negotiation's history row) were the largest part of what it
+cost that the control plane itself owned, and a thread did not help, because the thread and
+the loop contend for the GIL. A child process has a GIL of its own: the loop only pickles the
+rows and reads the answer, and SQLite runs on the other core.
 
 The child runs one transaction at a time, in the order they come, on a connection of its own:
 SQLite has one write lock, and the store's one writer (``Writer``) never runs two write
@@ -14,8 +14,9 @@ child's writes).
 What crosses the pipe is pickled: the store's work is a module-level function and its data.
 A call that does not pickle (a lambda, a closure), or that the child cannot load (a function
 of a module it cannot import), raises ``NotPortable``, and the caller runs it in its own
-process as before. So does every call once the child has exited. A transaction the child was running when it exited fails with ``WriterExited``:
-it may or may not have committed.
+process as before. So does every call once the child has exited (or could not start). A
+transaction the child was running when it exited fails with ``WriterExited``: it may or may
+not have committed.
 
 Frames on the pipe are a 4-byte length and a pickle: ``(fn, args)`` one way, ``(ok, value)``
 the other, where ``value`` is the function's result or its exception.
@@ -44,7 +45,8 @@ CHILD = "from controlplane.store.process import main; main()"
 
 
 class NotPortable(Exception):
-    """The call cannot go to the child (it does not pickle, or the child has exited)."""
+    """The call cannot go to the child: it does not pickle, the child cannot load it, or the
+    child has exited."""
 
 
 class WriterExited(ConnectionError):
@@ -61,6 +63,7 @@ class WriterProcess:
         self._reading: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._starting: asyncio.Lock | None = None
+        self._stopping = False
         self.exited = False
 
     async def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -84,9 +87,15 @@ class WriterProcess:
         self._starting = self._starting or asyncio.Lock()
         async with self._starting:
             if self._proc is None:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", CHILD, self._url, stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE)
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-c", CHILD, self._url, stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE)
+                except OSError as exc:
+                    self.exited = True
+                    log.warning("the store's writer process could not start; bulk writes run on a thread",
+                                error=repr(exc))
+                    raise NotPortable("the writer process could not start") from exc
                 assert proc.stdout is not None
                 self._reading = asyncio.create_task(self._read(proc.stdout), name="store-writer-process")
                 self._proc = proc
@@ -107,11 +116,13 @@ class WriterProcess:
                 else:
                     answer.set_exception(value)
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # the child exited
+        except Exception as exc:  # an answer that does not unpickle: nothing after it can be trusted
+            log.warning("the store's writer process sent an unreadable answer", error=repr(exc))
         finally:
             self.exited = True
-            if self._waiting:
-                log.warning("the store's writer process exited with transactions in flight",
+            if not self._stopping:
+                log.warning("the store's writer process exited; bulk writes run on a thread from now on",
                             in_flight=len(self._waiting))
             while self._waiting:
                 answer = self._waiting.popleft()
@@ -121,7 +132,7 @@ class WriterProcess:
     async def stop(self) -> None:
         """Let the child finish what it was sent, then end it (its stdin closes)."""
         proc, self._proc = self._proc, None
-        self.exited = True
+        self._stopping = self.exited = True
         if proc is None:
             return
         assert proc.stdin is not None
