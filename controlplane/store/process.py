@@ -54,7 +54,7 @@ class WriterExited(ConnectionError):
 
 
 class WriterProcess:
-    """The child that runs a SQLite database's write transactions (``main`` with the
+    """The child that runs a SQLite database's bulk write transactions (``main`` with the
     database's URL), started on the first call."""
 
     def __init__(self, url: str) -> None:
