@@ -123,14 +123,15 @@ class GatewayProcess:
         """User plus system CPU time the gateway has used so far (from /proc), its running
         child processes included: the store's writer process is the gateway's work too."""
         try:
-            return sum(_cpu_ticks(pid) for pid in (self.pid, *child_pids(self.pid))) / os.sysconf("SC_CLK_TCK")
+            return sum(cpu_seconds(pid) for pid in (self.pid, *child_pids(self.pid)))
         except OSError:
             return float("nan")
 
 
-def _cpu_ticks(pid: int) -> int:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` has used so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids(pid: int) -> list[int]:

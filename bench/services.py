@@ -40,8 +40,8 @@ import aiohttp
 import docker
 
 from bench.common import (
-    BROKER, MANAGEMENT, REPO_ROOT, BenchError, environment, gateway_process, header, http_load, log_tail, progress,
-    run_and_print,
+    BROKER, MANAGEMENT, REPO_ROOT, BenchError, cpu_seconds, environment, gateway_process, header, http_load,
+    log_tail, progress, run_and_print,
 )
 from bench.httpload import percentile
 from controlplane.bus.management import Management
@@ -126,11 +126,6 @@ async def host_controller(settings: dict[str, Any], log_dir: Path) -> AsyncItera
                 proc.kill()
         if proc.returncode not in (0, -signal.SIGTERM, None):
             progress(f"host controller exited with {proc.returncode}:\n{log_tail(log)}")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_listed(base: str, n: int, run_id: str, timeout: float = 300) -> None:

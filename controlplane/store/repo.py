@@ -45,7 +45,7 @@ from controlplane.store.models import (
     utcnow,
 )
 from controlplane.store.schema import components, idempotency, operation_targets, operations, swarms
-from controlplane.store.writer import Writer
+from controlplane.store.writer import BULKY_ITEMS, Writer
 from controlplane.logs import get_logger
 
 # A conflict whose winner then rolled back leaves nothing to report; try again this often.
@@ -262,7 +262,7 @@ class Store:
 
     def add_pool_stats(self, pool_id: str, stats: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[None]:
         items = [(pool_id, stream_id, snapshot) for stream_id, snapshot in stats]
-        return self.writer.submit(partial(pools.add_stats, items=items), bulky=len(items) > 64)
+        return self.writer.submit(partial(pools.add_stats, items=items), bulky=len(items) > BULKY_ITEMS)
 
     async def load_pool(self, pool_id: str, stats_since: datetime) -> dict[str, Any]:
         return await self.database.read(pools.load, pool_id, stats_since)
@@ -294,7 +294,7 @@ class Store:
         # before its opening.
         self.writer.flush(streams.open_sessions)
         return self.writer.submit(partial(streams.close, stream_ids=stream_ids, endings=endings),
-                                  bulky=len(stream_ids) + len(endings) > 64)
+                                  bulky=len(stream_ids) + len(endings) > BULKY_ITEMS)
 
     async def stream_session_history(self, stream_id: str | None, publisher_id: str | None,
                                      consumer_id: str | None, limit: int) -> list[dict[str, Any]]:
